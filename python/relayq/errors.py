@@ -1,0 +1,44 @@
+"""Errors raised by relayq.
+
+Every error a user can provoke with bad input is a :class:`RelayqError` subclass whose message names
+the node, op, input or option at fault, so that nothing surfaces as a stack trace from deep inside TVM.
+
+Example::
+
+    try:
+        relayq.quantize_model(mod, params, dataset=[], calibration="naive")
+    except relayq.DatasetError as e:
+        print(e)        # "calibration dataset is empty: ..."
+"""
+
+
+class RelayqError(Exception):
+    """Base class of every error relayq raises on purpose."""
+
+
+class ConfigError(RelayqError, ValueError):
+    """An option or QConfig value is invalid (unknown calibration method, bad bit width ...)."""
+
+
+class DatasetError(RelayqError, ValueError):
+    """The calibration dataset is empty, or a batch does not match the model's inputs."""
+
+
+class ModelError(RelayqError, ValueError):
+    """The model itself is malformed: a weight missing from params, an unreadable file, a bad op."""
+
+
+class FrontendError(ModelError):
+    """A frontend (MXNet, ONNX, PyTorch) cannot read or convert its input."""
+
+
+class UnsupportedOpError(FrontendError):
+    """A frontend met an op it cannot import (the quantizer itself falls back to float instead)."""
+
+
+class OverflowRiskError(RelayqError, ValueError):
+    """The worst-case integer accumulator of a layer would overflow its storage type."""
+
+
+class BuildError(RelayqError, RuntimeError):
+    """Lowering or compiling the quantized model failed for the requested target."""

@@ -1,0 +1,256 @@
+"""The integer arithmetic of relayq, in numpy: the single reference shared by realize, the kernels and tests.
+
+Conventions (every realized graph and every kernel must compute exactly these integers):
+
+* A quantized tensor is ``real ~= scale * (q - zero_point)``. Symmetric schemes have ``zero_point = 0``.
+  A signed ``bits``-bit symmetric tensor uses the range ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]`` (the
+  most negative code is left unused so that the range is symmetric and negation is exact).
+* Quantizing a float: ``q = clip(round_half_even(x / scale) + zero_point, qmin, qmax)``. This is what
+  ``relax.op.quantize`` computes (it divides, and rounds half to even), so the graph input quantizer
+  and this reference agree bit for bit.
+* Requantizing an integer accumulator by a real factor ``r = M * 2^-shift`` (``M`` a Q31 integer in
+  ``[2^30, 2^31)``): ``(acc * M + 2^(shift-1)) >> shift`` with an arithmetic shift, i.e. round half
+  towards +infinity, computed in int64 so that it can never overflow for int32 accumulators.
+
+Example::
+
+    >>> import numpy as np
+    >>> from relayq import qmath
+    >>> M, s = qmath.quantize_multiplier(0.0123)
+    >>> int(qmath.requantize(np.array([1000]), M, s, -127, 127)[0])
+    12
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+# Q31: the multiplier keeps 31 fractional bits, the precision of an int32 fixed-point number.
+MULTIPLIER_BITS = 31
+# Extra precision bits used when two tensors of different scales are added: each operand is first
+# rescaled to ``out_scale / 2^ADD_EXTRA_BITS`` so that the sum is rounded once, at the end.
+ADD_EXTRA_BITS = 16
+
+
+def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
+    """The integer range of a ``bits``-bit code: symmetric when signed, ``[0, 2^bits - 1]`` when not.
+
+    >>> qrange(8), qrange(8, signed=False), qrange(4)
+    ((-127, 127), (0, 255), (-7, 7))
+    """
+    if not 2 <= int(bits) <= 32:
+        raise ConfigError(f"bit width must be in [2, 32], got {bits}")
+    if signed:
+        hi = (1 << (bits - 1)) - 1
+        return -hi, hi
+    return 0, (1 << bits) - 1
+
+
+def storage_dtype(bits: int, signed: bool = True) -> str:
+    """The narrowest numpy/TVM integer dtype that holds a ``bits``-bit code.
+
+    >>> storage_dtype(4), storage_dtype(8, signed=False), storage_dtype(12)
+    ('int8', 'uint8', 'int16')
+    """
+    lo, hi = qrange(bits, signed)
+    for dt in (("int8", "int16", "int32") if signed else ("uint8", "uint16", "uint32")):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return dt
+    raise ConfigError(f"no storage type for {bits}-bit codes")
+
+
+def scale_from_threshold(threshold: float, bits: int, signed: bool = True) -> float:
+    """The scale that maps ``threshold`` onto the largest code.
+
+    A zero threshold (an all-zero tensor) gets scale 1 so that nothing divides by zero.
+
+    >>> scale_from_threshold(12.7, 8) == 12.7 / 127
+    True
+    """
+    _, hi = qrange(bits, signed)
+    t = float(threshold)
+    if not np.isfinite(t) or t < 0:
+        raise ConfigError(f"threshold must be finite and >= 0, got {threshold}")
+    return t / hi if t > 0 else 1.0
+
+
+def quantize(x, scale, bits: int = 8, signed: bool = True, zero_point=0, axis: int | None = None):
+    """Quantize a float array: ``clip(round_half_even(x / scale) + zp, qmin, qmax)``, as int64.
+
+    ``scale`` and ``zero_point`` may be vectors along ``axis`` (per-channel).
+
+    >>> quantize(np.array([0.25, -0.36, 100.0]), 0.1).tolist()
+    [2, -4, 127]
+    """
+    lo, hi = qrange(bits, signed)
+    x = np.asarray(x)
+    scale = np.asarray(scale, dtype=x.dtype if x.dtype.kind == "f" else np.float32)
+    zp = np.asarray(zero_point)
+    if axis is not None and scale.ndim == 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        if zp.ndim == 1:
+            zp = zp.reshape(shape)
+    q = np.round(x / scale) + zp
+    return np.clip(q, lo, hi).astype(np.int64)
+
+
+def dequantize(q, scale, zero_point=0):
+    """``scale * (q - zero_point)`` in float32.
+
+    >>> dequantize(np.array([2, -4]), 0.5).tolist()
+    [1.0, -2.0]
+    """
+    return (np.asarray(scale, dtype=np.float32) * (np.asarray(q, dtype=np.float32) - np.float32(zero_point)))
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """Split a positive real factor into a Q31 integer multiplier ``M`` and a right shift.
+
+    ``real ~= M * 2^-shift`` with ``2^30 <= M < 2^31`` (relative error below 2^-31). Returns plain
+    Python ints. Raises :class:`ConfigError` when the factor cannot be expressed with a right shift of
+    1..62 bits (a factor >= 2^30, or so small that every accumulator would map to zero).
+
+    >>> quantize_multiplier(0.5)
+    (1073741824, 31)
+    """
+    real = float(real)
+    if not np.isfinite(real) or real <= 0:
+        raise ConfigError(f"requantization factor must be finite and > 0, got {real}")
+    mant, exp = np.frexp(real)
+    m = int(round(float(mant) * (1 << MULTIPLIER_BITS)))
+    exp = int(exp)
+    if m == (1 << MULTIPLIER_BITS):
+        m //= 2
+        exp += 1
+    shift = MULTIPLIER_BITS - exp
+    if shift < 1:
+        raise ConfigError(f"requantization factor {real} is too large (>= 2^30)")
+    if shift > 62:
+        # Every int32 accumulator would round to zero: represent it as the smallest usable factor.
+        m, shift = 1 << 30, 62
+    return m, shift
+
+
+def quantize_multipliers(reals) -> tuple[np.ndarray, np.ndarray]:
+    """Vector form of :func:`quantize_multiplier`: int64 arrays of multipliers and shifts.
+
+    >>> m, s = quantize_multipliers([0.5, 0.25]); s.tolist()
+    [31, 32]
+    """
+    pairs = [quantize_multiplier(r) for r in np.asarray(reals, dtype=np.float64).reshape(-1)]
+    return (np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64))
+
+
+def rounding_right_shift(x, shift):
+    """``(x + 2^(shift-1)) >> shift`` on int64 (round half towards +inf); ``shift`` >= 1.
+
+    >>> rounding_right_shift(np.array([5, -5, 6]), 1).tolist()
+    [3, -2, 3]
+    """
+    x = np.asarray(x, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    return (x + (np.int64(1) << (shift - 1))) >> shift
+
+
+def requantize(acc, multiplier, shift, qmin: int, qmax: int, axis: int | None = None):
+    """Integer-only requantization: ``clip((acc * M + 2^(shift-1)) >> shift, qmin, qmax)`` as int64.
+
+    ``multiplier`` and ``shift`` may be vectors along ``axis`` (per-channel).
+
+    >>> M, s = quantize_multiplier(0.1)
+    >>> requantize(np.array([14, 16, -16, 5000]), M, s, -127, 127).tolist()
+    [1, 2, -2, 127]
+    """
+    acc = np.asarray(acc, dtype=np.int64)
+    m = np.asarray(multiplier, dtype=np.int64)
+    s = np.asarray(shift, dtype=np.int64)
+    if axis is not None and m.ndim == 1:
+        shape = [1] * acc.ndim
+        shape[axis] = -1
+        m, s = m.reshape(shape), s.reshape(shape)
+    return np.clip(rounding_right_shift(acc * m, s), qmin, qmax)
+
+
+def quantize_bias(bias, input_scale, weight_scale):
+    """Bias as int64 codes at scale ``s_x * s_w`` (per-channel when ``weight_scale`` is a vector).
+
+    >>> quantize_bias(np.array([0.5]), 0.1, 0.05).tolist()
+    [100]
+    """
+    s = np.float64(input_scale) * np.asarray(weight_scale, dtype=np.float64)
+    return np.round(np.asarray(bias, dtype=np.float64) / s).astype(np.int64)
+
+
+def add_rescale_params(in_scale: float, out_scale: float):
+    """Multiplier and shift that bring an operand of an add to ``out_scale / 2^ADD_EXTRA_BITS``."""
+    return quantize_multiplier(float(in_scale) / float(out_scale) * (1 << ADD_EXTRA_BITS))
+
+
+def add(a, b, a_scale, b_scale, out_scale, qmin: int, qmax: int):
+    """Integer addition of two tensors with different scales into ``out_scale``.
+
+    Each operand is rescaled (rounded) to a common scale ``out_scale / 2^ADD_EXTRA_BITS``, the sum
+    is then rounded once to ``out_scale``.
+
+    >>> add(np.array([10]), np.array([10]), 0.1, 0.2, 0.3, -127, 127).tolist()
+    [10]
+    """
+    ma, sa = add_rescale_params(a_scale, out_scale)
+    mb, sb = add_rescale_params(b_scale, out_scale)
+    t = rounding_right_shift(np.asarray(a, np.int64) * ma, sa) + rounding_right_shift(np.asarray(b, np.int64) * mb, sb)
+    return np.clip(rounding_right_shift(t, ADD_EXTRA_BITS), qmin, qmax)
+
+
+def rescale(q, in_scale: float, out_scale: float, qmin: int, qmax: int):
+    """Bring codes from ``in_scale`` to ``out_scale`` (a requantization by ``in_scale / out_scale``).
+
+    >>> rescale(np.array([100]), 0.1, 0.2, -127, 127).tolist()
+    [50]
+    """
+    if float(in_scale) == float(out_scale):
+        return np.clip(np.asarray(q, np.int64), qmin, qmax)
+    m, s = quantize_multiplier(float(in_scale) / float(out_scale))
+    return requantize(q, m, s, qmin, qmax)
+
+
+def avg_pool_divide(total, count):
+    """Integer average: ``total / count`` rounded half away from zero, on int64.
+
+    >>> avg_pool_divide(np.array([5, -5, 4]), 2).tolist()
+    [3, -3, 2]
+    """
+    total = np.asarray(total, dtype=np.int64)
+    count = np.asarray(count, dtype=np.int64)
+    half = count // 2
+    return np.where(total >= 0, (total + half) // count, -((-total + half) // count))
+
+
+def conv2d_int(x, w, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1):
+    """Exact integer NCHW x OIHW convolution in int64 (the reference for integer conv kernels).
+
+    ``padding`` is (top, left, bottom, right) as in Relax.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    w = np.asarray(w, dtype=np.int64)
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    pt, pl, pb, pr = padding
+    sh, sw = strides
+    dh, dw = dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    og = o // groups
+    out = np.zeros((n, o, oh, ow), dtype=np.int64)
+    for g in range(groups):
+        xs = xp[:, g * cg:(g + 1) * cg]
+        ws = w[g * og:(g + 1) * og]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+                out[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
+    return out

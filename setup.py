@@ -1,0 +1,27 @@
+"""Install relayq: the Python package lives in python/relayq (TVM's layout convention)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="relayq",
+    version="0.1.0",
+    description="Post-training quantization for Apache TVM (Relax): annotate, calibrate, realize, build",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    python_requires=">=3.9",
+    install_requires=[
+        # 0.27 is the Relax-only TVM this project targets.
+        "apache-tvm==0.27.0.post1",
+        # 0.1.15.x segfaults inside sch.tensorize (see shared docs, B1): pin the working FFI.
+        "apache-tvm-ffi==0.1.14.post1",
+        "numpy",
+        "scipy",
+        "onnx",
+    ],
+    extras_require={
+        # What the test suite needs beyond the core: real data (digits) and progress of tuning.
+        "test": ["pytest", "scikit-learn", "psutil", "cloudpickle"],
+        # Peers and real-model data used by benchmarks and tutorials.
+        "bench": ["onnxruntime", "pillow", "psutil", "cloudpickle"],
+    },
+    entry_points={"console_scripts": ["relayq=relayq.cli:main"]},
+)
