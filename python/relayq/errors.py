@@ -42,3 +42,11 @@ class OverflowRiskError(RelayqError, ValueError):
 
 class BuildError(RelayqError, RuntimeError):
     """Lowering or compiling the quantized model failed for the requested target."""
+
+
+class FloatFallbackWarning(UserWarning):
+    """Ops left in float (unsupported by the quantizer, or skipped by the QConfig), named in the message."""
+
+
+class NothingQuantizedWarning(UserWarning):
+    """The model has no quantizable op: the float model is returned."""

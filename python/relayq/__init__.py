@@ -1,0 +1,17 @@
+"""relayq: post-training quantization for Apache TVM (Relax).
+
+    import relayq
+    qmodel = relayq.quantize_model(mod, params, dataset, calibration="kl")
+    lib = relayq.build(qmodel)
+"""
+from . import frontend, qmath, transform
+from .api import CompiledModel, QuantizedModel, build, load, quantize_model
+from .config import LayerConfig, QConfig
+from .errors import (BuildError, ConfigError, DatasetError, FloatFallbackWarning, FrontendError, ModelError,
+                     NothingQuantizedWarning, OverflowRiskError, RelayqError, UnsupportedOpError)
+
+__version__ = "0.1.0"
+__all__ = ["quantize_model", "build", "load", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
+           "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
+           "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
+           "NothingQuantizedWarning"]

@@ -1,0 +1,299 @@
+"""The public entry points: :func:`quantize_model`, :func:`build`, :func:`load`.
+
+Example::
+
+    import relayq
+    mod, params = relayq.frontend.from_onnx("mobilenet_v2.onnx")
+    qmodel = relayq.quantize_model(mod, params, dataset=calib_batches, calibration="kl")
+    print(qmodel.summary())
+    lib = relayq.build(qmodel)
+    logits = lib(image_batch)
+    lib.export("mobilenet_v2_int8.so")
+    same = relayq.load("mobilenet_v2_int8.so")
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .config import CALIBRATION_METHODS, QConfig
+from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning
+from .runtime import flatten_outputs, host_target
+from .transform.annotate import annotate, layers
+from .transform.calibrate import QPoint, batch_to_arrays, calibrate, input_specs
+from .transform.prepare import prepare
+from .transform.realize import realize
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    """What :func:`quantize_model` returns: every stage's module, the thresholds and the integer model.
+
+    Attributes:
+        realized: the integer IRModule (``main`` takes the float inputs, returns float outputs).
+        params: the integer weights and biases by point name (they are also bound in ``realized``).
+        prepared / annotated / simulated: the modules after each earlier stage.
+        qpoints: point name -> :class:`~relayq.transform.calibrate.QPoint`.
+        calibration: the method's name; calibration_seconds: the time calibration took.
+    """
+
+    realized: tvm.IRModule
+    params: dict
+    prepared: tvm.IRModule
+    annotated: tvm.IRModule
+    simulated: tvm.IRModule
+    qpoints: dict
+    calibration: str
+    config: QConfig
+    calibration_seconds: float = 0.0
+    quantized: bool = True
+
+    @property
+    def thresholds(self) -> list:
+        """``[(point name, method, threshold)]`` for every quantization point."""
+        return [(p.name, p.method, p.threshold) for p in self.qpoints.values()]
+
+    @property
+    def layers(self) -> dict:
+        """Quantized layer name -> op type."""
+        return layers(self.annotated)
+
+    def summary(self) -> str:
+        """A short text report: layers, points and calibration time."""
+        lines = [f"relayq quantized model: {len(self.layers)} quantized layers, {len(self.qpoints)} points, "
+                 f"calibration {self.calibration!r} in {self.calibration_seconds:.2f} s"]
+        for p in self.qpoints.values():
+            lines.append(f"  {p!r}")
+        return "\n".join(lines)
+
+
+def _looks_like_mxnet(sym) -> bool:
+    if hasattr(sym, "tojson"):
+        return True
+    if isinstance(sym, (str, os.PathLike)):
+        s = str(sym)
+        if s.endswith(".json"):
+            return True
+        return s.lstrip().startswith("{") and '"nodes"' in s
+    return False
+
+
+def _import(sym, params, shapes):
+    """Turn any accepted model form into ``(IRModule, params)``."""
+    if isinstance(sym, tvm.IRModule):
+        return sym, params
+    try:
+        import onnx
+        is_onnx = isinstance(sym, onnx.ModelProto)
+    except ImportError:  # pragma: no cover - onnx is a core dependency
+        is_onnx = False
+    if is_onnx or (isinstance(sym, (str, os.PathLike)) and str(sym).endswith(".onnx")):
+        from .frontend.onnx import from_onnx
+
+        mod, p = from_onnx(sym, shapes)
+        if params:
+            p = {**p, **params}
+        return mod, p
+    if _looks_like_mxnet(sym):
+        from .frontend.mxnet import from_mxnet
+
+        arg, aux = params, None
+        if isinstance(params, (tuple, list)) and len(params) == 2:
+            arg, aux = params
+        return from_mxnet(sym, arg, aux, shapes)
+    raise ModelError(f"cannot quantize a {type(sym).__name__}: pass a Relax IRModule (with params), an ONNX "
+                     "model or path, or an MXNet symbol (JSON path/string or mxnet.sym.Symbol)")
+
+
+def _check_calibration(calibration) -> None:
+    from .calibration.methods import Calibrator
+
+    if isinstance(calibration, Calibrator):
+        return
+    if not isinstance(calibration, str) or calibration not in CALIBRATION_METHODS:
+        raise ConfigError(f"unknown calibration method {calibration!r}; known: {list(CALIBRATION_METHODS)} "
+                          "(or pass a relayq.calibration.Calibrator)")
+
+
+def quantize_model(sym, params=None, dataset=None, calibration="naive", config: QConfig | None = None, *,
+                   shapes: dict | None = None) -> QuantizedModel:
+    """Quantize a float model with post-training calibration.
+
+    Args:
+        sym: a Relax ``IRModule``, an ONNX ``ModelProto`` or ``.onnx`` path, or an MXNet symbol (JSON path
+            or string, or ``mxnet.sym.Symbol``).
+        params: weights by name (dict of numpy arrays); for MXNet a ``.params`` path, a dict, or
+            ``(arg_params, aux_params)``.
+        dataset: an iterable of input batches (numpy arrays, tuples, or dicts name -> array).
+        calibration: ``"naive"``, ``"kl"``, ``"percentile"``, ``"mse"``, or a Calibrator object.
+        config: a :class:`~relayq.config.QConfig` (or a dict of its fields).
+        shapes: input shapes for frontends that need them (MXNet, dynamic ONNX inputs).
+
+    Example::
+
+        qmodel = quantize_model(mod, params, dataset=[x[i:i + 8] for i in range(0, 64, 8)], calibration="kl")
+        lib = build(qmodel)
+    """
+    if config is None:
+        config = QConfig()
+    elif isinstance(config, dict):
+        config = QConfig(**config)
+    elif not isinstance(config, QConfig):
+        raise ConfigError(f"config must be a QConfig or dict, got {type(config).__name__}")
+    _check_calibration(calibration)
+    if dataset is None:
+        raise DatasetError("a calibration dataset is required (an iterable of input batches)")
+    if isinstance(dataset, np.ndarray):
+        dataset = [dataset]
+    mod, params = _import(sym, params, shapes)
+    prepared = prepare(mod, params)
+    annotated = annotate(prepared, config)
+    start = time.perf_counter()
+    simulated, qpoints = calibrate(annotated, dataset, calibration, config)
+    seconds = time.perf_counter() - start
+    method = calibration if isinstance(calibration, str) else type(calibration).__name__
+    if not layers(annotated):
+        warnings.warn("relayq: the model has no quantizable op; the float model is returned",
+                      NothingQuantizedWarning, stacklevel=2)
+        return QuantizedModel(prepared, {}, prepared, annotated, simulated, {}, method, config, seconds, False)
+    realized, int_params = realize(annotated, qpoints, return_params=True)
+    return QuantizedModel(realized, int_params, prepared, annotated, simulated, qpoints, method, config, seconds)
+
+
+class CompiledModel:
+    """A compiled model: call it with numpy arrays (or a dict name -> array), get numpy back.
+
+    Example::
+
+        lib = relayq.build(qmodel)
+        y = lib(x)
+        lib.export("model.so"); lib2 = relayq.load("model.so")
+    """
+
+    def __init__(self, executable, specs: list, target, device=None):
+        self.executable = executable
+        self.specs = specs
+        self.target = target
+        self.device = device or tvm.cpu()
+        self.vm = relax.VirtualMachine(executable, self.device)
+
+    @property
+    def input_names(self) -> list:
+        return [s[0] for s in self.specs]
+
+    def _args(self, inputs, kw):
+        if kw:
+            if inputs:
+                raise DatasetError("pass inputs either positionally or by name, not both")
+            batch = kw
+        elif len(inputs) == 1:
+            batch = inputs[0]
+        else:
+            batch = tuple(inputs)
+        arrays = batch_to_arrays(batch, self.specs, where="model input")
+        return [tvm.runtime.tensor(a, self.device) for a in arrays]
+
+    def __call__(self, *inputs, **named):
+        outs = flatten_outputs(self.vm["main"](*self._args(inputs, named)))
+        return outs[0] if len(outs) == 1 else outs
+
+    def benchmark(self, *inputs, number: int = 10, repeat: int = 5) -> dict:
+        """Median / mean / min latency in milliseconds, measured by TVM's time evaluator."""
+        args = self._args(inputs, {})
+        self.vm.set_input("main", *args)
+        timer = self.vm.time_evaluator("invoke_stateful", self.device, number=number, repeat=repeat)
+        res = timer("main")
+        results = np.array(res.results) * 1e3
+        return {"median_ms": float(np.median(results)), "mean_ms": float(results.mean()),
+                "min_ms": float(results.min())}
+
+    def export(self, path: str) -> str:
+        """Write a shared library (and ``path + '.json'`` with the input specs)."""
+        path = str(path)
+        try:
+            self.executable.export_library(path)
+        except Exception as e:
+            raise BuildError(f"export to {path} failed: {e}") from None
+        with open(path + ".json", "w") as f:
+            json.dump({"inputs": [[n, list(s), d] for n, s, d in self.specs], "target": str(self.target)}, f)
+        return path
+
+
+def _resolve_target(target):
+    if target is None:
+        return host_target(), "host"
+    if isinstance(target, tvm.target.Target):
+        return target, None
+    if isinstance(target, str):
+        from .backend import presets
+
+        return presets.target_from_preset(target), target
+    raise ConfigError(f"target must be a preset name or a tvm.target.Target, got {type(target).__name__}")
+
+
+def build(model, target=None, *, params: dict | None = None, tune_trials: int = 0, tuning_log: str | None = None,
+          lower: bool = True) -> CompiledModel:
+    """Compile a :class:`QuantizedModel` (or a float IRModule, for baselines) for ``target``.
+
+    ``target``: ``None`` (the host CPU's best preset), a preset name (``"x86-avx2"``, ``"x86-vnni"``,
+    ``"cuda-dp4a"``, ``"generic"``) or a ``tvm.target.Target``.
+
+    Example::
+
+        lib = build(qmodel)                      # int8 model for this CPU
+        fp32 = build(mod, params=params)          # the float model, for comparison
+    """
+    if isinstance(model, QuantizedModel):
+        mod = model.realized
+    elif isinstance(model, tvm.IRModule):
+        mod = prepare(model, params)
+    else:
+        raise ConfigError(f"build expects a QuantizedModel or an IRModule, got {type(model).__name__}")
+    tgt, preset = _resolve_target(target)
+    specs = input_specs(mod)
+    if lower:
+        from .backend import presets
+
+        mod = presets.lower_for(mod, tgt, preset)
+    try:
+        if tune_trials:
+            from .backend import tune
+
+            ex = tune.tune_and_compile(mod, tgt, tune_trials, tuning_log)
+        else:
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise BuildError(f"compiling for {tgt} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return CompiledModel(ex, specs, tgt)
+
+
+def load(path: str) -> CompiledModel:
+    """Load a model written by :meth:`CompiledModel.export`.
+
+    Example::
+
+        lib = relayq.load("model.so"); y = lib(x)
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise ModelError(f"no compiled model at {path}")
+    meta_path = path + ".json"
+    if not os.path.exists(meta_path):
+        raise ModelError(f"{meta_path} (the input description written by export) is missing")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    specs = [(n, tuple(s), d) for n, s, d in meta["inputs"]]
+    return CompiledModel(tvm.runtime.load_module(path), specs, meta.get("target"))
+
+
+__all__ = ["quantize_model", "build", "load", "QuantizedModel", "CompiledModel", "QPoint"]

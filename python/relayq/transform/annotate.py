@@ -1,0 +1,393 @@
+"""Stage 2, annotate: insert simulated-quantize markers where the integer graph will hold codes.
+
+A marker is a pure packed call that prints as::
+
+    w = R.call_pure_packed("relayq.simulated_quantize", W, R.str("conv2d_0:w"), R.str("weight"), 8, 0, ...)
+
+with arguments (tensor, point name, role ``"act"`` | ``"weight"``, bits, per-channel axis or -1). The
+annotated module is self-describing: calibration reads the activation points from it, and realize
+replaces each marker by real integer ops. Markers go on
+
+* the weights of every quantized conv2d / dense,
+* activation inputs that come from the float world (graph inputs, float islands),
+* the output of every conv2d / dense / add / concat layer (after its fused bias and ReLU/clip) that
+  feeds another quantized op. An output that only feeds float ops (a classifier's logits) gets none:
+  realize dequantizes the int32 accumulator directly, which is more precise.
+
+Per-op behaviour is a table (:data:`RULES`): op name -> function returning the layer's op type, or
+``None`` where the call cannot be quantized. Anything else stays float and is named in a
+:class:`~relayq.errors.FloatFallbackWarning`.
+
+Example::
+
+    annotated = relayq.transform.annotate(prepared, relayq.QConfig(per_channel=True))
+    print(annotated)
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter, defaultdict
+
+import tvm
+from tvm import relax
+
+from ..config import QConfig
+from ..errors import FloatFallbackWarning
+from .common import (SIMQ, bindings, const_value, dtype_of, is_const_expr, is_tensor, main_function, op_name,
+                     shape_of)
+
+#: Function attribute listing the binding variables of quantized ops (realize reads it).
+QUANTIZED_ATTR = "relayq_quantized"
+#: Function attribute listing the layers as "name=op_type" (for reports and per-layer analysis).
+LAYERS_ATTR = "relayq_layers"
+
+# Layer kinds: "compute" layers requantize (conv2d, dense); "merge" layers combine several quantized
+# inputs into a new scale (add, concat); "pass" ops keep their input's scale (pools, reshapes, ReLU).
+COMPUTE, MERGE, PASS = "compute", "merge", "pass"
+
+
+def _float(e) -> bool:
+    return is_tensor(e) and dtype_of(e) == "float32"
+
+
+def _rule_conv2d(call):
+    a = call.attrs
+    if _float(call.args[0]) and is_const_expr(call.args[1]) and a.data_layout == "NCHW" \
+            and a.kernel_layout == "OIHW" and str(a.out_layout) == "NCHW" and len(shape_of(call.args[0])) == 4:
+        return "conv2d", COMPUTE
+    return None
+
+
+def _rule_matmul(call):
+    x, w = call.args
+    if _float(x) and is_const_expr(w) and len(shape_of(w)) == 2 and len(shape_of(x)) == 2:
+        return "dense", COMPUTE
+    return None
+
+
+def _rule_add(call):
+    a, b = call.args
+    if isinstance(a, relax.Var) and isinstance(b, relax.Var) and _float(a) and _float(b) \
+            and shape_of(a) == shape_of(b):
+        return "add", MERGE
+    return None
+
+
+def _rule_concat(call):
+    t = call.args[0]
+    if isinstance(t, relax.Tuple) and all(isinstance(f, relax.Var) and _float(f) for f in t.fields):
+        return "concat", MERGE
+    return None
+
+
+def _rule_max_pool(call):
+    return ("max_pool2d", PASS) if call.attrs.layout == "NCHW" and str(call.attrs.out_layout) == "NCHW" else None
+
+
+def _rule_avg_pool(call):
+    a = call.attrs
+    if a.layout == "NCHW" and str(a.out_layout) == "NCHW" and not a.ceil_mode and all(int(d) == 1 for d in a.dilation):
+        return "avg_pool2d", PASS
+    return None
+
+
+def _rule_adaptive_pool(call):
+    a = call.attrs
+    if a.layout == "NCHW" and a.output_size is not None and [int(s) for s in a.output_size] == [1, 1]:
+        return "global_avg_pool", PASS
+    return None
+
+
+def _rule_mean(call):
+    x = call.args[0]
+    if is_tensor(x) and len(shape_of(x)) == 4 and call.attrs.axis is not None \
+            and sorted(int(i) % 4 for i in call.attrs.axis) == [2, 3]:
+        return "global_avg_pool", PASS
+    return None
+
+
+def _rule_reshape(call):
+    return ("reshape", PASS) if is_tensor(call.args[0]) else None
+
+
+def _rule_act(call):
+    if op_name(call) == "relax.clip":
+        lo, hi = call.args[1], call.args[2]
+        if not (isinstance(getattr(lo, "value", None), (int, float)) and isinstance(getattr(hi, "value", None), (int, float))):
+            return None
+    return ("act", PASS)
+
+
+#: op name -> rule(call) -> (op_type, kind) or None
+RULES = {
+    "relax.nn.conv2d": _rule_conv2d,
+    "relax.matmul": _rule_matmul,
+    "relax.add": _rule_add,
+    "relax.concat": _rule_concat,
+    "relax.nn.max_pool2d": _rule_max_pool,
+    "relax.nn.avg_pool2d": _rule_avg_pool,
+    "relax.nn.adaptive_avg_pool2d": _rule_adaptive_pool,
+    "relax.mean": _rule_mean,
+    "relax.reshape": _rule_reshape,
+    "relax.flatten": _rule_reshape,
+    "relax.nn.relu": _rule_act,
+    "relax.clip": _rule_act,
+}
+#: Ops that never count as "left in float" in the warning: they only move data around.
+_QUIET_FLOAT_OPS = {"relax.reshape", "relax.flatten", "relax.permute_dims", "relax.squeeze", "relax.expand_dims"}
+
+
+def make_marker(x, name: str, role: str, bits: int, axis: int = -1):
+    """Build a simulated-quantize marker call on ``x``."""
+    return relax.op.call_pure_packed(SIMQ, x, tvm.ir.StringImm(name), tvm.ir.StringImm(role),
+                                     relax.prim_value(int(bits)), relax.prim_value(int(axis)), ty_args=x.ty)
+
+
+def _arg_vars(e):
+    out = []
+    if isinstance(e, relax.Var):
+        out.append(e)
+    elif isinstance(e, relax.Tuple):
+        for f in e.fields:
+            out += _arg_vars(f)
+    elif isinstance(e, relax.Call):
+        for a in e.args:
+            out += _arg_vars(a)
+    elif isinstance(e, relax.TupleGetItem):
+        out += _arg_vars(e.tuple_value)
+    return out
+
+
+def _bias_fits(op_type, acc_shape, bias) -> bool:
+    bs = shape_of(bias)
+    if op_type == "conv2d":
+        return bs in ((1, acc_shape[1], 1, 1), (acc_shape[1], 1, 1))
+    return bs in ((acc_shape[-1],), (1, acc_shape[-1]))
+
+
+class _Plan:
+    """What annotate decided for each binding of main."""
+
+    def __init__(self, func, config: QConfig):
+        self.func = func
+        self.config = config
+        self.binds = bindings(func)
+        self.value = {b.var: b.value for b in self.binds}
+        self.users = defaultdict(list)
+        for i, b in enumerate(self.binds):
+            for v in _arg_vars(b.value):
+                self.users[v].append(i)
+        self.output_vars = set(_arg_vars(func.body.body))
+        self.layer_of = {}          # var -> layer name (every var of a fused group)
+        self.layer_type = {}        # layer name -> op type
+        self.layer_kind = {}        # layer name -> COMPUTE | MERGE | PASS
+        self.group_out = {}         # layer name -> the var that ends its fused group
+        self.root = {}              # layer name -> root var (the conv2d / add ... itself)
+        self.qdomain = set()        # vars whose value is quantized (or pending) in the realized graph
+        self.resolved = {}          # layer name -> ResolvedLayer
+        self._plan()
+
+    def _sole_user(self, v):
+        us = self.users.get(v, [])
+        if len(us) == 1 and v not in self.output_vars:
+            return self.binds[us[0]]
+        return None
+
+    def _plan(self):
+        counters = Counter()
+        for b in self.binds:
+            v, call = b.var, b.value
+            if v in self.layer_of:
+                continue              # already absorbed into a fused group
+            name = op_name(call)
+            rule = RULES.get(name)
+            decided = rule(call) if rule is not None else None
+            if decided is None:
+                continue
+            op_type, kind = decided
+            if kind == PASS:
+                src = call.args[0]
+                if not (isinstance(src, relax.Var) and src in self.qdomain):
+                    continue          # a pass-through op only stays integer inside the quantized region
+                if op_type not in ("act", "reshape"):
+                    layer = f"{op_type}_{counters[op_type]}"
+                    if self.config.layer(layer, op_type).skip:
+                        continue
+                    counters[op_type] += 1
+                else:
+                    layer = f"{op_type}_{v.name}"
+                self._add_layer(layer, op_type, kind, [v])
+                continue
+            layer = f"{op_type}_{counters[op_type]}"
+            resolved = self.config.layer(layer, op_type)
+            counters[op_type] += 1
+            if resolved.skip:
+                continue
+            group = [v]
+            cur = v
+            if kind == COMPUTE:
+                nxt = self._sole_user(cur)
+                if nxt is not None and op_name(nxt.value) == "relax.add" and nxt.value.args[0].same_as(cur) \
+                        and is_const_expr(nxt.value.args[1]) and _bias_fits(op_type, shape_of(cur), nxt.value.args[1]):
+                    group.append(nxt.var)
+                    cur = nxt.var
+            nxt = self._sole_user(cur)
+            if nxt is not None and op_name(nxt.value) in ("relax.nn.relu", "relax.clip") \
+                    and RULES[op_name(nxt.value)](nxt.value) is not None:
+                group.append(nxt.var)
+            self._add_layer(layer, op_type, kind, group)
+            self.resolved[layer] = resolved
+
+    def _add_layer(self, layer, op_type, kind, group):
+        for g in group:
+            self.layer_of[g] = layer
+            self.qdomain.add(g)
+        self.layer_type[layer] = op_type
+        self.layer_kind[layer] = kind
+        self.root[layer] = group[0]
+        self.group_out[layer] = group[-1]
+
+    def act_inputs(self, v):
+        """The activation arguments of the quantized op bound to ``v`` (compute/merge roots)."""
+        call = self.value[v]
+        if op_name(call) == "relax.concat":
+            return list(call.args[0].fields)
+        if op_name(call) == "relax.add":
+            return list(call.args)
+        return [call.args[0]]
+
+    def bits_of_layer(self, layer):
+        r = self.resolved.get(layer)
+        return r.act_bits if r is not None else self.config.act_bits
+
+
+def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
+    """Insert simulated-quantize markers into a prepared module (see the module docstring).
+
+    Example::
+
+        annotated = annotate(prepare(mod, params), QConfig())
+        assert "relayq.simulated_quantize" in annotated.script()
+    """
+    config = config or QConfig()
+    func = main_function(mod)
+    plan = _Plan(func, config)
+
+    # Which group outputs need an output marker: those read by a quantized op.
+    needs_out_marker = set()
+    for layer, out in plan.group_out.items():
+        if plan.layer_kind[layer] == PASS:
+            continue
+        for i in plan.users.get(out, []):
+            if plan.binds[i].var in plan.qdomain:
+                needs_out_marker.add(layer)
+
+    bb = relax.BlockBuilder()
+    params = list(func.params)
+    remap = {}                 # var -> its replacement for every user (output markers, renamed vars)
+    in_marker = {}             # float var -> marker var, used only by quantized consumers
+    used_names = set(p.name for p in params)
+    quantized_vars, layers_attr = [], []
+
+    def fresh(name):
+        base, k = name, 1
+        while name in used_names:
+            name = f"{base}_{k}"
+            k += 1
+        used_names.add(name)
+        return name
+
+    with bb.function("main", params, attrs=dict(func.attrs) if func.attrs is not None else None):
+        with bb.dataflow():
+            for b in plan.binds:
+                v, call = b.var, b.value
+                layer = plan.layer_of.get(v)
+                local = dict(remap)
+                if layer is not None and plan.root[layer].same_as(v) and plan.layer_kind[layer] != PASS:
+                    bits = plan.bits_of_layer(layer)
+                    for k, a in enumerate(plan.act_inputs(v)):
+                        if a in plan.qdomain:
+                            continue
+                        if a not in in_marker:
+                            src = remap.get(a, a)
+                            in_marker[a] = bb.emit(make_marker(src, f"{layer}:in{k}", "act", bits), fresh(f"{layer}_in{k}"))
+                        local[a] = in_marker[a]
+                    if plan.layer_kind[layer] == COMPUTE:
+                        r = plan.resolved[layer]
+                        axis = -1
+                        if r.per_channel:
+                            axis = 0 if plan.layer_type[layer] == "conv2d" else 1
+                        w = call.args[1]
+                        wm = bb.emit(make_marker(w, f"{layer}:w", "weight", r.weight_bits, axis), fresh(f"{layer}_w"))
+                        call = relax.Call(call.op, [call.args[0], wm], call.attrs, call.ty_args)
+                from .common import substitute
+                new_value = substitute(call, local)
+                if layer is not None:
+                    vname = fresh(layer if plan.root[layer].same_as(v) and plan.layer_kind[layer] != PASS else v.name)
+                    quantized_vars.append(vname)
+                else:
+                    vname = fresh(v.name)
+                is_out = v in plan.output_vars
+                emit = bb.emit_output if is_out and not isinstance(v, relax.DataflowVar) else bb.emit
+                nv = emit(new_value, vname)
+                remap[v] = nv
+                if layer is not None and layer in needs_out_marker and plan.group_out[layer].same_as(v):
+                    remap[v] = emit(make_marker(nv, f"{layer}:out", "act", plan.bits_of_layer(layer)), fresh(f"{layer}_out"))
+            out = substitute(func.body.body, remap)
+        bb.emit_func_output(out)
+    new_mod = bb.get()
+    new_func = new_mod["main"]
+    for layer, t in plan.layer_type.items():
+        if plan.layer_kind[layer] != PASS or t not in ("act", "reshape"):
+            layers_attr.append(f"{layer}={t}")
+    new_func = new_func.with_attr(QUANTIZED_ATTR, quantized_vars).with_attr(LAYERS_ATTR, layers_attr)
+    result = tvm.IRModule({gv: (new_func if gv.name_hint == "main" else f) for gv, f in mod.functions_items()},
+                          attrs=mod.attrs)
+    _warn_float_ops(plan)
+    return result
+
+
+def float_ops(plan_or_mod) -> Counter:
+    """Count the ops of ``main`` left in float (not quantized, not pure data movement)."""
+    plan = plan_or_mod
+    left = Counter()
+    for b in plan.binds:
+        name = op_name(b.value)
+        if name is None or b.var in plan.qdomain or name in _QUIET_FLOAT_OPS:
+            continue
+        if name == "relax.call_tir":
+            name = f"call_tir({b.value.args[0].name_hint})"
+        left[name.replace("relax.", "")] += 1
+    return left
+
+
+def _warn_float_ops(plan) -> None:
+    left = float_ops(plan)
+    if left:
+        names = ", ".join(f"{k} x{n}" for k, n in sorted(left.items()))
+        warnings.warn(f"relayq: ops left in float: {names}", FloatFallbackWarning, stacklevel=3)
+
+
+def layers(mod: tvm.IRModule) -> dict:
+    """The quantized layers of an annotated module: name -> op type.
+
+    >>> # layers(annotated) == {"conv2d_0": "conv2d", "dense_0": "dense", ...}
+    """
+    attr = main_function(mod).attrs.get(LAYERS_ATTR)
+    return dict(s.split("=", 1) for s in attr) if attr is not None else {}
+
+
+def points(mod: tvm.IRModule) -> list:
+    """The markers of an annotated module as ``(name, role, bits, axis)`` tuples, in graph order."""
+    from .common import simq_info
+
+    out = []
+    for b in bindings(main_function(mod)):
+        info = simq_info(b.value)
+        if info is not None:
+            out.append(info[1:])
+    return out
+
+
+def _unused():  # keep linters quiet about helpers imported for type checks
+    return const_value

@@ -1,0 +1,278 @@
+"""Stage 3, calibrate: run the dataset, pick a threshold for every quantization point.
+
+The annotated module is turned into a *tap* module: every activation marker becomes the identity and
+its input becomes an extra output. The tap module is compiled once and run batch by batch; each tapped
+tensor streams into an observer (histograms of bounded size), so memory never depends on the size of
+the dataset. Weights are calibrated from the constants themselves.
+
+The result is the list of :class:`QPoint` records (name, role, method, threshold, scale, bits) and
+the *simulated* module: the annotated graph with each marker replaced by fake quantization
+(quantize -> clip -> dequantize) at the chosen scale, which runs in float and shows the accuracy the
+integer model will have.
+
+Example::
+
+    simulated, qpoints = calibrate(annotated, batches, "kl")
+    for p in qpoints:
+        print(p.name, p.method, p.threshold)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .. import qmath
+from ..config import QConfig
+from ..errors import ConfigError, DatasetError
+from ..runtime import compile_host
+from ..utils.progress import Progress
+from .common import bindings, const_value, main_function, shape_of, dtype_of, simq_info, substitute
+
+
+@dataclasses.dataclass(frozen=True)
+class QPoint:
+    """The calibrated quantization of one point of the graph.
+
+    ``threshold`` and ``scale`` are floats, or 1-D arrays along ``axis`` for per-channel weights.
+    """
+
+    name: str
+    role: str            # "act" | "weight"
+    method: str
+    threshold: Any
+    scale: Any
+    bits: int
+    signed: bool = True
+    axis: int = -1
+
+    @property
+    def qmin(self) -> int:
+        return qmath.qrange(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qmath.qrange(self.bits, self.signed)[1]
+
+    def __repr__(self):
+        t = self.threshold
+        tv = f"{float(t):.6g}" if np.ndim(t) == 0 else f"[{len(t)} channels, max {float(np.max(t)):.4g}]"
+        return f"QPoint({self.name}, {self.role}, {self.method}, threshold={tv}, bits={self.bits})"
+
+
+def input_specs(mod: tvm.IRModule) -> list:
+    """``[(name, shape, dtype)]`` of main's inputs."""
+    return [(p.name, shape_of(p), dtype_of(p)) for p in main_function(mod).params]
+
+
+def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
+    """Validate one dataset batch against the model inputs and return the arrays in input order.
+
+    A batch is a numpy array (single-input models), a tuple/list of arrays in input order, or a dict
+    name -> array. Raises :class:`DatasetError` naming the input at fault.
+    """
+    names = [s[0] for s in specs]
+    if isinstance(batch, dict):
+        unknown = sorted(set(batch) - set(names))
+        missing = [n for n in names if n not in batch]
+        if unknown or missing:
+            raise DatasetError(f"{where}: input names {sorted(batch)} do not match the model inputs {names}"
+                               + (f" (unknown: {unknown})" if unknown else "") + (f" (missing: {missing})" if missing else ""))
+        arrays = [batch[n] for n in names]
+    elif isinstance(batch, (list, tuple)):
+        if len(batch) != len(names):
+            raise DatasetError(f"{where}: got {len(batch)} arrays, the model has {len(names)} inputs {names}")
+        arrays = list(batch)
+    else:
+        if len(names) != 1:
+            raise DatasetError(f"{where}: a bare array was given but the model has inputs {names}: pass a dict")
+        arrays = [batch]
+    out = []
+    for (name, shape, dtype), a in zip(specs, arrays):
+        if hasattr(a, "numpy") and not isinstance(a, np.ndarray):
+            a = a.numpy()
+        a = np.asarray(a)
+        if tuple(a.shape) != tuple(shape):
+            raise DatasetError(f"{where}: input {name!r} has shape {tuple(a.shape)}, the model expects {tuple(shape)}")
+        if str(a.dtype) != dtype:
+            if a.dtype.kind == "f" and np.dtype(dtype).kind == "f":
+                a = a.astype(dtype)
+            else:
+                raise DatasetError(f"{where}: input {name!r} has dtype {a.dtype}, the model expects {dtype}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise DatasetError(f"{where}: input {name!r} contains NaN or Inf")
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+def tap_module(annotated: tvm.IRModule):
+    """The annotated module with markers removed and every activation point's input as an output.
+
+    Returns ``(module, names)``: the module's ``main`` returns ``(original output, tap_0, tap_1, ...)``.
+    """
+    func = main_function(annotated)
+    bb = relax.BlockBuilder()
+    remap, taps, names = {}, [], []
+    with bb.function("main", list(func.params)):
+        with bb.dataflow():
+            for b in bindings(func):
+                info = simq_info(b.value)
+                if info is not None:
+                    x, name, role = info[0], info[1], info[2]
+                    src = substitute(x, remap)
+                    remap[b.var] = src
+                    if role == "act" and name not in names:
+                        if not isinstance(src, relax.Var):
+                            src = bb.emit(src)
+                        taps.append(src)
+                        names.append(name)
+                    continue
+                remap[b.var] = bb.emit(substitute(b.value, remap), b.var.name)
+            out = bb.emit_output(relax.Tuple([substitute(func.body.body, remap), *taps]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for gv, f in annotated.functions_items():
+        if gv.name_hint != "main":
+            mod[gv] = f
+    return mod, names
+
+
+def _make_calibrator(calibration, config: QConfig):
+    from ..calibration import methods
+
+    if isinstance(calibration, methods.Calibrator):
+        return calibration, getattr(calibration, "name", type(calibration).__name__)
+    if isinstance(calibration, str):
+        options = {"p": config.percentile} if calibration == "percentile" else {}
+        if calibration not in methods.METHODS:
+            raise ConfigError(f"unknown calibration method {calibration!r}; known: {sorted(methods.METHODS)}")
+        return methods.HistogramCalibrator(calibration, **options), calibration
+    raise ConfigError(f"calibration must be a method name {sorted(methods.METHODS)} or a Calibrator, "
+                      f"got {type(calibration).__name__}")
+
+
+def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = True, target=None) -> list:
+    """Run ``dataset`` through the tap module, feeding every activation point to ``calibrator``.
+
+    Returns the names of the activation points observed.
+    """
+    tmod, names = tap_module(annotated)
+    specs = input_specs(annotated)
+    fn = compile_host(tmod, target)
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    seen = 0
+    with Progress("calibrating, batch", total=total, enabled=show_progress) as prog:
+        for i, batch in enumerate(dataset):
+            arrays = batch_to_arrays(batch, specs, where=f"calibration batch {i}")
+            outs = fn(*arrays)
+            for name, value in zip(names, outs[1:]):
+                calibrator.observe(name, value)
+            seen += 1
+            prog.step()
+    if seen == 0:
+        raise DatasetError("the calibration dataset is empty: pass at least one batch")
+    return names
+
+
+def weight_qpoint(name: str, w: np.ndarray, bits: int, axis: int, method: str) -> QPoint:
+    """Calibrate one weight tensor: symmetric, per tensor (``axis=-1``) or per channel along ``axis``."""
+    from ..calibration.methods import weight_threshold
+
+    if not np.all(np.isfinite(w)):
+        raise DatasetError(f"weight {name!r} contains NaN or Inf")
+    t = weight_threshold(w, bits, method=method, channel_axis=None if axis < 0 else axis)
+    if np.ndim(t) == 0:
+        scale = qmath.scale_from_threshold(float(t), bits)
+    else:
+        t = np.asarray(t, dtype=np.float64)
+        scale = np.array([qmath.scale_from_threshold(float(v), bits) for v in t])
+    return QPoint(name, "weight", method, t, scale, bits, True, axis)
+
+
+def simulate(annotated: tvm.IRModule, qpoints: dict) -> tvm.IRModule:
+    """Replace every marker by fake quantization at its calibrated scale (a float QDQ graph)."""
+    func = main_function(annotated)
+    bb = relax.BlockBuilder()
+    remap = {}
+    with bb.function("main", list(func.params)):
+        with bb.dataflow():
+            for b in bindings(func):
+                info = simq_info(b.value)
+                if info is None:
+                    remap[b.var] = bb.emit(substitute(b.value, remap), b.var.name)
+                    continue
+                x, name = substitute(info[0], remap), info[1]
+                p = qpoints[name]
+                if p.role == "weight":
+                    w = const_value(info[0])
+                    ax = None if p.axis < 0 else p.axis
+                    fq = qmath.dequantize(qmath.quantize(w, p.scale, p.bits, axis=ax),
+                                          _bcast(p.scale, w.ndim, ax))
+                    remap[b.var] = relax.const(fq.astype("float32"))
+                    continue
+                st = qmath.storage_dtype(p.bits)
+                s = relax.const(float(p.scale), "float32")
+                q = relax.op.quantize(x, s, relax.const(0, st), axis=-1, out_dtype=st)
+                q = relax.op.clip(q, p.qmin, p.qmax)
+                remap[b.var] = bb.emit(relax.op.dequantize(q, s, relax.const(0, st), axis=-1, out_dtype="float32"),
+                                       b.var.name)
+            out = bb.emit_output(substitute(func.body.body, remap))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for gv, f in annotated.functions_items():
+        if gv.name_hint != "main":
+            mod[gv] = f
+    return mod
+
+
+def _bcast(v, ndim, axis):
+    v = np.asarray(v, dtype=np.float64)
+    if v.ndim == 0 or axis is None:
+        return v
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QConfig | None = None,
+              target=None):
+    """Calibrate every quantization point of ``annotated``.
+
+    Returns ``(simulated_module, qpoints)`` with ``qpoints`` a dict name -> :class:`QPoint`.
+
+    Example::
+
+        simulated, qpoints = calibrate(annotated, [x0, x1, x2], "kl")
+    """
+    config = config or QConfig()
+    calibrator, method = _make_calibrator(calibration, config)
+    func = main_function(annotated)
+    points = {}
+    act_bits = {}
+    for b in bindings(func):
+        info = simq_info(b.value)
+        if info is None:
+            continue
+        x, name, role, bits, axis = info
+        if role == "weight":
+            points[name] = weight_qpoint(name, const_value(x), bits, axis, config.weight_method)
+        else:
+            act_bits[name] = bits
+    if act_bits:
+        observe(annotated, dataset, calibrator, config.show_progress, target)
+        for name, bits in act_bits.items():
+            t = float(calibrator.threshold(name, bits, True))
+            points[name] = QPoint(name, "act", method, t, qmath.scale_from_threshold(t, bits), bits, True, -1)
+    else:
+        # Nothing to observe, but the dataset must still be valid for the model.
+        specs = input_specs(annotated)
+        n = 0
+        for i, batch in enumerate(dataset):
+            batch_to_arrays(batch, specs, where=f"calibration batch {i}")
+            n += 1
+        if n == 0:
+            raise DatasetError("the calibration dataset is empty: pass at least one batch")
+    return simulate(annotated, points), points

@@ -1,0 +1,186 @@
+"""Stage 1, prepare: bind params, fold BatchNorm into conv/dense, canonicalize, fold constants.
+
+After ``prepare`` the ``main`` function takes only the data inputs; every weight is a constant, every
+BatchNorm that follows a conv2d (with or without a bias add: the form both the ONNX and the PyTorch
+frontends emit, which TVM's own ``FoldBatchnormToConv2D`` misses) is folded into the conv's weights
+and bias, ``minimum(maximum(x, lo), hi)`` becomes ``clip(x, lo, hi)`` and ``maximum(x, 0)`` becomes
+``relu(x)``.
+
+Example::
+
+    mod = relayq.transform.prepare(mod, params)
+    print(mod)          # conv2d -> add(bias) -> relu ..., no batch_norm left
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
+
+from ..errors import ModelError
+from .common import const_value, main_function, map_functions
+
+#: Ops whose second argument is a weight: a parameter missing from ``params`` there is a missing weight.
+WEIGHT_CONSUMERS = ("relax.nn.conv2d", "relax.matmul", "relax.nn.batch_norm")
+
+
+def input_names(mod: tvm.IRModule, params: dict | None) -> list:
+    """Names of ``main``'s data inputs: the parameters that are not weights.
+
+    A frontend marks them with the ``num_input`` attribute; otherwise every parameter not in
+    ``params`` is an input.
+    """
+    func = main_function(mod)
+    names = [p.name for p in func.params]
+    num_input = func.attrs.get("num_input") if func.attrs is not None else None
+    if num_input is not None:
+        return names[: int(num_input)]
+    params = params or {}
+    return [n for n in names if n not in params]
+
+
+def _check_missing_weights(func: relax.Function, inputs: list, params: dict) -> None:
+    declared = {p.name for p in func.params}
+    missing = [n for n in declared if n not in inputs and n not in params]
+    if missing:
+        raise ModelError(f"weight(s) missing from params: {sorted(missing)}")
+    # Without a num_input attribute every unbound parameter counts as an input; a weight slot of
+    # conv2d / matmul fed by one of them is then a missing weight, not a second input.
+    inputs_set = set(inputs)
+    culprits = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name in WEIGHT_CONSUMERS:
+            for a in e.args[1:]:
+                if isinstance(a, relax.Var) and a.name in inputs_set and len(a.ty.shape.values) >= 1 \
+                        and a.name != inputs[0]:
+                    culprits.append((e.op.name, a.name))
+
+    relax.analysis.post_order_visit(func, visit)
+    if culprits:
+        op, name = culprits[0]
+        raise ModelError(f"weight {name!r} of {op} is missing from params")
+
+
+def bind_params(mod: tvm.IRModule, params: dict | None) -> tvm.IRModule:
+    """Bind ``params`` (name -> array) into ``main`` as constants, checking names, shapes and dtypes.
+
+    >>> # mod = bind_params(mod, {"conv.weight": np.ones((4, 3, 3, 3), "float32")})
+    """
+    func = main_function(mod)
+    params = dict(params or {})
+    inputs = input_names(mod, params)
+    _check_missing_weights(func, inputs, params)
+    by_name = {p.name: p for p in func.params}
+    bound = {}
+    for name, value in params.items():
+        if name not in by_name:
+            continue            # extra entries (e.g. unused aux states) are harmless
+        arr = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+        ty = by_name[name].ty
+        want = tuple(int(s) for s in ty.shape.values)
+        if tuple(arr.shape) != want:
+            raise ModelError(f"param {name!r} has shape {tuple(arr.shape)}, the model expects {want}")
+        dtype = str(ty.dtype)
+        if str(arr.dtype) != dtype:
+            arr = arr.astype(dtype)
+        bound[name] = tvm.runtime.tensor(np.ascontiguousarray(arr))
+    if bound:
+        mod = relax.transform.BindParams("main", bound)(mod)
+    func = main_function(mod)
+    if func.attrs is not None and "num_input" in func.attrs:
+        mod["main"] = func.without_attr("num_input").without_attr("params") \
+            if "params" in func.attrs else func.without_attr("num_input")
+    return mod
+
+
+def _fold_bn_rewriter():
+    x, w, b = wildcard(), is_const(), is_const()
+    g, beta, mean, var = is_const(), is_const(), is_const(), is_const()
+    conv = is_op("relax.nn.conv2d")(x, w)
+    conv_b = is_op("relax.add")(conv, b)
+    bn = is_op("relax.nn.batch_norm")(conv_b | conv, g, beta, mean, var)
+    pattern = is_tuple_get_item(bn, 0)
+
+    def rewrite(expr, m):
+        call = m[conv]
+        if call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or int(m[bn].attrs.axis) != 1:
+            return expr
+        eps = float(m[bn].attrs.epsilon)
+        gamma, bet, mu, sig2 = (const_value(m[p]).astype(np.float64) for p in (g, beta, mean, var))
+        scale = gamma / np.sqrt(sig2 + eps)
+        bias = const_value(m[b]).astype(np.float64).reshape(-1) if b in m else 0.0
+        weight = const_value(m[w]).astype(np.float64) * scale[:, None, None, None]
+        new_bias = (bias - mu) * scale + bet
+        y = relax.op.nn.conv2d(
+            m[x], relax.const(weight.astype("float32")), strides=call.attrs.strides, padding=call.attrs.padding,
+            dilation=call.attrs.dilation, groups=call.attrs.groups, data_layout="NCHW", kernel_layout="OIHW",
+            out_layout=call.attrs.out_layout, out_dtype="float32")
+        return relax.op.add(y, relax.const(new_bias.reshape(1, -1, 1, 1).astype("float32")))
+
+    return pattern, rewrite
+
+
+def _clip_rewriters():
+    x, lo, hi = wildcard(), is_const(), is_const()
+    mx = is_op("relax.maximum")(x, lo)
+    both = is_op("relax.minimum")(mx, hi)
+
+    def scalar(e):
+        v = const_value(e)
+        return float(v.reshape(-1)[0]) if v.size == 1 else None
+
+    def rw_both(expr, m):
+        a, b = scalar(m[lo]), scalar(m[hi])
+        if a is None or b is None:
+            return expr
+        return relax.op.clip(m[x], a, b)
+
+    def rw_max(expr, m):
+        a = scalar(m[lo])
+        if a is None or a != 0.0:
+            return expr
+        return relax.op.nn.relu(m[x])
+
+    return [(both, rw_both), (mx, rw_max)]
+
+
+def fold_batch_norm(mod: tvm.IRModule) -> tvm.IRModule:
+    """Fold ``batch_norm(conv2d(x, W) [+ b])`` (inference mode, constant statistics) into conv2d + add.
+
+    Remaining batch norms (not after a conv) are decomposed into elementwise float ops.
+    """
+    mod = relax.transform.FoldConstant()(mod)
+    pattern, rw = _fold_bn_rewriter()
+    mod = map_functions(mod, lambda f: rewrite_call(pattern, rw, f))
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    return mod
+
+
+def canonicalize(mod: tvm.IRModule) -> tvm.IRModule:
+    """Turn max/min pairs into ``clip`` and ``maximum(x, 0)`` into ``relu``."""
+    for pattern, rw in _clip_rewriters():
+        mod = map_functions(mod, lambda f, p=pattern, r=rw: rewrite_call(p, r, f))
+    return mod
+
+
+def prepare(mod: tvm.IRModule, params: dict | None = None) -> tvm.IRModule:
+    """Run the whole prepare stage: bind, fold BatchNorm, canonicalize, fold constants, clean up.
+
+    Example::
+
+        prepared = prepare(mod, params)
+        assert "batch_norm" not in prepared.script()
+    """
+    if not isinstance(mod, tvm.IRModule):
+        raise ModelError(f"expected a Relax IRModule, got {type(mod).__name__}")
+    mod = bind_params(mod, params)
+    mod = relax.transform.Normalize()(mod)
+    mod = fold_batch_norm(mod)
+    mod = relax.transform.FoldConstant()(mod)
+    mod = canonicalize(mod)
+    mod = relax.transform.FoldConstant()(mod)
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
+    mod = relax.transform.ConvertToDataflow()(mod)
+    return mod

@@ -1,0 +1,408 @@
+"""Stage 4, realize: replace simulated quantization by real integer ops.
+
+Realize walks ``main`` once and gives every variable one of four *values*:
+
+* ``Float``: an ordinary float tensor (graph inputs, float islands);
+* ``Q``: integer codes (int8, or int16 above 8 bits) with a scale;
+* ``Acc``: a conv2d / dense int32 accumulator (bias already added) whose ReLU/clip bounds are known but
+  which is not yet requantized;
+* ``Pending``: an add or concat of ``Q`` values waiting for its output scale.
+
+A marker on an ``Acc`` or ``Pending`` value *finalizes* it into ``Q`` at the marker's scale with
+integer-only arithmetic (see :mod:`relayq.qmath`): ``(acc * M + 2^(s-1)) >> s`` in int64, then a clip
+that also implements a fused ReLU / ReLU6, then a cast. A float op that reads a quantized value gets a
+dequantized copy: this is the only place where float comes back, so two consecutive quantized ops are
+never separated by a float op.
+
+Example::
+
+    realized = realize(annotated, qpoints)
+    print(realized)           # conv2d(..., out_dtype="int32"), right_shift, clip, astype("int8") ...
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .. import qmath
+from ..errors import ConfigError, FloatFallbackWarning, OverflowRiskError
+from .annotate import QUANTIZED_ATTR
+from .common import bindings, const_value, is_const_expr, main_function, op_name, shape_of, simq_info, substitute
+
+_INT32_MAX = (1 << 31) - 1
+
+
+@dataclass
+class Float:
+    expr: Any
+
+
+@dataclass
+class Q:
+    expr: Any
+    scale: float
+    bits: int
+
+    @property
+    def lo(self):
+        return qmath.qrange(self.bits)[0]
+
+    @property
+    def hi(self):
+        return qmath.qrange(self.bits)[1]
+
+
+@dataclass
+class Acc:
+    expr: Any                     # int32 accumulator
+    scale: Any                    # float or per-channel np vector (s_x * s_w)
+    channel_axis: int             # axis of per-channel scales in the accumulator
+    ndim: int
+    lo: float = -np.inf           # real-valued clip bounds of a fused ReLU / clip
+    hi: float = np.inf
+    bias_added: bool = False
+
+
+@dataclass
+class Pending:
+    kind: str                     # "add" | "concat"
+    parts: list
+    attrs: dict = field(default_factory=dict)
+    lo: float = -np.inf
+    hi: float = np.inf
+
+
+def _i64(v, shape=None):
+    a = np.asarray(v, dtype=np.int64)
+    if shape is not None and a.ndim:
+        a = a.reshape(shape)
+    return relax.const(a, "int64")
+
+
+class Realizer:
+    """The realize walk over one annotated ``main`` (see the module docstring)."""
+
+    def __init__(self, annotated: tvm.IRModule, qpoints: dict):
+        self.mod = annotated
+        self.func = main_function(annotated)
+        self.qpoints = qpoints
+        attr = self.func.attrs.get(QUANTIZED_ATTR) if self.func.attrs is not None else None
+        self.quantized = set(attr) if attr is not None else set()
+        self.bb = relax.BlockBuilder()
+        self.values = {}
+        self.weights = {}          # marker var -> (float weight, QPoint)
+        self.int_params = {}       # name -> integer constants (for reports / export size)
+        self.dequantized = {}      # id of a Q value -> its float copy (emitted once)
+
+    # ---------------------------------------------------------------- helpers
+    def emit(self, expr, name=None):
+        return self.bb.emit(expr, name) if name else self.bb.emit(expr)
+
+    def to_float(self, val):
+        """A float expression of any value (dequantizing where needed)."""
+        if isinstance(val, Float):
+            return val.expr
+        if isinstance(val, Q):
+            key = id(val)
+            if key not in self.dequantized:
+                self.dequantized[key] = self.emit(relax.op.multiply(
+                    relax.op.astype(val.expr, "float32"), relax.const(np.float32(val.scale))))
+            return self.dequantized[key]
+        if isinstance(val, Acc):
+            s = np.asarray(val.scale, dtype=np.float32)
+            if s.ndim:
+                shape = [1] * val.ndim
+                shape[val.channel_axis] = -1
+                s = s.reshape(shape)
+            y = self.emit(relax.op.multiply(relax.op.astype(val.expr, "float32"), relax.const(s)))
+            return self._float_clip(y, val.lo, val.hi)
+        if isinstance(val, Pending):
+            fl = [self.to_float(p) for p in val.parts]
+            if val.kind == "add":
+                y = self.emit(relax.op.add(fl[0], fl[1]))
+            else:
+                y = self.emit(relax.op.concat(fl, axis=val.attrs["axis"]))
+            return self._float_clip(y, val.lo, val.hi)
+        raise TypeError(val)
+
+    def _float_clip(self, y, lo, hi):
+        if lo == 0.0 and hi == np.inf:
+            return self.emit(relax.op.nn.relu(y))
+        if lo > -np.inf or hi < np.inf:
+            return self.emit(relax.op.clip(y, float(lo), float(hi)))
+        return y
+
+    def _code_bounds(self, lo_real, hi_real, scale, bits):
+        qlo, qhi = qmath.qrange(bits)
+        lo = qlo if lo_real == -np.inf else max(qlo, int(np.round(lo_real / scale)))
+        hi = qhi if hi_real == np.inf else min(qhi, int(np.round(hi_real / scale)))
+        return lo, hi
+
+    def _cast(self, t, bits):
+        return self.emit(relax.op.astype(t, qmath.storage_dtype(bits)))
+
+    def _rounding_shift(self, t, shift, shape=None):
+        """``(t + 2^(shift-1)) >> shift`` on int64 tensors (shift >= 1, scalar or per channel)."""
+        shift = np.asarray(shift, dtype=np.int64)
+        t = self.emit(relax.op.add(t, _i64(np.left_shift(np.int64(1), shift - 1), shape)))
+        return self.emit(relax.op.right_shift(t, _i64(shift, shape)))
+
+    def requantize(self, acc_i32, factor, bits, lo, hi, shape=None, name=None):
+        """Emit the integer requantization chain of ``acc_i32`` by the real ``factor``."""
+        factor = np.asarray(factor, dtype=np.float64)
+        m, s = qmath.quantize_multipliers(factor.reshape(-1))
+        if factor.ndim == 0:
+            m, s, shape = m[0], s[0], None
+        t = self.emit(relax.op.astype(acc_i32, "int64"))
+        t = self.emit(relax.op.multiply(t, _i64(m, shape)))
+        t = self._rounding_shift(t, s, shape)
+        t = self.emit(relax.op.clip(t, int(lo), int(hi)))
+        return self.bb.emit(relax.op.astype(t, qmath.storage_dtype(bits)), name) if name else \
+            self._cast(t, bits)
+
+    def finalize(self, val, scale: float, bits: int, name=None) -> Q:
+        """Bring any value to codes at ``scale`` (a marker on it)."""
+        if isinstance(val, Float):
+            st = qmath.storage_dtype(bits)
+            lo, hi = qmath.qrange(bits)
+            q = self.emit(relax.op.quantize(val.expr, relax.const(np.float32(scale)), relax.const(0, st),
+                                            axis=-1, out_dtype=st))
+            if (lo, hi) != (np.iinfo(st).min, np.iinfo(st).max):
+                q = self.emit(relax.op.clip(q, lo, hi), name)
+            return Q(q, scale, bits)
+        if isinstance(val, Q):
+            if val.scale == scale and val.bits == bits:
+                return val
+            lo, hi = qmath.qrange(bits)
+            return Q(self.requantize(val.expr, val.scale / scale, bits, lo, hi, name=name), scale, bits)
+        if isinstance(val, Acc):
+            lo, hi = self._code_bounds(val.lo, val.hi, scale, bits)
+            shape = None
+            if np.ndim(val.scale):
+                shape = [1] * val.ndim
+                shape[val.channel_axis] = -1
+            return Q(self.requantize(val.expr, np.asarray(val.scale, np.float64) / scale, bits, lo, hi, shape, name),
+                     scale, bits)
+        if isinstance(val, Pending):
+            lo, hi = self._code_bounds(val.lo, val.hi, scale, bits)
+            if val.kind == "add":
+                terms = []
+                for p in val.parts:
+                    m, s = qmath.add_rescale_params(p.scale, scale)
+                    t = self.emit(relax.op.multiply(self.emit(relax.op.astype(p.expr, "int64")), _i64(m)))
+                    terms.append(self._rounding_shift(t, s))
+                t = self.emit(relax.op.add(terms[0], terms[1]))
+                t = self._rounding_shift(t, qmath.ADD_EXTRA_BITS)
+                t = self.emit(relax.op.clip(t, lo, hi))
+                return Q(self.bb.emit(relax.op.astype(t, qmath.storage_dtype(bits)), name) if name
+                         else self._cast(t, bits), scale, bits)
+            parts = []
+            for p in val.parts:
+                if p.scale == scale and p.bits == bits and (lo, hi) == qmath.qrange(bits):
+                    parts.append(p.expr)
+                else:
+                    parts.append(self.requantize(p.expr, p.scale / scale, bits, lo, hi))
+            return Q(self.emit(relax.op.concat(parts, axis=val.attrs["axis"]), name), scale, bits)
+        raise TypeError(val)
+
+    def as_q(self, val, where: str) -> Q:
+        if isinstance(val, Q):
+            return val
+        raise ConfigError(f"realize: {where} expects a quantized input but got {type(val).__name__} "
+                          "(the annotated module is inconsistent)")
+
+    # ---------------------------------------------------------------- op rules
+    def rule_compute(self, v, call, args):
+        x = self.as_q(args[0], v.name)
+        w_float, wp = self.weights[call.args[1]]
+        ax = None if wp.axis < 0 else wp.axis
+        wq = qmath.quantize(w_float, wp.scale, wp.bits, axis=ax)
+        st = qmath.storage_dtype(wp.bits)
+        wconst = relax.const(wq.astype(st))
+        self.int_params[f"{wp.name}"] = wq.astype(st)
+        acc_scale = np.float64(x.scale) * np.asarray(wp.scale, dtype=np.float64)
+        if op_name(call) == "relax.nn.conv2d":
+            a = call.attrs
+            k = int(np.prod(w_float.shape[1:]))
+            self._check_overflow(v.name, k, x, wp)
+            e = self.emit(relax.op.nn.conv2d(x.expr, wconst, strides=a.strides, padding=a.padding,
+                                             dilation=a.dilation, groups=a.groups, data_layout="NCHW",
+                                             kernel_layout="OIHW", out_dtype="int32"), v.name)
+            return Acc(e, acc_scale if acc_scale.ndim else float(acc_scale), 1, 4)
+        k = int(w_float.shape[0])
+        self._check_overflow(v.name, k, x, wp)
+        e = self.emit(relax.op.matmul(x.expr, wconst, out_dtype="int32"), v.name)
+        return Acc(e, acc_scale if acc_scale.ndim else float(acc_scale), 1, 2)
+
+    def _check_overflow(self, layer, k, x: Q, wp):
+        worst = k * (qmath.qrange(x.bits)[1]) * (qmath.qrange(wp.bits)[1])
+        if worst > _INT32_MAX:
+            raise OverflowRiskError(
+                f"layer {layer}: worst-case accumulator {k} x {qmath.qrange(x.bits)[1]} x {qmath.qrange(wp.bits)[1]} = "
+                f"{worst} overflows int32; lower act_bits/weight_bits for this layer")
+
+    def rule_bias(self, v, call, args):
+        acc = args[0]
+        b = const_value(call.args[1]).astype(np.float64)
+        scale = np.asarray(acc.scale, dtype=np.float64)
+        bq = np.round(b / (scale.reshape(b.shape) if scale.ndim else scale))
+        if np.any(np.abs(bq) > _INT32_MAX):
+            raise OverflowRiskError(f"layer {v.name}: bias does not fit int32 at scale s_x*s_w")
+        self.int_params[f"{v.name}:bias"] = bq.astype(np.int32)
+        e = self.emit(relax.op.add(acc.expr, relax.const(bq.astype(np.int32))), v.name)
+        return Acc(e, acc.scale, acc.channel_axis, acc.ndim, acc.lo, acc.hi, True)
+
+    def rule_act(self, v, call, args):
+        val = args[0]
+        if op_name(call) == "relax.nn.relu":
+            lo, hi = 0.0, np.inf
+        else:
+            lo, hi = float(call.args[1].value), float(call.args[2].value)
+        if isinstance(val, (Acc, Pending)):
+            val.lo, val.hi = max(val.lo, lo), min(val.hi, hi)
+            return val
+        q = self.as_q(val, v.name)
+        clo, chi = self._code_bounds(lo, hi, q.scale, q.bits)
+        return Q(self.emit(relax.op.clip(q.expr, clo, chi), v.name), q.scale, q.bits)
+
+    def rule_merge(self, v, call, args):
+        if op_name(call) == "relax.add":
+            return Pending("add", [self.as_q(a, v.name) for a in args])
+        fields = [self.values[f] for f in call.args[0].fields]
+        return Pending("concat", [self.as_q(a, v.name) for a in fields], {"axis": int(call.attrs.axis)})
+
+    def rule_pass(self, v, call, args):
+        name = op_name(call)
+        q = self.as_q(args[0], v.name)
+        if name == "relax.nn.max_pool2d":
+            return Q(self.emit(relax.Call(call.op, [q.expr], call.attrs), v.name), q.scale, q.bits)
+        if name in ("relax.reshape", "relax.flatten"):
+            return Q(self.emit(relax.Call(call.op, [q.expr] + list(call.args[1:]), call.attrs), v.name), q.scale, q.bits)
+        if name in ("relax.mean", "relax.nn.adaptive_avg_pool2d"):
+            n, c, h, w = shape_of(call.args[0])
+            keep = name == "relax.nn.adaptive_avg_pool2d" or bool(call.attrs.keepdims)
+            total = self.emit(relax.op.sum(relax.op.astype(q.expr, "int32"), axis=[2, 3], keepdims=keep))
+            return Q(self._int_average(total, np.array(h * w, np.int32), q.bits, v.name), q.scale, q.bits)
+        if name == "relax.nn.avg_pool2d":
+            return Q(self._avg_pool(q, call, v.name), q.scale, q.bits)
+        raise ConfigError(f"realize: no integer rule for {name}")
+
+    def _int_average(self, total, count, bits, name):
+        """qmath.avg_pool_divide in Relax: divide with rounding half away from zero."""
+        cnt = relax.const(np.asarray(count, np.int32))
+        half = relax.const(np.asarray(count, np.int32) // 2)
+        pos = self.emit(relax.op.floor_divide(relax.op.add(total, half), cnt))
+        neg = self.emit(relax.op.negative(relax.op.floor_divide(relax.op.add(relax.op.negative(total), half), cnt)))
+        zero = relax.const(np.int32(0))
+        avg = self.emit(relax.op.where(relax.op.greater_equal(total, zero), pos, neg))
+        return self.bb.emit(relax.op.astype(avg, qmath.storage_dtype(bits)), name)
+
+    def _avg_pool(self, q: Q, call, name):
+        a = call.attrs
+        n, c, h, w = shape_of(call.args[0])
+        kh, kw = (int(s) for s in a.pool_size)
+        pad = [int(p) for p in a.padding]
+        ones = relax.const(np.ones((c, 1, kh, kw), dtype=qmath.storage_dtype(q.bits)))
+        total = self.emit(relax.op.nn.conv2d(q.expr, ones, strides=a.strides, padding=pad, groups=c,
+                                             out_dtype="int32"))
+        oh, ow = shape_of(total)[2:]
+        if a.count_include_pad:
+            count = np.full((1, 1, oh, ow), kh * kw, np.int32)
+        else:
+            # The number of real (unpadded) inputs under each window, computed once here.
+            mask = np.pad(np.ones((h, w), np.int64), ((pad[0], pad[2]), (pad[1], pad[3])))
+            sh, sw = (int(s) for s in a.strides)
+            count = np.array([[mask[i * sh:i * sh + kh, j * sw:j * sw + kw].sum() for j in range(ow)]
+                              for i in range(oh)], np.int32).reshape(1, 1, oh, ow)
+        return self._int_average(total, count, q.bits, name)
+
+    # ---------------------------------------------------------------- walk
+    def run(self) -> tvm.IRModule:
+        func = self.func
+        left_float = []
+        with self.bb.function("main", list(func.params)):
+            with self.bb.dataflow():
+                for p in func.params:
+                    self.values[p] = Float(p)
+                for b in bindings(func):
+                    v, call = b.var, b.value
+                    info = simq_info(call)
+                    if info is not None:
+                        x, name, role = info[0], info[1], info[2]
+                        qp = self.qpoints[name]
+                        if role == "weight":
+                            self.weights[v] = (const_value(x), qp)
+                            continue
+                        self.values[v] = self.finalize(self.values[x], float(qp.scale), qp.bits, name=v.name)
+                        continue
+                    name = op_name(call)
+                    if v.name in self.quantized:
+                        args = [self.values.get(a) for a in call.args if isinstance(a, relax.Var)]
+                        if name in ("relax.nn.conv2d", "relax.matmul") and call.args[1] in self.weights:
+                            val = self.rule_compute(v, call, args)
+                        elif name == "relax.add" and isinstance(args[0], Acc) and is_const_expr(call.args[1]):
+                            val = self.rule_bias(v, call, args)
+                        elif name in ("relax.nn.relu", "relax.clip"):
+                            val = self.rule_act(v, call, args)
+                        elif name in ("relax.add", "relax.concat"):
+                            val = self.rule_merge(v, call, args)
+                        else:
+                            val = self.rule_pass(v, call, args)
+                        self.values[v] = val
+                        continue
+                    # A float op: its inputs come back to float here.
+                    remap = {a: self.to_float(self.values[a]) for a in _vars_of(call) if a in self.values}
+                    self.values[v] = Float(self.emit(substitute(call, remap), v.name))
+                    if name is not None:
+                        left_float.append(name)
+                out = self.to_float(self.values[func.body.body]) if isinstance(func.body.body, relax.Var) \
+                    else substitute(func.body.body, {a: self.to_float(self.values[a]) for a in _vars_of(func.body.body)})
+                out = self.bb.emit_output(out)
+            self.bb.emit_func_output(out)
+        mod = self.bb.get()
+        for gv, f in self.mod.functions_items():
+            if gv.name_hint != "main":
+                mod[gv] = f
+        return mod
+
+
+def _vars_of(e):
+    if isinstance(e, relax.Var):
+        return [e]
+    out = []
+    if isinstance(e, relax.Tuple):
+        for f in e.fields:
+            out += _vars_of(f)
+    elif isinstance(e, relax.Call):
+        for a in e.args:
+            out += _vars_of(a)
+    elif isinstance(e, relax.TupleGetItem):
+        out += _vars_of(e.tuple_value)
+    return out
+
+
+def realize(annotated: tvm.IRModule, qpoints: dict, return_params: bool = False):
+    """Realize an annotated module with calibrated ``qpoints`` into an integer graph.
+
+    With ``return_params`` also returns the integer weights and biases (name -> array).
+
+    Example::
+
+        simulated, qpoints = calibrate(annotated, data, "naive")
+        int_mod = realize(annotated, qpoints)
+    """
+    missing = [info[1] for b in bindings(main_function(annotated))
+               if (info := simq_info(b.value)) is not None and info[1] not in qpoints]
+    if missing:
+        raise ConfigError(f"realize: no calibrated parameters for quantization point(s) {missing[:5]}")
+    r = Realizer(annotated, qpoints)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FloatFallbackWarning)
+        mod = r.run()
+    mod = relax.transform.DeadCodeElimination(["main"])(relax.transform.Normalize()(mod))
+    return (mod, r.int_params) if return_params else mod
