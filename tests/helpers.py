@@ -103,7 +103,7 @@ def tiny_cnn(seed=0, n=2):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(x, vs["w0"], padding=(1, 1)))
             y = bb.emit(relax.op.add(y, relax.op.reshape(vs["b0"], (1, 8, 1, 1))))
-            y = bb.emit(relax.op.nn.batch_norm(y, vs["g"], vs["be"], vs["mu"], vs["var"], axis=1))
+            y = bb.emit(relax.op.nn.batch_norm(y, vs["g"], vs["be"], vs["mu"], vs["var"], axis=1, training=False))
             y = bb.emit(relax.TupleGetItem(y, 0))
             s = bb.emit(relax.op.nn.relu(y))
             r = bb.emit(relax.op.nn.conv2d(s, vs["w1"], padding=(1, 1)))

@@ -47,17 +47,26 @@ def _check_missing_weights(func: relax.Function, inputs: list, params: dict) -> 
         raise ModelError(f"weight(s) missing from params: {sorted(missing)}")
     # Without a num_input attribute every unbound parameter counts as an input; a weight slot of
     # conv2d / matmul fed by one of them is then a missing weight, not a second input.
-    inputs_set = set(inputs)
+    inputs_set = set(inputs[1:])
     culprits = []
+    producer = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            producer[b.var] = b.value
 
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name in WEIGHT_CONSUMERS:
+    def source(a):
+        # Look through the layout ops a frontend puts between a weight and its consumer.
+        while isinstance(a, relax.Var) and a in producer and isinstance(producer[a], relax.Call) \
+                and getattr(producer[a].op, "name", "") in ("relax.permute_dims", "relax.reshape", "relax.astype"):
+            a = producer[a].args[0]
+        return a
+
+    for e in producer.values():
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name in WEIGHT_CONSUMERS + ("relax.add",):
             for a in e.args[1:]:
-                if isinstance(a, relax.Var) and a.name in inputs_set and len(a.ty.shape.values) >= 1 \
-                        and a.name != inputs[0]:
+                a = source(a)
+                if isinstance(a, relax.Var) and a.name in inputs_set:
                     culprits.append((e.op.name, a.name))
-
-    relax.analysis.post_order_visit(func, visit)
     if culprits:
         op, name = culprits[0]
         raise ModelError(f"weight {name!r} of {op} is missing from params")
@@ -105,8 +114,9 @@ def _fold_bn_rewriter():
 
     def rewrite(expr, m):
         call = m[conv]
-        if call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or int(m[bn].attrs.axis) != 1:
-            return expr
+        if call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW" or int(m[bn].attrs.axis) != 1 \
+                or bool(m[bn].attrs.training):
+            return expr             # a training-mode BN normalizes with batch statistics: not foldable
         eps = float(m[bn].attrs.epsilon)
         gamma, bet, mu, sig2 = (const_value(m[p]).astype(np.float64) for p in (g, beta, mean, var))
         scale = gamma / np.sqrt(sig2 + eps)
@@ -143,7 +153,18 @@ def _clip_rewriters():
             return expr
         return relax.op.nn.relu(m[x])
 
-    return [(both, rw_both), (mx, rw_max)]
+    c, y = is_const(), wildcard()
+    const_first = is_op("relax.add")(c, y) | is_op("relax.multiply")(c, y)
+
+    def rw_swap(expr, m):
+        # Commutative ops with the constant first (torch's linear emits add(bias, matmul)): put it second,
+        # so that bias-add fusion sees the same form whatever the frontend.
+        # DPL matches commutative ops in either order, so test the actual argument positions.
+        if not isinstance(expr.args[0], tvm.ir.GenericConst) or isinstance(expr.args[1], tvm.ir.GenericConst):
+            return expr
+        return relax.Call(expr.op, [expr.args[1], expr.args[0]], expr.attrs)
+
+    return [(both, rw_both), (mx, rw_max), (const_first, rw_swap)]
 
 
 def fold_batch_norm(mod: tvm.IRModule) -> tvm.IRModule:
@@ -159,7 +180,7 @@ def fold_batch_norm(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def canonicalize(mod: tvm.IRModule) -> tvm.IRModule:
-    """Turn max/min pairs into ``clip`` and ``maximum(x, 0)`` into ``relu``."""
+    """Turn max/min pairs into ``clip``, ``maximum(x, 0)`` into ``relu``, and put constants second."""
     for pattern, rw in _clip_rewriters():
         mod = map_functions(mod, lambda f, p=pattern, r=rw: rewrite_call(p, r, f))
     return mod

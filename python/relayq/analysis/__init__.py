@@ -1,0 +1,1 @@
+"""Analysis tools: the numpy integer reference executor, per-layer error reports."""

@@ -1,0 +1,201 @@
+"""A numpy executor of a calibrated annotated graph with :mod:`relayq.qmath` integer semantics.
+
+It is a second, independent implementation of what the realized graph computes: every quantized op is
+evaluated with ``qmath`` (integer conv in int64, fixed-point requantization, integer add and average),
+so that tests can check the compiled integer model against it bit for bit, and ``quant_points`` can
+report the integer codes at every point. Float ops are limited to the few a classifier head needs.
+
+Example::
+
+    ref = reference_run(qmodel.annotated, qmodel.qpoints, x)        # float outputs, like the realized model
+    codes = reference_run(qmodel.annotated, qmodel.qpoints, x, return_codes=True)[1]
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .. import qmath
+from ..transform.annotate import QUANTIZED_ATTR
+from ..transform.common import bindings, const_value, is_const_expr, main_function, op_name, shape_of, simq_info
+
+
+class _Q:
+    def __init__(self, codes, scale, bits):
+        self.codes, self.scale, self.bits = codes, float(scale), bits
+
+
+class _Acc:
+    def __init__(self, acc, scale, axis):
+        self.acc, self.scale, self.axis = acc, np.asarray(scale, np.float64), axis
+        self.lo, self.hi = -np.inf, np.inf
+
+
+class _Pending:
+    def __init__(self, kind, parts, axis=None):
+        self.kind, self.parts, self.axis = kind, parts, axis
+        self.lo, self.hi = -np.inf, np.inf
+
+
+def _bounds(lo, hi, scale, bits):
+    qlo, qhi = qmath.qrange(bits)
+    a = qlo if lo == -np.inf else max(qlo, int(np.round(lo / scale)))
+    b = qhi if hi == np.inf else min(qhi, int(np.round(hi / scale)))
+    return a, b
+
+
+def _finalize(val, scale, bits):
+    if isinstance(val, np.ndarray):
+        return _Q(qmath.quantize(val.astype(np.float32), np.float32(scale), bits), scale, bits)
+    if isinstance(val, _Q):
+        if val.scale == scale and val.bits == bits:
+            return val
+        lo, hi = qmath.qrange(bits)
+        m, s = qmath.quantize_multiplier(val.scale / scale)
+        return _Q(qmath.requantize(val.codes, m, s, lo, hi), scale, bits)
+    if isinstance(val, _Acc):
+        lo, hi = _bounds(val.lo, val.hi, scale, bits)
+        m, s = qmath.quantize_multipliers((val.scale / scale).reshape(-1))
+        if val.scale.ndim == 0:
+            return _Q(qmath.requantize(val.acc, m[0], s[0], lo, hi), scale, bits)
+        return _Q(qmath.requantize(val.acc, m, s, lo, hi, axis=val.axis), scale, bits)
+    lo, hi = _bounds(val.lo, val.hi, scale, bits)
+    if val.kind == "add":
+        a, b = val.parts
+        return _Q(qmath.add(a.codes, b.codes, a.scale, b.scale, scale, lo, hi), scale, bits)
+    parts = []
+    for p in val.parts:
+        if p.scale == scale and p.bits == bits and (lo, hi) == qmath.qrange(bits):
+            parts.append(p.codes)
+        else:
+            m, s = qmath.quantize_multiplier(p.scale / scale)
+            parts.append(qmath.requantize(p.codes, m, s, lo, hi))
+    return _Q(np.concatenate(parts, axis=val.axis), scale, bits)
+
+
+def _to_float(val):
+    if isinstance(val, np.ndarray):
+        return val
+    if isinstance(val, _Q):
+        return (val.codes.astype(np.float32) * np.float32(val.scale)).astype(np.float32)
+    if isinstance(val, _Acc):
+        s = val.scale.astype(np.float32)
+        if s.ndim:
+            shape = [1] * val.acc.ndim
+            shape[val.axis] = -1
+            s = s.reshape(shape)
+        y = val.acc.astype(np.float32) * s
+    else:
+        fl = [_to_float(p) for p in val.parts]
+        y = fl[0] + fl[1] if val.kind == "add" else np.concatenate(fl, axis=val.axis)
+    if val.lo > -np.inf or val.hi < np.inf:
+        y = np.clip(y, val.lo, val.hi)
+    return y.astype(np.float32)
+
+
+def _pool_sum(codes, kh, kw, sh, sw, pad, fill):
+    x = np.pad(codes, ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])), constant_values=fill)
+    oh = (x.shape[2] - kh) // sh + 1
+    ow = (x.shape[3] - kw) // sw + 1
+    wins = np.stack([x[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+                     for i in range(kh) for j in range(kw)], axis=0)
+    return wins
+
+
+def _float_op(call, args):
+    name = op_name(call)
+    if name == "relax.nn.softmax":
+        x = args[0]
+        e = np.exp(x - x.max(axis=int(call.attrs.axis), keepdims=True))
+        return e / e.sum(axis=int(call.attrs.axis), keepdims=True)
+    if name in ("relax.reshape", "relax.flatten"):
+        return args[0].reshape(shape_of(call))
+    if name == "relax.nn.relu":
+        return np.maximum(args[0], 0)
+    raise NotImplementedError(f"reference executor: float op {name} is not supported")
+
+
+def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes: bool = False):
+    """Execute ``annotated`` with integer semantics in numpy; returns the float output (and codes)."""
+    func = main_function(annotated)
+    quantized = set(func.attrs[QUANTIZED_ATTR]) if QUANTIZED_ATTR in func.attrs else set()
+    vals = {p: np.asarray(x, dtype=np.float32) for p, x in zip(func.params, inputs)}
+    weights, codes = {}, {}
+    for b in bindings(func):
+        v, call = b.var, b.value
+        info = simq_info(call)
+        if info is not None:
+            p = qpoints[info[1]]
+            if p.role == "weight":
+                w = const_value(info[0])
+                weights[v] = (qmath.quantize(w, p.scale, p.bits, axis=None if p.axis < 0 else p.axis), p)
+            else:
+                vals[v] = _finalize(vals[info[0]], float(p.scale), p.bits)
+                codes[p.name] = vals[v].codes
+            continue
+        name = op_name(call)
+        args = [vals.get(a) for a in call.args if isinstance(a, relax.Var)]
+        if v.name not in quantized:
+            vals[v] = _float_op(call, [_to_float(a) for a in args])
+            continue
+        if name in ("relax.nn.conv2d", "relax.matmul") and call.args[1] in weights:
+            x = args[0]
+            wq, wp = weights[call.args[1]]
+            scale = np.float64(x.scale) * np.asarray(wp.scale, np.float64)
+            if name == "relax.nn.conv2d":
+                a = call.attrs
+                acc = qmath.conv2d_int(x.codes, wq, [int(s) for s in a.strides], [int(p) for p in a.padding],
+                                       [int(d) for d in a.dilation], int(a.groups))
+            else:
+                acc = x.codes.astype(np.int64) @ wq.astype(np.int64)
+            vals[v] = _Acc(acc, scale, 1)
+        elif name == "relax.add" and isinstance(args[0], _Acc) and is_const_expr(call.args[1]):
+            acc = args[0]
+            bias = const_value(call.args[1]).astype(np.float64)
+            bq = np.round(bias / (acc.scale.reshape(bias.shape) if acc.scale.ndim else acc.scale)).astype(np.int64)
+            acc.acc = acc.acc + bq
+            vals[v] = acc
+        elif name in ("relax.nn.relu", "relax.clip"):
+            lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (float(call.args[1].value), float(call.args[2].value))
+            val = args[0]
+            if isinstance(val, (_Acc, _Pending)):
+                val.lo, val.hi = max(val.lo, lo), min(val.hi, hi)
+                vals[v] = val
+            else:
+                a, bnd = _bounds(lo, hi, val.scale, val.bits)
+                vals[v] = _Q(np.clip(val.codes, a, bnd), val.scale, val.bits)
+        elif name == "relax.add":
+            vals[v] = _Pending("add", args)
+        elif name == "relax.concat":
+            vals[v] = _Pending("concat", [vals[f] for f in call.args[0].fields], int(call.attrs.axis))
+        else:
+            q = args[0]
+            if name == "relax.nn.max_pool2d":
+                a = call.attrs
+                lo = np.iinfo(qmath.storage_dtype(q.bits)).min
+                w = _pool_sum(q.codes, *[int(s) for s in a.pool_size], *[int(s) for s in a.strides],
+                              [int(p) for p in a.padding], lo)
+                out = w.max(axis=0)
+            elif name in ("relax.reshape", "relax.flatten"):
+                out = q.codes.reshape(shape_of(call))
+            elif name in ("relax.mean", "relax.nn.adaptive_avg_pool2d"):
+                h, wd = q.codes.shape[2:]
+                out = qmath.avg_pool_divide(q.codes.sum(axis=(2, 3)), h * wd).reshape(shape_of(call))
+            elif name == "relax.nn.avg_pool2d":
+                a = call.attrs
+                kh, kw = (int(s) for s in a.pool_size)
+                sh, sw = (int(s) for s in a.strides)
+                pad = [int(p) for p in a.padding]
+                total = _pool_sum(q.codes, kh, kw, sh, sw, pad, 0).sum(axis=0)
+                if a.count_include_pad:
+                    count = kh * kw
+                else:
+                    ones = np.ones((1, 1) + q.codes.shape[2:], np.int64)
+                    count = _pool_sum(ones, kh, kw, sh, sw, pad, 0).sum(axis=0)
+                out = qmath.avg_pool_divide(total, count)
+            else:
+                raise NotImplementedError(f"reference executor: quantized op {name}")
+            vals[v] = _Q(out, q.scale, q.bits)
+    out = _to_float(vals[func.body.body])
+    return (out, codes) if return_codes else out
