@@ -19,7 +19,9 @@ setup(
     ],
     extras_require={
         # What the test suite needs beyond the core: real data (digits) and progress of tuning.
-        "test": ["pytest", "scikit-learn", "psutil", "cloudpickle"],
+        # torch trains the small CNNs of the end-to-end tests (2.13.0 is the CPU build on disk here;
+        # never unpinned, which would pull several GB of CUDA packages).
+        "test": ["pytest", "scikit-learn", "psutil", "cloudpickle", "torch==2.13.0", "onnxruntime", "pillow"],
         # Peers and real-model data used by benchmarks and tutorials.
         "bench": ["onnxruntime", "pillow", "psutil", "cloudpickle"],
     },
