@@ -154,15 +154,18 @@ def _clip_rewriters():
         return relax.op.nn.relu(m[x])
 
     c, y = is_const(), wildcard()
-    const_first = is_op("relax.add")(c, y) | is_op("relax.multiply")(c, y)
+    add_p, mul_p = is_op("relax.add")(c, y), is_op("relax.multiply")(c, y)
+    const_first = add_p | mul_p
 
     def rw_swap(expr, m):
         # Commutative ops with the constant first (torch's linear emits add(bias, matmul)): put it second,
         # so that bias-add fusion sees the same form whatever the frontend.
         # DPL matches commutative ops in either order, so test the actual argument positions.
-        if not isinstance(expr.args[0], tvm.ir.GenericConst) or isinstance(expr.args[1], tvm.ir.GenericConst):
+        # ``expr`` may be the bound variable rather than the call: read the call from the match.
+        call = m[add_p] if add_p in m else m[mul_p]
+        if not isinstance(call.args[0], tvm.ir.GenericConst) or isinstance(call.args[1], tvm.ir.GenericConst):
             return expr
-        return relax.Call(expr.op, [expr.args[1], expr.args[0]], expr.attrs)
+        return relax.Call(call.op, [call.args[1], call.args[0]], call.attrs)
 
     return [(both, rw_both), (mx, rw_max), (const_first, rw_swap)]
 
