@@ -1,0 +1,325 @@
+"""Portable fused kernels (no intrinsics) and the pieces every relayq kernel shares.
+
+A *kernel* here is one scheduled TIR ``PrimFunc`` that computes a whole realized layer: the int8 conv2d
+or dense, the int32 bias, the integer requantization of :func:`relayq.qmath.requantize` and the clip
+and cast to int8, so that no int32 tensor is ever written to memory. The float kernels compute
+conv2d/dense + bias + clip (ReLU / ReLU6) in fp32 for the baseline.
+
+Requantization is bit-exact with the realized Relax chain::
+
+    t = int64(acc + bias) ; t = (t * M + R) >> S ; q = int8(clip(t, lo, hi))
+
+with ``M``, ``R``, ``S`` int64 scalars (baked into the code as immediates) or per-output-channel
+vectors (passed as one ``(3, O)`` int64 table).
+
+This module's own schedules are deliberately simple (NCHW, parallel over (batch, channel), one
+output row of accumulators at a time): the fallback for the ``"generic"`` preset and for grouped
+convolutions that the x86 kernels do not cover.
+
+Example::
+
+    >>> import numpy as np
+    >>> rq = Requant.from_arrays(np.int64(1 << 30), np.int64(1 << 30), np.int64(31), -127, 127)
+    >>> k = conv2d_int8((1, 4, 6, 6), np.ones((8, 4, 3, 3), np.int8), np.zeros(8, np.int32), rq,
+    ...                 (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    >>> k.out_shape, k.out_dtype
+    ((1, 8, 6, 6), 'int8')
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm import s_tir
+
+# Attribute value of TVM's ``kOpaque`` operator pattern: FuseOps must never merge a scheduled
+# kernel into a neighbour (that would discard its schedule).
+OP_PATTERN_OPAQUE = 8
+
+
+@dataclass
+class Requant:
+    """Integer requantization ``clip((acc * M + R) >> S, lo, hi)`` (scalars or per-channel vectors).
+
+    >>> Requant.from_arrays(3, 4, 3, 0, 127).per_channel
+    False
+    """
+
+    multiplier: np.ndarray
+    addend: np.ndarray
+    shift: np.ndarray
+    lo: int
+    hi: int
+
+    @classmethod
+    def from_arrays(cls, multiplier, addend, shift, lo, hi) -> "Requant":
+        """Build from anything numpy can read; size-1 vectors become scalars.
+
+        >>> Requant.from_arrays([5], [2], [2], -127, 127).multiplier.shape
+        ()
+        """
+        arrs = [np.asarray(a, dtype=np.int64).reshape(-1) for a in (multiplier, addend, shift)]
+        n = max(a.size for a in arrs)
+        if n == 1:
+            arrs = [a.reshape(()) for a in arrs]
+        else:
+            arrs = [np.broadcast_to(a, (n,)).copy() for a in arrs]
+        return cls(arrs[0], arrs[1], arrs[2], int(lo), int(hi))
+
+    @property
+    def per_channel(self) -> bool:
+        """True when M/R/S are vectors (one entry per output channel)."""
+        return self.multiplier.ndim > 0
+
+    def table(self, channels: int) -> np.ndarray:
+        """The ``(3, channels)`` int64 table [M; R; S] padded with harmless entries (M=0, S=1).
+
+        >>> Requant.from_arrays([1, 2], [1, 1], [1, 1], 0, 9).table(4)[:, 3].tolist()
+        [0, 0, 1]
+        """
+        out = np.zeros((3, channels), np.int64)
+        out[2] = 1
+        n = self.multiplier.size
+        out[0, :n], out[1, :n], out[2, :n] = self.multiplier, self.addend, self.shift
+        return out
+
+    def reference(self, acc) -> np.ndarray:
+        """numpy evaluation on an int64 accumulator with channels on axis 1 (for tests)."""
+        acc = np.asarray(acc, np.int64)
+        m, r, s = self.multiplier, self.addend, self.shift
+        if self.per_channel:
+            shape = [1] * acc.ndim
+            shape[1] = -1
+            m, r, s = m.reshape(shape), r.reshape(shape), s.reshape(shape)
+        return np.clip((acc * m + r) >> s, self.lo, self.hi).astype(np.int8)
+
+
+@dataclass
+class Kernel:
+    """A scheduled PrimFunc plus the constant arguments (packed weights, bias, requant table).
+
+    Call convention: ``func(x, *consts, out)``; ``out`` has ``out_shape`` / ``out_dtype``.
+    """
+
+    func: tvm.tirx.PrimFunc
+    consts: list = field(default_factory=list)
+    out_shape: tuple = ()
+    out_dtype: str = "int8"
+    name: str = "relayq_kernel"
+    info: dict = field(default_factory=dict)
+
+    def finalize(self, symbol: str) -> tvm.tirx.PrimFunc:
+        """The PrimFunc with the attributes a Relax module needs (global symbol, scheduled, opaque).
+
+        >>> # kernel.finalize("relayq_qconv_0").attrs["global_symbol"] == "relayq_qconv_0"
+        """
+        return (self.func.with_attr("global_symbol", symbol).with_attr("tirx.is_scheduled", True)
+                .with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.noalias", True))
+
+
+# ----------------------------------------------------------------------------- shared expressions
+def requant_expr(acc_i32, o, rq: Requant, table):
+    """TE expression of the fused requantization of an int32 value (``table``: (3, O) or None).
+
+    >>> # out = te.compute(shape, lambda n, o, h, w: requant_expr(acc[n, o, h, w] + b[o], o, rq, tbl))
+    """
+    t = acc_i32.astype("int64")
+    if table is None:
+        t = (t * tirx.const(int(rq.multiplier), "int64") + tirx.const(int(rq.addend), "int64")) \
+            >> tirx.const(int(rq.shift), "int64")
+    else:
+        t = (t * table[0, o] + table[1, o]) >> table[2, o]
+    t = te.max(te.min(t, tirx.const(rq.hi, "int64")), tirx.const(rq.lo, "int64"))
+    return t.astype("int8")
+
+
+def act_expr(y, act):
+    """Clamp a float expression to ``act = (lo, hi)`` (None or +-inf ends are skipped).
+
+    >>> act_expr  # act=(0.0, inf) is ReLU, (0.0, 6.0) ReLU6
+    <function act_expr at ...>
+    """
+    if act is None:
+        return y
+    lo, hi = act
+    dt = "float32"  # the float kernels are fp32 only
+    if hi is not None and np.isfinite(hi):
+        y = te.min(y, tirx.const(float(hi), dt))
+    if lo is not None and np.isfinite(lo):
+        y = te.max(y, tirx.const(float(lo), dt))
+    return y
+
+
+def conv_out_hw(h, w, kh, kw, strides, padding, dilation):
+    """Output (OH, OW) of a conv with Relax's (top, left, bottom, right) padding.
+
+    >>> conv_out_hw(56, 56, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1))
+    (28, 28)
+    """
+    pt, pl, pb, pr = padding
+    oh = (h + pt + pb - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (w + pl + pr - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+    return int(oh), int(ow)
+
+
+def pad_nchw(X, padding, hp, wp, fill, name="pad", cast=None):
+    """A TE stage padding NCHW ``X`` to (hp, wp) (extra right/bottom rows are filled as well)."""
+    pt, pl = padding[0], padding[1]
+    _, _, h, w = X.shape
+
+    def f(n, c, i, j):
+        v = X[n, c, i - pt, j - pl]
+        if cast is not None:
+            v = cast(v)
+        ok = tirx.all(i >= pt, i < pt + h, j >= pl, j < pl + w)
+        return tirx.if_then_else(ok, v, tirx.const(fill, v.dtype))
+
+    return te.compute((X.shape[0], X.shape[1], hp, wp), f, name=name)
+
+
+def _padded_hw(x_shape, kh, kw, strides, padding, dilation, oh, ow):
+    h, w = x_shape[2], x_shape[3]
+    hp = max(h + padding[0] + padding[2], (oh - 1) * strides[0] + (kh - 1) * dilation[0] + 1)
+    wp = max(w + padding[1] + padding[3], (ow - 1) * strides[1] + (kw - 1) * dilation[1] + 1)
+    return hp, wp
+
+
+# ----------------------------------------------------------------------------- generic kernels
+def _conv_compute(x_shape, w_shape, dtype, acc_dtype, strides, padding, dilation, groups):
+    n, c, h, w = x_shape
+    o, cg, kh, kw = w_shape
+    oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
+    hp, wp = _padded_hw(x_shape, kh, kw, strides, padding, dilation, oh, ow)
+    X = te.placeholder(x_shape, dtype, name="x")
+    W = te.placeholder(w_shape, dtype, name="w")
+    Xp = pad_nchw(X, padding, hp, wp, 0, "pad")
+    og = o // groups
+    ic = te.reduce_axis((0, cg), "ic")
+    ry = te.reduce_axis((0, kh), "kh")
+    rx = te.reduce_axis((0, kw), "kw")
+    sh, sw = strides
+    dh, dw = dilation
+    acc = te.compute(
+        (n, o, oh, ow),
+        lambda b, oc, i, j: te.sum(
+            Xp[b, (oc // og) * cg + ic, i * sh + ry * dh, j * sw + rx * dw].astype(acc_dtype)
+            * W[oc, ic, ry, rx].astype(acc_dtype), axis=[ic, ry, rx]),
+        name="acc")
+    return X, W, acc, (n, o, oh, ow)
+
+
+def _schedule_generic_conv(func):
+    sch = s_tir.Schedule(func)
+    pad, acc, out = sch.get_sblock("pad"), sch.get_sblock("acc"), sch.get_sblock("out")
+    ploops = sch.get_loops(pad)
+    sch.parallel(sch.fuse(*ploops[:2]))
+    n, o, i, j = sch.get_loops(out)
+    sch.parallel(sch.fuse(n, o))
+    sch.compute_at(acc, i, preserve_unit_loops=True)
+    loops = sch.get_loops(acc)
+    j2, ic, ry, rx = loops[-4:]
+    sch.reorder(ic, ry, rx, j2)
+    sch.decompose_reduction(acc, ic)
+    return sch.mod["main"]
+
+
+def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, groups) -> Kernel:
+    """Fused int8 conv2d (any ``groups``) + int32 bias + requant + clip + cast, simple schedule.
+
+    ``weight`` is the OIHW int8 numpy array, ``bias`` an int32 vector of length O.
+
+    >>> # k = conv2d_int8((1, 8, 8, 8), w, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1); k.func, k.consts
+    """
+    weight = np.asarray(weight, np.int8)
+    X, W, acc, oshape = _conv_compute(tuple(x_shape), weight.shape, "int8", "int32", strides, padding,
+                                      dilation, groups)
+    o = weight.shape[0]
+    B = te.placeholder((o,), "int32", name="bias")
+    tbl = te.placeholder((3, o), "int64", name="rq") if rq.per_channel else None
+    out = te.compute(oshape, lambda b, oc, i, j: requant_expr(acc[b, oc, i, j] + B[oc], oc, rq, tbl),
+                     name="out")
+    args = [X, W, B] + ([tbl] if tbl is not None else []) + [out]
+    func = _schedule_generic_conv(te.create_prim_func(args))
+    consts = [weight, np.asarray(bias, np.int32).reshape(-1)] + ([rq.table(o)] if tbl is not None else [])
+    return Kernel(func, consts, oshape, "int8", "qconv2d_generic")
+
+
+def conv2d_fp32(x_shape, weight, bias, act, strides, padding, dilation, groups) -> Kernel:
+    """Fused fp32 conv2d (any ``groups``) + bias + clip ``act=(lo, hi)``, simple schedule.
+
+    >>> # k = conv2d_fp32((1, 8, 8, 8), w, b, (0.0, 6.0), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    """
+    weight = np.asarray(weight, np.float32)
+    X, W, acc, oshape = _conv_compute(tuple(x_shape), weight.shape, "float32", "float32", strides, padding,
+                                      dilation, groups)
+    o = weight.shape[0]
+    B = te.placeholder((o,), "float32", name="bias")
+    out = te.compute(oshape, lambda b, oc, i, j: act_expr(acc[b, oc, i, j] + B[oc], act), name="out")
+    func = _schedule_generic_conv(te.create_prim_func([X, W, B, out]))
+    return Kernel(func, [weight, _fbias(bias, o)], oshape, "float32", "conv2d_generic")
+
+
+def _fbias(bias, o):
+    return np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+
+
+# Output columns per parallel task of the generic dense (keeps a row of accumulators in cache).
+GENERIC_DENSE_COLS = 64
+
+
+def _schedule_generic_dense(func, n_cols):
+    sch = s_tir.Schedule(func)
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    m, n = sch.get_loops(out)
+    no, _ = sch.split(n, [None, min(GENERIC_DENSE_COLS, n_cols)])
+    sch.parallel(sch.fuse(m, no))
+    sch.compute_at(acc, sch.get_loops(out)[0], preserve_unit_loops=True)
+    loops = sch.get_loops(acc)
+    n2, k = loops[-2:]
+    sch.reorder(k, n2)
+    sch.decompose_reduction(acc, k)
+    return sch.mod["main"]
+
+
+def _dense_compute(x_shape, w_shape, dtype, acc_dtype):
+    m, k = x_shape
+    k2, n = w_shape
+    A = te.placeholder((m, k), dtype, name="x")
+    W = te.placeholder((k, n), dtype, name="w")
+    r = te.reduce_axis((0, k), "k")
+    acc = te.compute((m, n), lambda i, j: te.sum(A[i, r].astype(acc_dtype) * W[r, j].astype(acc_dtype), axis=r),
+                     name="acc")
+    return A, W, acc
+
+
+def dense_int8(x_shape, weight_kn, bias, rq: Requant) -> Kernel:
+    """Fused int8 dense ``(M, K) x (K, N)`` + bias + requant + clip + cast, simple schedule.
+
+    >>> # k = dense_int8((1, 64), w_kn, b, rq)
+    """
+    weight_kn = np.asarray(weight_kn, np.int8)
+    A, W, acc = _dense_compute(tuple(x_shape), weight_kn.shape, "int8", "int32")
+    n = weight_kn.shape[1]
+    B = te.placeholder((n,), "int32", name="bias")
+    tbl = te.placeholder((3, n), "int64", name="rq") if rq.per_channel else None
+    out = te.compute(acc.shape, lambda i, j: requant_expr(acc[i, j] + B[j], j, rq, tbl), name="out")
+    args = [A, W, B] + ([tbl] if tbl is not None else []) + [out]
+    func = _schedule_generic_dense(te.create_prim_func(args), n)
+    consts = [weight_kn, np.asarray(bias, np.int32).reshape(-1)] + ([rq.table(n)] if tbl is not None else [])
+    return Kernel(func, consts, (x_shape[0], n), "int8", "qdense_generic")
+
+
+def dense_fp32(x_shape, weight_kn, bias, act) -> Kernel:
+    """Fused fp32 dense + bias + clip, simple schedule.
+
+    >>> # k = dense_fp32((1, 64), w_kn, b, None)
+    """
+    weight_kn = np.asarray(weight_kn, np.float32)
+    A, W, acc = _dense_compute(tuple(x_shape), weight_kn.shape, "float32", "float32")
+    n = weight_kn.shape[1]
+    B = te.placeholder((n,), "float32", name="bias")
+    out = te.compute(acc.shape, lambda i, j: act_expr(acc[i, j] + B[j], act), name="out")
+    func = _schedule_generic_dense(te.create_prim_func([A, W, B, out]), n)
+    return Kernel(func, [weight_kn, _fbias(bias, n)], (x_shape[0], n), "float32", "dense_generic")

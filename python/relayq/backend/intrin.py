@@ -1,0 +1,204 @@
+"""Tensor intrinsics of relayq's integer kernels (x86 AVX2, AVX-512 VNNI, CUDA DP4A).
+
+Every intrinsic computes a small int8 dot-product block ``C[i] += sum_k A[k] * B[i, k]`` (A is one
+group of ``k`` input values broadcast to every lane ``i``, B holds ``lanes x k`` weights, C the int32
+accumulators of ``lanes`` output channels).
+
+Exactness scheme (mandatory: every kernel must equal :func:`relayq.qmath.requantize` bit for bit)
+----------------------------------------------------------------------------------------------------
+* ``vpmaddubsw`` (AVX2, :data:`AVX2_U8S8`) multiplies unsigned by signed bytes and **saturates each
+  pair sum to int16**. relayq's signed int8 codes lie in ``[-127, 127]``. When the layer input is
+  provably non-negative (its producer is a requant chain clipped at ``lo >= 0``, i.e. a fused ReLU),
+  the codes are in ``[0, 127]``; reinterpreted as uint8 a pair sum is at most
+  ``2 * 127 * 128 = 32512 < 32767``, so the instruction never saturates and the result is exact.
+* Otherwise (inputs that may be negative) the kernels use :data:`AVX2_S8S8`: both operands are
+  sign-extended to int16 and multiplied by ``vpmaddwd`` (int16 x int16 -> int32 pair sums), which
+  is exact for any int8 input (pair sum <= 2 * 128 * 128 < 2^31).
+* ``vpdpbusd`` (VNNI, :data:`VNNI_U8S8`) sums four u8 x s8 products straight into int32 with no
+  intermediate saturation, so it is exact for the full uint8 range. Possibly negative inputs are
+  shifted to uint8 by ``+128`` (padding with 128) and ``128 * sum(W)`` is subtracted through the
+  bias, which is again exact (see :mod:`relayq.backend.x86`).
+* DP4A (CUDA) has signed x signed and unsigned x signed forms that accumulate exactly into int32.
+
+Registration is idempotent: :func:`register_all` (run on import) skips names already registered, so
+re-imports and module reloads do not raise.
+
+Note: this module never imports the ``tvm.s_tir.tensor_intrin`` package (its ``__init__`` parses
+hundreds of CUDA intrinsics and takes ~40 s). TVM's DP4A intrinsics are loaded from the single leaf
+file ``dot_product_common.py`` (~0.5 s) by :func:`dp4a_intrinsics`.
+
+Example::
+
+    >>> from relayq.backend import intrin
+    >>> intrin.AVX2_U8S8, intrin.LANES[intrin.AVX2_U8S8], intrin.KPACK[intrin.AVX2_U8S8]
+    ('relayq_dot_8x4_u8s8s32_avx2', 8, 4)
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import tvm
+from tvm import s_tir
+from tvm.script import tirx as T
+
+# Names of the intrinsics (prefixed so that they never clash with TVM's or anybody else's).
+AVX2_U8S8 = "relayq_dot_8x4_u8s8s32_avx2"
+AVX2_S8S8 = "relayq_dot_8x2_s8s8s32_avx2"
+VNNI_U8S8 = "relayq_dot_16x4_u8s8s32_vnni"
+
+# Output lanes of one intrinsic call: a ymm register holds 8 int32, a zmm register 16.
+LANES = {AVX2_U8S8: 8, AVX2_S8S8: 8, VNNI_U8S8: 16}
+# Input values reduced per lane by one call: pmaddubsw+pmaddwd and vpdpbusd sum 4 bytes per int32
+# lane; the exact s8s8 path sign-extends to int16 and vpmaddwd sums 2 of them.
+KPACK = {AVX2_U8S8: 4, AVX2_S8S8: 2, VNNI_U8S8: 4}
+# dtype of the activation operand each intrinsic expects.
+A_DTYPE = {AVX2_U8S8: "uint8", AVX2_S8S8: "int8", VNNI_U8S8: "uint8"}
+
+
+# ----------------------------------------------------------------------------- AVX2 u8 x s8
+@T.prim_func(s_tir=True)
+def _u8s8_8x4_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+                   B: T.Buffer((8, 4), "int8", offset_factor=1),
+                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _u8s8_8x4_avx2(A: T.Buffer((4,), "uint8", offset_factor=1),
+                   B: T.Buffer((8, 4), "int8", offset_factor=1),
+                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
+        # vpmaddubsw: 16 int16 pair sums (exact only for A <= 127, see the module docstring)
+        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                        a_u8x32, B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+        # vpmaddwd with ones: add neighbouring pairs into 8 int32 lanes
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
+
+
+# ----------------------------------------------------------------------------- AVX2 s8 x s8 (exact)
+@T.prim_func(s_tir=True)
+def _s8s8_8x2_desc(A: T.Buffer((2,), "int8", offset_factor=1),
+                   B: T.Buffer((8, 2), "int8", offset_factor=1),
+                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _s8s8_8x2_avx2(A: T.Buffer((2,), "int8", offset_factor=1),
+                   B: T.Buffer((8, 2), "int8", offset_factor=1),
+                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        a_pair = T.reinterpret(T.Cast("int16x2", A.vload([0], "int8x2")), dtype="int32")
+        a_i16 = T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16")
+        b_i16 = T.Cast("int16x16", B.vload([0, 0], dtype="int8x16"))
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a_i16, b_i16, dtype="int32x8")
+
+
+# ----------------------------------------------------------------------------- AVX-512 VNNI
+@T.prim_func(s_tir=True)
+def _u8s8_16x4_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+                    B: T.Buffer((16, 4), "int8", offset_factor=1),
+                    C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _u8s8_16x4_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
+                    B: T.Buffer((16, 4), "int8", offset_factor=1),
+                    C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        # LLVM 22 declares vpdpbusd.512 on <64 x i8> operands (TVM's stock impl passes <16 x i32>).
+        a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"), a_u8x64, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+
+
+_TABLE = {
+    AVX2_U8S8: (_u8s8_8x4_desc, _u8s8_8x4_avx2),
+    AVX2_S8S8: (_s8s8_8x2_desc, _s8s8_8x2_avx2),
+    VNNI_U8S8: (_u8s8_16x4_desc, _u8s8_16x4_vnni),
+}
+
+
+def register_all() -> list:
+    """Register relayq's x86 intrinsics with ``tvm.s_tir.TensorIntrin`` (idempotent).
+
+    Returns the names registered by this call (empty when they already were).
+
+    >>> register_all()      # already done on import
+    []
+    """
+    done = []
+    for name, (desc, impl) in _TABLE.items():
+        if s_tir.TensorIntrin.get(name, allow_missing=True) is None:
+            s_tir.TensorIntrin.register(name, desc, impl)
+            done.append(name)
+    return done
+
+
+_DP4A_MODULE = "tvm.s_tir.tensor_intrin.dot_product_common"
+
+
+def dp4a_intrinsics() -> dict:
+    """TVM's shipped DP4A intrinsic names, loading only the leaf module that registers them.
+
+    ``import tvm.s_tir.tensor_intrin.dot_product_common`` would run the package ``__init__`` (which
+    parses every CUDA intrinsic, ~40 s); this loads the single file (~0.5 s) under its real module
+    name so that a later full import of the package reuses it instead of registering twice.
+    Returns ``{"s8s8": name, "u8s8": name}``.
+
+    >>> dp4a_intrinsics()["s8s8"]
+    'dp4a_s8s8s32'
+    """
+    mod = sys.modules.get(_DP4A_MODULE)
+    if mod is None:
+        if s_tir.TensorIntrin.get("dp4a_s8s8s32", allow_missing=True) is not None:
+            return {"s8s8": "dp4a_s8s8s32", "u8s8": "dp4a_u8s8s32"}
+        path = os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin", "dot_product_common.py")
+        spec = importlib.util.spec_from_file_location(_DP4A_MODULE, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[_DP4A_MODULE] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except Exception:
+            del sys.modules[_DP4A_MODULE]
+            raise
+    return {"s8s8": mod.DP4A_S8S8S32_INTRIN, "u8s8": mod.DP4A_U8S8S32_INTRIN}
+
+
+register_all()

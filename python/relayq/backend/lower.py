@@ -1,0 +1,513 @@
+"""Replace realized integer layers (and fp32 conv/dense layers) with relayq's fused kernels.
+
+:func:`lower_quantized` finds, in every Relax function of a module, the chain the ``realize`` pass emits
+per quantized layer::
+
+    acc = conv2d(xq, Wq, ..., out_dtype="int32") | matmul(xq, WqT, out_dtype="int32")
+    acc = add(acc, Bq)  ->  astype int64  ->  multiply Mc  ->  add Rc  ->  right_shift Sc
+        ->  clip(lo, hi)  ->  astype int8
+
+(``Wq``, ``Bq``, ``Mc``, ``Rc``, ``Sc`` constants) and replaces the whole chain with one
+``relax.call_tir`` of a scheduled PrimFunc that computes it bit-exactly (int8 in, int8 out; the
+int32 accumulator never leaves registers). :func:`lower_float` does the same for fp32
+``conv2d / matmul (+ add bias) (+ relu | clip)`` chains, for a fairly scheduled FP32 baseline.
+Everything else is left as is (TVM legalizes it).
+
+The kernel family comes from the target kind:
+
+* ``"x86-avx2"``: :mod:`relayq.backend.x86` with the AVX2 intrinsics,
+* ``"x86-vnni"``: :mod:`relayq.backend.x86` with AVX-512 VNNI,
+* ``"cuda-dp4a"``: :mod:`relayq.backend.cuda` (DP4A; fp32 chains are left to TVM's dlight),
+* ``"generic"``: :mod:`relayq.backend.generic` (portable schedules, no intrinsics).
+
+Whether an int8 input is non-negative (which allows the fast u8 x s8 AVX2 path, see
+:mod:`relayq.backend.intrin`) is proven from the graph: the producer is a clip with ``lo >= 0``
+(the realized requant chain of a layer with a fused ReLU), a ReLU, or a max_pool2d / reshape /
+flatten / concat of such values.
+
+Example::
+
+    import tvm
+    from tvm import relax
+    from relayq.backend.lower import lower_quantized, target_from_preset
+    lowered = lower_quantized(realized_mod, "x86-avx2")
+    target = target_from_preset("x86-avx2")
+    ex = tvm.compile(lowered, target=target, relax_pipeline=relax.get_default_pipeline(target))
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from . import generic
+from .generic import Requant
+from .presets import best_host_preset, target_from_preset  # noqa: F401  (re-exported API)
+
+TARGET_KINDS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "generic")
+_X86_ISA = {"x86-avx2": "avx2", "x86-vnni": "vnni"}
+# Ops through which a non-negative value stays non-negative (they only move or select elements).
+_SIGN_PRESERVING = ("relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
+                    "relax.squeeze", "relax.expand_dims", "relax.astype", "relax.nn.relu")
+
+
+def _op(expr):
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def _is_const(e):
+    return isinstance(e, tvm.ir.GenericConst)
+
+
+def _np(e):
+    return e.value.numpy()
+
+
+def _dtype(e):
+    return str(e.ty.dtype)
+
+
+def _shape(e):
+    try:
+        return tuple(int(v) for v in e.ty.shape.values)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _prim_num(e):
+    """The Python number of a clip bound (an IntImm/FloatImm, possibly wrapped in a PrimValue)."""
+    v = e
+    for _ in range(3):
+        if isinstance(v, (int, float)):
+            break
+        v = v.value
+    return v
+
+
+def _prim_int(e):
+    return int(_prim_num(e))
+
+
+class _Graph:
+    """Bindings, use counts and the non-negativity facts of one Relax function."""
+
+    def __init__(self, func):
+        self.var2val = {}
+        self.uses = {}
+        self.order = []
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding):
+                    self.var2val[b.var] = b.value
+                    self.order.append(b.var)
+                    self._count(b.value)
+        self._count(func.body.body)
+        self.nonneg = set()
+        for v in self.order:
+            if self._value_nonneg(self.var2val[v]):
+                self.nonneg.add(v)
+
+    def _count(self, e):
+        if isinstance(e, relax.Var):
+            self.uses[e] = self.uses.get(e, 0) + 1
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                self._count(a)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                self._count(f)
+        elif isinstance(e, relax.TupleGetItem):
+            self._count(e.tuple_value)
+
+    def producer(self, e):
+        """The bound value of a var (None for params and non-vars)."""
+        return self.var2val.get(e) if isinstance(e, relax.Var) else None
+
+    def single_use(self, e):
+        return isinstance(e, relax.Var) and self.uses.get(e, 0) == 1 and e in self.var2val
+
+    def is_nonneg(self, e) -> bool:
+        if isinstance(e, relax.Var):
+            return e in self.nonneg
+        return self._value_nonneg(e)
+
+    def _value_nonneg(self, val) -> bool:
+        name = _op(val)
+        if name is None:
+            if isinstance(val, relax.Tuple):
+                return all(self.is_nonneg(f) for f in val.fields)
+            return False
+        if name == "relax.nn.relu":
+            return True
+        if name == "relax.clip":
+            try:
+                if _prim_int(val.args[1]) >= 0:
+                    return True
+            except (TypeError, ValueError, AttributeError):
+                pass
+            return self.is_nonneg(val.args[0])
+        if name == "relax.concat":
+            t = val.args[0]
+            t = self.producer(t) if isinstance(t, relax.Var) else t
+            return isinstance(t, relax.Tuple) and all(self.is_nonneg(f) for f in t.fields)
+        if name in _SIGN_PRESERVING:
+            return self.is_nonneg(val.args[0])
+        return False
+
+
+# ----------------------------------------------------------------------------- chain matching
+class _IntChain:
+    def __init__(self, kind, x, weight, bias, rq, attrs, out_shape):
+        self.kind, self.x, self.weight, self.bias, self.rq = kind, x, weight, bias, rq
+        self.attrs, self.out_shape = attrs, out_shape
+
+
+def _walk(g, e, op_name, interior):
+    """The producer call of ``e`` when it is ``op_name`` and ``e`` has no other user."""
+    val = g.producer(e)
+    if val is None or _op(val) != op_name or not g.single_use(e):
+        return None
+    interior.append(e)
+    return val
+
+
+def match_int_chain(g: _Graph, head) -> _IntChain | None:
+    """Match the realized int8 conv/dense requant chain that ends at the Call ``head``."""
+    if _op(head) != "relax.astype" or str(head.attrs.dtype) != "int8":
+        return None
+    inner = []
+    clip = _walk(g, head.args[0], "relax.clip", inner)
+    if clip is None:
+        return None
+    shr = _walk(g, clip.args[0], "relax.right_shift", inner)
+    if shr is None or not _is_const(shr.args[1]):
+        return None
+    add_r = _walk(g, shr.args[0], "relax.add", inner)
+    if add_r is None or not _is_const(add_r.args[1]):
+        return None
+    mul = _walk(g, add_r.args[0], "relax.multiply", inner)
+    if mul is None or not _is_const(mul.args[1]):
+        return None
+    cast = _walk(g, mul.args[0], "relax.astype", inner)
+    if cast is None or str(cast.attrs.dtype) != "int64":
+        return None
+    add_b = _walk(g, cast.args[0], "relax.add", inner)
+    if add_b is None or not _is_const(add_b.args[1]) or _dtype(add_b.args[1]) != "int32":
+        return None
+    acc_var = add_b.args[0]
+    acc = g.producer(acc_var)
+    if acc is None or not g.single_use(acc_var) or _op(acc) not in ("relax.nn.conv2d", "relax.matmul"):
+        return None
+    x, w = acc.args[0], acc.args[1]
+    if not _is_const(w) or _dtype(w) != "int8" or _dtype(x) != "int8" or _dtype(acc_var) != "int32":
+        return None
+    xs, out_shape = _shape(x), _shape(head)
+    if xs is None or out_shape is None:
+        return None
+    channels = out_shape[1]
+    try:
+        lo, hi = _prim_int(clip.args[1]), _prim_int(clip.args[2])
+    except (TypeError, ValueError, AttributeError):
+        return None
+    m, r, s = (_np(c.args[1]).reshape(-1) for c in (mul, add_r, shr))
+    if any(a.size not in (1, channels) for a in (m, r, s)) or np.any(s < 0) or np.any(s > 63):
+        return None
+    rq = Requant.from_arrays(m, r, s, max(lo, -128), min(hi, 127))
+    bias = _np(add_b.args[1]).reshape(-1)
+    if bias.size not in (1, channels):
+        return None
+    bias = np.broadcast_to(bias, (channels,)).astype(np.int32)
+    if _op(acc) == "relax.nn.conv2d":
+        a = acc.attrs
+        if (str(a.data_layout), str(a.kernel_layout)) != ("NCHW", "OIHW") or \
+                str(a.out_layout) not in ("NCHW", "") or len(xs) != 4:
+            return None
+        attrs = {"strides": tuple(int(v) for v in a.strides), "padding": tuple(int(v) for v in a.padding),
+                 "dilation": tuple(int(v) for v in a.dilation), "groups": int(a.groups)}
+        if len(attrs["padding"]) == 2:
+            attrs["padding"] = attrs["padding"] * 2
+        return _IntChain("conv2d", x, _np(w), bias, rq, attrs, out_shape)
+    if len(xs) != 2 or len(_shape(w)) != 2:
+        return None
+    return _IntChain("dense", x, _np(w), bias, rq, {}, out_shape)
+
+
+class _FloatChain:
+    def __init__(self, kind, x, weight, bias, act, attrs, out_shape):
+        self.kind, self.x, self.weight, self.bias, self.act = kind, x, weight, bias, act
+        self.attrs, self.out_shape = attrs, out_shape
+
+
+def _float_core(g, e, inner):
+    """conv2d/matmul(x, const W) producing ``e`` (looks through permute_dims of a constant)."""
+    val = g.producer(e)
+    if val is None or not g.single_use(e):
+        return None
+    name = _op(val)
+    if name not in ("relax.nn.conv2d", "relax.matmul"):
+        return None
+    x, w = val.args[0], val.args[1]
+    wv = None
+    if _is_const(w):
+        wv = _np(w)
+    elif name == "relax.matmul" and _op(g.producer(w)) == "relax.permute_dims":
+        p = g.producer(w)
+        axes = p.attrs.axes
+        if _is_const(p.args[0]) and (axes is None or [int(a) for a in axes] == [1, 0]):
+            wv = _np(p.args[0]).T
+    if wv is None or wv.dtype != np.float32 or _dtype(x) != "float32" or _shape(x) is None:
+        return None
+    inner.append(e)
+    return val, x, wv
+
+
+def match_float_chain(g: _Graph, head) -> _FloatChain | None:
+    """Match ``conv2d|matmul (+ add const) (+ relu | clip)`` in fp32 ending at ``head``."""
+    name = _op(head)
+    act = None
+    cur = head
+    inner = []
+    if name in ("relax.nn.relu", "relax.clip"):
+        if _dtype(head) != "float32":
+            return None
+        if name == "relax.nn.relu":
+            act = (0.0, float("inf"))
+        else:
+            try:
+                act = (float(_prim_num(head.args[1])), float(_prim_num(head.args[2])))
+            except AttributeError:
+                return None
+        arg = head.args[0]
+        val = g.producer(arg)
+        if val is None or not g.single_use(arg):
+            return None
+        if _op(val) == "relax.add":
+            cur = val
+            inner.append(arg)
+        else:
+            core = _float_core(g, arg, inner)
+            return _make_float(core, None, act, head)
+    if _op(cur) == "relax.add":
+        b = cur.args[1]
+        if not _is_const(b) or _dtype(b) != "float32":
+            return None
+        core = _float_core(g, cur.args[0], inner)
+        return _make_float(core, _np(b), act, head)
+    if _op(cur) in ("relax.nn.conv2d", "relax.matmul") and cur is head:
+        x, w = head.args[0], head.args[1]
+        if _is_const(w) and _dtype(w) == "float32" and _dtype(x) == "float32" and _shape(x) is not None:
+            return _make_float((head, x, _np(w)), None, None, head)
+    return None
+
+
+def _make_float(core, bias, act, head):
+    if core is None:
+        return None
+    call, x, w = core
+    out_shape = _shape(head)
+    if out_shape is None:
+        return None
+    if _op(call) == "relax.nn.conv2d":
+        a = call.attrs
+        if (str(a.data_layout), str(a.kernel_layout)) != ("NCHW", "OIHW") or len(_shape(x)) != 4:
+            return None
+        if a.out_dtype is not None and str(a.out_dtype) not in ("float32", "", "void"):
+            return None
+        o = w.shape[0]
+        if bias is not None and bias.size != o:
+            return None
+        attrs = {"strides": tuple(int(v) for v in a.strides), "padding": tuple(int(v) for v in a.padding),
+                 "dilation": tuple(int(v) for v in a.dilation), "groups": int(a.groups)}
+        if len(attrs["padding"]) == 2:
+            attrs["padding"] = attrs["padding"] * 2
+        return _FloatChain("conv2d", x, w, None if bias is None else bias.reshape(-1), act, attrs, out_shape)
+    if len(_shape(x)) != 2 or w.ndim != 2:
+        return None
+    n = w.shape[1]
+    if bias is not None and bias.size != n:
+        return None
+    return _FloatChain("dense", x, w, None if bias is None else bias.reshape(-1), act, {}, out_shape)
+
+
+# ----------------------------------------------------------------------------- kernel selection
+def _int_kernel(chain: _IntChain, kind: str, nonneg: bool):
+    xs = _shape(chain.x)
+    if kind in _X86_ISA:
+        from . import x86
+        isa = _X86_ISA[kind]
+        if chain.kind == "conv2d":
+            a = chain.attrs
+            return x86.conv2d_int8(xs, chain.weight, chain.bias, chain.rq, a["strides"], a["padding"],
+                                   a["dilation"], a["groups"], isa=isa, nonneg=nonneg)
+        return x86.dense_int8(xs, chain.weight, chain.bias, chain.rq, isa=isa, nonneg=nonneg)
+    if kind == "cuda-dp4a":
+        from . import cuda
+        if chain.kind == "conv2d":
+            a = chain.attrs
+            if a["groups"] != 1:
+                return None
+            return cuda.conv2d_int8(xs, chain.weight, chain.bias, chain.rq, a["strides"], a["padding"],
+                                    a["dilation"])
+        return cuda.dense_int8(xs, chain.weight, chain.bias, chain.rq)
+    if chain.kind == "conv2d":
+        a = chain.attrs
+        return generic.conv2d_int8(xs, chain.weight, chain.bias, chain.rq, a["strides"], a["padding"],
+                                   a["dilation"], a["groups"])
+    return generic.dense_int8(xs, chain.weight, chain.bias, chain.rq)
+
+
+def _float_kernel(chain: _FloatChain, kind: str):
+    xs = _shape(chain.x)
+    if kind == "cuda-dp4a":
+        return None
+    if kind in _X86_ISA:
+        from . import x86
+        isa = _X86_ISA[kind]
+        if chain.kind == "conv2d":
+            a = chain.attrs
+            return x86.conv2d_fp32(xs, chain.weight, chain.bias, chain.act, a["strides"], a["padding"],
+                                   a["dilation"], a["groups"], isa=isa)
+        return x86.dense_fp32(xs, chain.weight, chain.bias, chain.act, isa=isa)
+    if chain.kind == "conv2d":
+        a = chain.attrs
+        return generic.conv2d_fp32(xs, chain.weight, chain.bias, chain.act, a["strides"], a["padding"],
+                                   a["dilation"], a["groups"])
+    return generic.dense_fp32(xs, chain.weight, chain.bias, chain.act)
+
+
+def _const(a):
+    # relax.const turns int64 numpy arrays into int32 unless the dtype is given explicitly.
+    a = np.ascontiguousarray(a)
+    return relax.const(a, str(a.dtype))
+
+
+# ----------------------------------------------------------------------------- the mutator
+@relax.expr_functor.mutator
+class _Lowerer(relax.PyExprMutator):
+    def __init__(self, mod, kind, do_int, do_float, stats):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.kind, self.do_int, self.do_float, self.stats = kind, do_int, do_float, stats
+        self.plans = {}
+        taken = {gv.name_hint for gv in mod.get_global_vars()}
+        self.names = (f"relayq_{i}" for i in itertools.count() if f"relayq_{i}" not in taken)
+        self.graph = None
+
+    def _plan(self, func):
+        """Pick the chain heads, last binding first, so that a longer chain wins over its parts."""
+        g = _Graph(func)
+        plans, absorbed = {}, set()
+        for v in reversed(g.order):
+            if v in absorbed:
+                continue
+            val = g.var2val[v]
+            chain = None
+            if self.do_int:
+                chain = match_int_chain(g, val)
+            if chain is None and self.do_float:
+                chain = match_float_chain(g, val)
+            if chain is None:
+                continue
+            plans[val] = chain
+            absorbed.update(self._interior(g, val, chain))
+        return g, plans
+
+    @staticmethod
+    def _interior(g, head, chain):
+        """Vars strictly inside a matched chain (their bindings become dead)."""
+        out, stack = set(), list(head.args)
+        while stack:
+            e = stack.pop()
+            if not isinstance(e, relax.Var) or e.same_as(chain.x) or e not in g.var2val:
+                continue
+            out.add(e)
+            val = g.var2val[e]
+            if isinstance(val, relax.Call):
+                stack.extend(val.args)
+        return out
+
+    def visit_call_(self, call):
+        chain = self.plans.get(call)
+        if chain is None:
+            return super().visit_call_(call)
+        if isinstance(chain, _IntChain):
+            nonneg = self.graph.is_nonneg(chain.x)
+            kernel = _int_kernel(chain, self.kind, nonneg)
+        else:
+            nonneg = None
+            kernel = _float_kernel(chain, self.kind)
+        if kernel is None:
+            return super().visit_call_(call)
+        symbol = f"{next(self.names)}_{kernel.name}"
+        gv = self.builder_.add_func(kernel.finalize(symbol), symbol)
+        args = [self.visit_expr(chain.x)] + [_const(c) for c in kernel.consts]
+        self.stats.append({"symbol": symbol, "kind": chain.kind, "int8": isinstance(chain, _IntChain),
+                           "nonneg": nonneg, **kernel.info})
+        return relax.call_tir(gv, args, relax.TensorType(list(kernel.out_shape), kernel.out_dtype))
+
+    def transform(self):
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.graph, self.plans = self._plan(func)
+                if not self.plans:
+                    continue
+                new = self.visit_expr(func)
+                self.builder_.update_func(gv, new)
+        return self.builder_.get()
+
+
+def _lower(mod, target_kind, do_int, do_float, stats):
+    if target_kind not in TARGET_KINDS:
+        raise ValueError(f"unknown target kind {target_kind!r}; known: {list(TARGET_KINDS)}")
+    stats = [] if stats is None else stats
+    out = _Lowerer(mod, target_kind, do_int, do_float, stats).transform()
+    if stats:
+        out = relax.transform.DeadCodeElimination()(out)
+    return out
+
+
+def lower_quantized(mod: tvm.IRModule, target_kind: str, include_float: bool = True,
+                    stats: list | None = None) -> tvm.IRModule:
+    """Replace every realized int8 conv2d/dense requant chain by a fused relayq kernel.
+
+    With ``include_float`` (default) fp32 conv/dense chains left in the graph (float fallback layers)
+    are lowered too, as by :func:`lower_float`. ``stats`` (a list) receives one dict per replaced
+    layer (symbol, kind, int8, nonneg, intrinsic, tile). Unmatched ops are left as they are.
+
+    >>> # lowered = lower_quantized(realized, "x86-avx2")
+    >>> # ex = tvm.compile(lowered, target=target_from_preset("x86-avx2"), relax_pipeline=...)
+    """
+    return _lower(mod, target_kind, True, include_float, stats)
+
+
+def lower_float(mod: tvm.IRModule, target_kind: str, stats: list | None = None) -> tvm.IRModule:
+    """Replace fp32 ``conv2d|matmul (+ bias add) (+ relu | clip)`` chains with relayq's fp32 kernels.
+
+    The FP32 baseline that int8 models are compared against (NCHW8c-style FMA conv, packed-B dense).
+    For ``"cuda-dp4a"`` float chains are left to TVM (dlight schedules them).
+
+    >>> # lowered = lower_float(float_mod, "x86-avx2")
+    """
+    return _lower(mod, target_kind, False, True, stats)
+
+
+def lowered_kernels(mod: tvm.IRModule) -> list:
+    """Names of relayq kernels called from the Relax functions of ``mod`` (for inspection/tests).
+
+    >>> # lowered_kernels(lower_quantized(m, "generic"))  ->  ["relayq_0_qconv2d_generic", ...]
+    """
+    names = []
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(call_tir) and e.args[0].name_hint.startswith("relayq_"):
+            names.append(e.args[0].name_hint)
+
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            relax.analysis.post_order_visit(f, visit)
+    return names

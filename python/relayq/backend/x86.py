@@ -1,0 +1,453 @@
+"""Hand-scheduled x86 kernels: fused int8 conv2d / depthwise / dense (AVX2 or AVX-512 VNNI) and fp32.
+
+Every int8 kernel is one PrimFunc: NCHW (or (M, K)) int8 in, NCHW (or (M, N)) int8 out, with the
+int32 accumulators living only in a small register tile (no int32 tensor is written to memory):
+
+* **conv2d, groups=1** -- a first stage packs the input into ``[N, C/kp, H+pad, W+pad, kp]`` (``kp``
+  input channels contiguous, cast to uint8 where the uint8 intrinsic is used). The OIHW weight is
+  packed in numpy at build time into ``[O/L, C/kp, KH, KW, L, kp]``. The main loop nest is a
+  ``reg_o * L`` output channels x ``reg_w`` output columns register tile accumulated over
+  (C/kp, KH, KW) with one tensor intrinsic per (L, kp) block (see :mod:`relayq.backend.intrin`).
+  The tile then goes through bias + requant + clip + cast straight to the NCHW int8 output.
+* **depthwise** (groups == C == O) -- no tensorization: a padded int8 copy of the input and a
+  ``DW_TILE``-wide vector of int32 accumulators along the output row per (channel, row).
+* **dense** -- ``(M, K) x (K, N)`` with the weight packed into ``[N/L, K/kp, L, kp]`` and an
+  ``mt x (nt * L)`` register tile.
+
+Which intrinsic is exact for which input (``nonneg`` is the caller's proof that the codes are >= 0):
+
+====================  ======================  =========================================================
+isa                   input >= 0              input may be negative
+====================  ======================  =========================================================
+``"avx2"``            u8s8 pmaddubsw (kp=4)   s8s8 sign-extend + pmaddwd (kp=2)
+``"vnni"``            u8s8 vpdpbusd (kp=4)    vpdpbusd on ``x + 128`` (padding 128), with
+                                              ``128 * sum(W[o])`` subtracted through the bias
+====================  ======================  =========================================================
+
+The fp32 kernels (the fair baseline) use the same tiling with FMA on ``L`` fp32 lanes (8 for AVX2,
+16 for AVX-512) and an NCHW output; conv weights are packed ``[O/L, C, KH, KW, L]``, dense weights
+``[N/L, K, L]``.
+
+Example::
+
+    >>> import numpy as np
+    >>> from relayq.backend.generic import Requant
+    >>> rq = Requant.from_arrays(1 << 30, 1 << 30, 40, 0, 127)
+    >>> k = conv2d_int8((1, 16, 14, 14), np.ones((32, 16, 3, 3), np.int8), np.zeros(32, np.int32), rq,
+    ...                 (1, 1), (1, 1, 1, 1), (1, 1), 1, isa="avx2", nonneg=True)
+    >>> k.info["intrin"]
+    'relayq_dot_8x4_u8s8s32_avx2'
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import s_tir, te, tirx
+
+from . import generic, intrin
+from .generic import Kernel, Requant, act_expr, conv_out_hw, requant_expr
+
+ISAS = ("avx2", "vnni")
+# fp32 lanes of one vector register: ymm (AVX2) / zmm (AVX-512, present on every VNNI CPU).
+FP32_LANES = {"avx2": 8, "vnni": 16}
+# Register budget: AVX2 has 16 ymm registers, AVX-512 32 zmm. A tile of reg_o x reg_w accumulators
+# must leave room for the weight vectors (reg_o), the broadcast input and a temporary or two.
+MAX_ACC_REGS = {"avx2": 12, "vnni": 24}
+# Candidate register-tile widths (output columns). 7 divides every ResNet row width (56/28/14/7).
+TILE_W_CANDIDATES = (8, 7, 6, 5, 4)
+# Output columns per depthwise accumulator vector (2 ymm of int32 / 1 zmm).
+DW_TILE = 16
+# VNNI's uint8 shift for possibly negative inputs: x + 128 maps [-128, 127] onto [0, 255] exactly.
+U8_OFFSET = 128
+
+
+def _ceil(a, b):
+    return -(-a // b) * b
+
+
+def pick_tile_w(ow: int, max_w: int = 8) -> int:
+    """The register-tile width that wastes the fewest padded columns (ties: the widest).
+
+    >>> pick_tile_w(56), pick_tile_w(28), pick_tile_w(7), pick_tile_w(3)
+    (8, 7, 7, 4)
+    """
+    best = None
+    for r in TILE_W_CANDIDATES:
+        if r > max_w:
+            continue
+        waste = _ceil(ow, r) - ow
+        if best is None or waste < best[0]:
+            best = (waste, r)
+    return best[1]
+
+
+def select_intrin(isa: str, nonneg: bool) -> tuple[str, bool]:
+    """(intrinsic name, add_128_offset) for an ISA and the input sign knowledge.
+
+    >>> select_intrin("avx2", False)
+    ('relayq_dot_8x2_s8s8s32_avx2', False)
+    >>> select_intrin("vnni", False)
+    ('relayq_dot_16x4_u8s8s32_vnni', True)
+    """
+    if isa == "avx2":
+        return (intrin.AVX2_U8S8 if nonneg else intrin.AVX2_S8S8), False
+    if isa == "vnni":
+        return intrin.VNNI_U8S8, not nonneg
+    raise ValueError(f"unknown isa {isa!r}; known: {ISAS}")
+
+
+def _input_cast(a_dtype, offset):
+    def cast(v):
+        if offset:
+            return (v.astype("int32") + U8_OFFSET).astype("uint8")
+        return v.astype(a_dtype)
+    return cast
+
+
+def _offset_bias(bias, w_sum, offset):
+    """bias - 128 * sum(W) (int32, wrapping like the int32 adds of the kernel)."""
+    b = np.asarray(bias, np.int64)
+    if offset:
+        b = b - U8_OFFSET * w_sum.astype(np.int64)
+    return ((b + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
+
+
+# ============================================================================ int8 conv2d (groups=1)
+def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, groups=1, isa="avx2",
+                nonneg=False) -> Kernel:
+    """Fused int8 conv2d + bias + requant + clip + cast (NCHW int8 in/out), tensorized for ``isa``.
+
+    Depthwise convs (groups == C == O) get :func:`depthwise_int8`; other grouped convs the
+    portable :func:`relayq.backend.generic.conv2d_int8`.
+
+    >>> # k = conv2d_int8((1, 64, 56, 56), w_oihw, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1, "avx2", True)
+    """
+    weight = np.asarray(weight, np.int8)
+    n, c, h, w = (int(v) for v in x_shape)
+    o, cg, kh, kw = weight.shape
+    if groups != 1:
+        if groups == c == o and cg == 1:
+            return depthwise_int8(x_shape, weight, bias, rq, strides, padding, dilation, isa)
+        return generic.conv2d_int8(x_shape, weight, bias, rq, strides, padding, dilation, groups)
+    name, offset = select_intrin(isa, nonneg)
+    lanes, kp, a_dtype = intrin.LANES[name], intrin.KPACK[name], intrin.A_DTYPE[name]
+    oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
+    reg_w = pick_tile_w(ow)
+    ob_count = _ceil(o, lanes) // lanes
+    reg_o = 2 if ob_count % 2 == 0 and 2 * reg_w <= MAX_ACC_REGS[isa] else 1
+    op, cp, owp = ob_count * lanes, _ceil(c, kp), _ceil(ow, reg_w)
+    sh, sw = strides
+    dh, dw = dilation
+    pt, pl = padding[0], padding[1]
+    hp = max(h + padding[0] + padding[2], (oh - 1) * sh + (kh - 1) * dh + 1)
+    wp = max(w + padding[1] + padding[3], (owp - 1) * sw + (kw - 1) * dw + 1)
+    fill = U8_OFFSET if offset else 0
+
+    X = te.placeholder((n, c, h, w), "int8", name="x")
+    Wk = te.placeholder((op // lanes, cp // kp, kh, kw, lanes, kp), "int8", name="w")
+    B = te.placeholder((op,), "int32", name="bias")
+    tbl = te.placeholder((3, op), "int64", name="rq") if rq.per_channel else None
+    cast = _input_cast(a_dtype, offset)
+
+    def pack(b, cb, i, j, ci):
+        ch = cb * kp + ci
+        ok = tirx.all(ch < c, i >= pt, i < pt + h, j >= pl, j < pl + w)
+        return tirx.if_then_else(ok, cast(X[b, tirx.min(ch, c - 1), i - pt, j - pl]), tirx.const(fill, a_dtype))
+
+    Xp = te.compute((n, cp // kp, hp, wp, kp), pack, name="pack")
+    icb = te.reduce_axis((0, cp // kp), "icb")
+    ry = te.reduce_axis((0, kh), "kh")
+    rx = te.reduce_axis((0, kw), "kw")
+    ici = te.reduce_axis((0, kp), "ici")
+    acc = te.compute(
+        (n, op // lanes, oh, owp, lanes),
+        lambda b, ob, i, j, oi: te.sum(
+            Xp[b, icb, i * sh + ry * dh, j * sw + rx * dw, ici].astype("int32")
+            * Wk[ob, icb, ry, rx, oi, ici].astype("int32"), axis=[icb, ry, rx, ici]),
+        name="acc")
+    out = te.compute((n, o, oh, ow), lambda b, oc, i, j: requant_expr(
+        acc[b, oc // lanes, i, j, oc % lanes] + B[oc], oc, rq, tbl), name="out")
+    args = [X, Wk, B] + ([tbl] if tbl is not None else []) + [out]
+    func = te.create_prim_func(args)
+
+    sch = s_tir.Schedule(func)
+    _schedule_pack(sch, "pack")
+    blk = sch.get_sblock("acc")
+    b_, ob, i_, j_, oi, r_icb, r_kh, r_kw, r_ici = sch.get_loops(blk)
+    obo, obi = sch.split(ob, [None, reg_o])
+    jo, ji = sch.split(j_, [None, reg_w])
+    sch.reorder(b_, obo, i_, jo, r_icb, r_kh, r_kw, obi, ji, oi, r_ici)
+    sch.parallel(sch.fuse(b_, obo, i_))
+    outb = sch.get_sblock("out")
+    sch.reverse_compute_at(outb, jo)
+    sch.unroll(obi)
+    sch.unroll(ji)
+    init = sch.decompose_reduction(blk, r_icb)
+    iloops = sch.get_loops(init)
+    sch.vectorize(iloops[-1])
+    sch.tensorize(oi, name)
+    oloops = sch.get_loops(outb)
+    sch.vectorize(oloops[-1])
+
+    # numpy packing of the weight: OIHW -> [O/L, C/kp, KH, KW, L, kp]
+    wpad = np.zeros((op, cp, kh, kw), np.int8)
+    wpad[:o, :c] = weight
+    wk = np.ascontiguousarray(wpad.reshape(op // lanes, lanes, cp // kp, kp, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+    bpad = np.zeros(op, np.int64)
+    bpad[:o] = np.asarray(bias, np.int64).reshape(-1)
+    wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
+    consts = [wk, _offset_bias(bpad, wsum, offset)] + ([rq.table(op)] if tbl is not None else [])
+    info = {"intrin": name, "offset128": offset, "tile": (reg_o * lanes, reg_w), "lanes": lanes, "kpack": kp}
+    return Kernel(sch.mod["main"], consts, (n, o, oh, ow), "int8", f"qconv2d_{isa}", info)
+
+
+def _schedule_pack(sch, name):
+    """Parallelize a padding/packing stage over its outer loops."""
+    blk = sch.get_sblock(name)
+    loops = sch.get_loops(blk)
+    sch.parallel(sch.fuse(*loops[:3]))
+
+
+# ============================================================================ depthwise (int8 and fp32)
+def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fill, epilogue, extra):
+    n, c, h, w = (int(v) for v in x_shape)
+    o, _, kh, kw = weight.shape
+    oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
+    tile = min(DW_TILE, _ceil(ow, 8))
+    owp = _ceil(ow, tile)
+    sh, sw = strides
+    dh, dw = dilation
+    hp = max(h + padding[0] + padding[2], (oh - 1) * sh + (kh - 1) * dh + 1)
+    wp = max(w + padding[1] + padding[3], (owp - 1) * sw + (kw - 1) * dw + 1)
+    X = te.placeholder((n, c, h, w), dtype, name="x")
+    Wd = te.placeholder((c, kh, kw), dtype, name="w")
+    Xp = generic.pad_nchw(X, padding, hp, wp, fill, "pack")
+    ry = te.reduce_axis((0, kh), "kh")
+    rx = te.reduce_axis((0, kw), "kw")
+    acc = te.compute(
+        (n, c, oh, owp),
+        lambda b, ch, i, j: te.sum(Xp[b, ch, i * sh + ry * dh, j * sw + rx * dw].astype(acc_dtype)
+                                   * Wd[ch, ry, rx].astype(acc_dtype), axis=[ry, rx]),
+        name="acc")
+    out, args = epilogue(acc, (n, c, oh, ow))
+    func = te.create_prim_func([X, Wd] + args + [out])
+    sch = s_tir.Schedule(func)
+    _schedule_pack(sch, "pack")
+    blk = sch.get_sblock("acc")
+    b_, ch, i_, j_, r_kh, r_kw = sch.get_loops(blk)
+    jo, ji = sch.split(j_, [None, tile])
+    sch.reorder(b_, ch, i_, jo, r_kh, r_kw, ji)
+    sch.parallel(sch.fuse(b_, ch, i_))
+    outb = sch.get_sblock("out")
+    sch.reverse_compute_at(outb, jo)
+    sch.unroll(r_kh)
+    sch.unroll(r_kw)
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(blk, r_kh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(outb)[-1])
+    return sch.mod["main"], (n, o, oh, ow), tile
+
+
+def depthwise_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, isa="avx2") -> Kernel:
+    """Fused int8 depthwise conv (groups == C == O) + bias + requant, vectorized along the output row.
+
+    Exact for any input sign (int32 vector multiply-adds, no intrinsic).
+
+    >>> # k = depthwise_int8((1, 32, 28, 28), w_o1hw, b, rq, (2, 2), (1, 1, 1, 1), (1, 1))
+    """
+    weight = np.asarray(weight, np.int8)
+    o = weight.shape[0]
+    tbl = te.placeholder((3, o), "int64", name="rq") if rq.per_channel else None
+    B = te.placeholder((o,), "int32", name="bias")
+
+    def epi(acc, shape):
+        out = te.compute(shape, lambda b, ch, i, j: requant_expr(acc[b, ch, i, j] + B[ch], ch, rq, tbl),
+                         name="out")
+        return out, [B] + ([tbl] if tbl is not None else [])
+
+    func, oshape, tile = _depthwise(x_shape, weight, strides, padding, dilation, "int8", "int32", 0, epi, None)
+    consts = [np.ascontiguousarray(weight[:, 0]), np.asarray(bias, np.int32).reshape(-1)]
+    if tbl is not None:
+        consts.append(rq.table(o))
+    return Kernel(func, consts, oshape, "int8", f"qdwconv2d_{isa}", {"tile": tile})
+
+
+def depthwise_fp32(x_shape, weight, bias, act, strides, padding, dilation, isa="avx2") -> Kernel:
+    """fp32 depthwise conv + bias + clip with the same schedule as :func:`depthwise_int8`.
+
+    >>> # k = depthwise_fp32((1, 32, 28, 28), w_o1hw, b, (0.0, 6.0), (1, 1), (1, 1, 1, 1), (1, 1))
+    """
+    weight = np.asarray(weight, np.float32)
+    o = weight.shape[0]
+    B = te.placeholder((o,), "float32", name="bias")
+
+    def epi(acc, shape):
+        return te.compute(shape, lambda b, ch, i, j: act_expr(acc[b, ch, i, j] + B[ch], act), name="out"), [B]
+
+    func, oshape, tile = _depthwise(x_shape, weight, strides, padding, dilation, "float32", "float32", 0.0,
+                                    epi, None)
+    consts = [np.ascontiguousarray(weight[:, 0]), generic._fbias(bias, o)]
+    return Kernel(func, consts, oshape, "float32", f"dwconv2d_fp32_{isa}", {"tile": tile})
+
+
+# ============================================================================ fp32 conv2d (groups=1)
+def conv2d_fp32(x_shape, weight, bias, act, strides, padding, dilation, groups=1, isa="avx2") -> Kernel:
+    """fp32 conv2d + bias + clip: NCHW in/out, ``[O/L, C, KH, KW, L]`` packed weight, FMA tile.
+
+    >>> # k = conv2d_fp32((1, 64, 56, 56), w_oihw, b, (0.0, None), (1, 1), (1, 1, 1, 1), (1, 1))
+    """
+    weight = np.asarray(weight, np.float32)
+    n, c, h, w = (int(v) for v in x_shape)
+    o, cg, kh, kw = weight.shape
+    if groups != 1:
+        if groups == c == o and cg == 1:
+            return depthwise_fp32(x_shape, weight, bias, act, strides, padding, dilation, isa)
+        return generic.conv2d_fp32(x_shape, weight, bias, act, strides, padding, dilation, groups)
+    lanes = FP32_LANES[isa]
+    oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
+    reg_w = pick_tile_w(ow)
+    ob_count = _ceil(o, lanes) // lanes
+    reg_o = 2 if ob_count % 2 == 0 and 2 * reg_w <= MAX_ACC_REGS[isa] else 1
+    op, owp = ob_count * lanes, _ceil(ow, reg_w)
+    sh, sw = strides
+    dh, dw = dilation
+    hp = max(h + padding[0] + padding[2], (oh - 1) * sh + (kh - 1) * dh + 1)
+    wp = max(w + padding[1] + padding[3], (owp - 1) * sw + (kw - 1) * dw + 1)
+    X = te.placeholder((n, c, h, w), "float32", name="x")
+    Wk = te.placeholder((op // lanes, c, kh, kw, lanes), "float32", name="w")
+    B = te.placeholder((o,), "float32", name="bias")
+    Xp = generic.pad_nchw(X, padding, hp, wp, 0.0, "pack")
+    ic = te.reduce_axis((0, c), "ic")
+    ry = te.reduce_axis((0, kh), "kh")
+    rx = te.reduce_axis((0, kw), "kw")
+    acc = te.compute(
+        (n, op // lanes, oh, owp, lanes),
+        lambda b, ob, i, j, oi: te.sum(Xp[b, ic, i * sh + ry * dh, j * sw + rx * dw] * Wk[ob, ic, ry, rx, oi],
+                                       axis=[ic, ry, rx]),
+        name="acc")
+    out = te.compute((n, o, oh, ow), lambda b, oc, i, j: act_expr(
+        acc[b, oc // lanes, i, j, oc % lanes] + B[oc], act), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([X, Wk, B, out]))
+    _schedule_pack(sch, "pack")
+    blk = sch.get_sblock("acc")
+    b_, ob, i_, j_, oi, r_ic, r_kh, r_kw = sch.get_loops(blk)
+    obo, obi = sch.split(ob, [None, reg_o])
+    jo, ji = sch.split(j_, [None, reg_w])
+    sch.reorder(b_, obo, i_, jo, r_ic, r_kh, r_kw, obi, ji, oi)
+    sch.parallel(sch.fuse(b_, obo, i_))
+    outb = sch.get_sblock("out")
+    sch.reverse_compute_at(outb, jo)
+    sch.unroll(obi)
+    sch.unroll(ji)
+    sch.vectorize(oi)
+    init = sch.decompose_reduction(blk, r_ic)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(outb)[-1])
+    wpad = np.zeros((op, c, kh, kw), np.float32)
+    wpad[:o] = weight
+    wk = np.ascontiguousarray(wpad.reshape(op // lanes, lanes, c, kh, kw).transpose(0, 2, 3, 4, 1))
+    return Kernel(sch.mod["main"], [wk, generic._fbias(bias, o)], (n, o, oh, ow), "float32",
+                  f"conv2d_fp32_{isa}", {"tile": (reg_o * lanes, reg_w)})
+
+
+# ============================================================================ dense
+def _dense_tiles(m, n, lanes, isa):
+    """(mt, nt): rows and lane-groups of the register tile; mt divides M (no row padding)."""
+    mt = next(t for t in (4, 3, 2, 1) if m % t == 0)
+    nt = max(1, min(MAX_ACC_REGS[isa] // mt, 4, -(-n // lanes)))
+    return mt, nt
+
+
+def dense_int8(x_shape, weight_kn, bias, rq: Requant, isa="avx2", nonneg=False) -> Kernel:
+    """Fused int8 dense ``(M, K) x (K, N)`` + bias + requant + clip + cast, tensorized for ``isa``.
+
+    >>> # k = dense_int8((1, 512), w_kn, b, rq, "avx2", nonneg=True)
+    """
+    weight_kn = np.asarray(weight_kn, np.int8)
+    m, k = (int(v) for v in x_shape)
+    n = weight_kn.shape[1]
+    name, offset = select_intrin(isa, nonneg)
+    lanes, kp, a_dtype = intrin.LANES[name], intrin.KPACK[name], intrin.A_DTYPE[name]
+    mt, nt = _dense_tiles(m, n, lanes, isa)
+    np_, kpad = _ceil(n, lanes * nt), _ceil(k, kp)
+    A = te.placeholder((m, k), "int8", name="x")
+    Wk = te.placeholder((np_ // lanes, kpad // kp, lanes, kp), "int8", name="w")
+    B = te.placeholder((np_,), "int32", name="bias")
+    tbl = te.placeholder((3, np_), "int64", name="rq") if rq.per_channel else None
+    cast = _input_cast(a_dtype, offset)
+    Ap = te.compute((m, kpad // kp, kp), lambda i, kb, ki: tirx.if_then_else(
+        kb * kp + ki < k, cast(A[i, tirx.min(kb * kp + ki, k - 1)]), tirx.const(0, a_dtype)), name="pack")
+    kb_ = te.reduce_axis((0, kpad // kp), "kb")
+    ki_ = te.reduce_axis((0, kp), "ki")
+    acc = te.compute((m, np_ // lanes, lanes), lambda i, nb, ni: te.sum(
+        Ap[i, kb_, ki_].astype("int32") * Wk[nb, kb_, ni, ki_].astype("int32"), axis=[kb_, ki_]), name="acc")
+    out = te.compute((m, n), lambda i, j: requant_expr(acc[i, j // lanes, j % lanes] + B[j], j, rq, tbl),
+                     name="out")
+    args = [A, Wk, B] + ([tbl] if tbl is not None else []) + [out]
+    sch = s_tir.Schedule(te.create_prim_func(args))
+    pk = sch.get_sblock("pack")
+    sch.parallel(sch.get_loops(pk)[0])
+    blk = sch.get_sblock("acc")
+    i_, nb, ni, r_kb, r_ki = sch.get_loops(blk)
+    io, ii = sch.split(i_, [None, mt])
+    nbo, nbi = sch.split(nb, [None, nt])
+    sch.reorder(io, nbo, r_kb, ii, nbi, ni, r_ki)
+    sch.parallel(sch.fuse(io, nbo))
+    outb = sch.get_sblock("out")
+    sch.reverse_compute_at(outb, sch.get_loops(blk)[0])
+    sch.unroll(ii)
+    sch.unroll(nbi)
+    init = sch.decompose_reduction(blk, r_kb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, name)
+    sch.vectorize(sch.get_loops(outb)[-1])
+    wpad = np.zeros((kpad, np_), np.int8)
+    wpad[:k, :n] = weight_kn
+    wk = np.ascontiguousarray(wpad.T.reshape(np_ // lanes, lanes, kpad // kp, kp).transpose(0, 2, 1, 3))
+    bpad = np.zeros(np_, np.int64)
+    bpad[:n] = np.asarray(bias, np.int64).reshape(-1)
+    consts = [wk, _offset_bias(bpad, wpad.astype(np.int64).sum(axis=0), offset)]
+    if tbl is not None:
+        consts.append(rq.table(np_))
+    info = {"intrin": name, "offset128": offset, "tile": (mt, nt * lanes)}
+    return Kernel(sch.mod["main"], consts, (m, n), "int8", f"qdense_{isa}", info)
+
+
+def dense_fp32(x_shape, weight_kn, bias, act, isa="avx2") -> Kernel:
+    """fp32 dense + bias + clip: weight packed ``[N/L, K, L]``, ``mt x (nt * L)`` FMA register tile.
+
+    >>> # k = dense_fp32((1, 512), w_kn, b, None)
+    """
+    weight_kn = np.asarray(weight_kn, np.float32)
+    m, k = (int(v) for v in x_shape)
+    n = weight_kn.shape[1]
+    lanes = FP32_LANES[isa]
+    mt, nt = _dense_tiles(m, n, lanes, isa)
+    np_ = _ceil(n, lanes * nt)
+    A = te.placeholder((m, k), "float32", name="x")
+    Wk = te.placeholder((np_ // lanes, k, lanes), "float32", name="w")
+    B = te.placeholder((n,), "float32", name="bias")
+    r = te.reduce_axis((0, k), "k")
+    acc = te.compute((m, np_ // lanes, lanes), lambda i, nb, ni: te.sum(A[i, r] * Wk[nb, r, ni], axis=r),
+                     name="acc")
+    out = te.compute((m, n), lambda i, j: act_expr(acc[i, j // lanes, j % lanes] + B[j], act), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([A, Wk, B, out]))
+    blk = sch.get_sblock("acc")
+    i_, nb, ni, r_k = sch.get_loops(blk)
+    io, ii = sch.split(i_, [None, mt])
+    nbo, nbi = sch.split(nb, [None, nt])
+    sch.reorder(io, nbo, r_k, ii, nbi, ni)
+    sch.parallel(sch.fuse(io, nbo))
+    outb = sch.get_sblock("out")
+    sch.reverse_compute_at(outb, sch.get_loops(blk)[0])
+    sch.unroll(ii)
+    sch.unroll(nbi)
+    sch.vectorize(ni)
+    init = sch.decompose_reduction(blk, r_k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(outb)[-1])
+    wpad = np.zeros((k, np_), np.float32)
+    wpad[:, :n] = weight_kn
+    wk = np.ascontiguousarray(wpad.reshape(k, np_ // lanes, lanes).transpose(1, 0, 2))
+    return Kernel(sch.mod["main"], [wk, generic._fbias(bias, n)], (m, n), "float32", f"dense_fp32_{isa}",
+                  {"tile": (mt, nt * lanes)})

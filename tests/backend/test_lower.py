@@ -1,0 +1,154 @@
+"""lower_quantized / lower_float on hand-built realized Relax modules: exactness and structure."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from relayq.backend import lower as L
+
+from .kutil import AVX2, GENERIC, VNNI, build_chain, call_tir_outputs, conv_layer, cpu_flags, dense_layer, run_module
+
+HAS_AVX2 = "avx2" in cpu_flags()
+HAS_VNNI = "avx512_vnni" in cpu_flags()
+
+
+def _net(rng, relu_last=False):
+    """conv3x3(C=3, signed input) -> dw3x3 s2 -> 1x1 -> maxpool -> reshape -> dense -> dense."""
+    layers = [
+        conv_layer(rng, 3, 16, 3, 1, 1, relu=True, per_channel=True),
+        conv_layer(rng, 16, 16, 3, 2, 1, groups=16, relu=True),
+        conv_layer(rng, 16, 24, 1, 1, 0, per_channel=True, relu=True),
+        dense_layer(rng, 24 * 4, 20, per_channel=False, relu=False),
+        dense_layer(rng, 20, 10, per_channel=True, relu=relu_last),
+    ]
+
+    def pool_flat(bb, y):
+        y = bb.emit(relax.op.nn.max_pool2d(y, (2, 2), (2, 2)))
+        return bb.emit(relax.op.reshape(y, (1, 24 * 4)))
+
+    mod = build_chain((1, 3, 9, 9), layers, {2: pool_flat})
+
+    def reference(x):
+        y = x
+        for i, layer in enumerate(layers):
+            y = layer.reference(y)
+            if i == 2:
+                y = y[:, :, :4, :4].reshape(1, 24, 2, 2, 2, 2).max(axis=(3, 5)).reshape(1, -1)
+        return y
+
+    return mod, reference
+
+
+PRESETS = [("x86-avx2", AVX2, HAS_AVX2), ("x86-vnni", VNNI, HAS_VNNI), ("generic", GENERIC, True)]
+
+
+@pytest.mark.parametrize("kind,target,can_run", PRESETS, ids=[p[0] for p in PRESETS])
+def test_lowered_network_is_bit_exact(kind, target, can_run):
+    if not can_run:
+        pytest.skip(f"{kind} kernels cannot run on this CPU")
+    rng = np.random.default_rng(21)
+    mod, reference = _net(rng)
+    stats = []
+    lowered = L.lower_quantized(mod, kind, stats=stats)
+    assert len(stats) == 5
+    x = rng.integers(-127, 128, (1, 3, 9, 9)).astype(np.int8)
+    out, _ = run_module(lowered, target, x)
+    np.testing.assert_array_equal(out, reference(x))
+    # the unlowered realized graph agrees too (the reference is the graph's semantics)
+    out0, _ = run_module(mod, GENERIC, x)
+    np.testing.assert_array_equal(out0, out)
+
+
+def test_structure_no_int32_between_ops():
+    rng = np.random.default_rng(22)
+    mod, _ = _net(rng)
+    stats = []
+    lowered = L.lower_quantized(mod, "x86-avx2", stats=stats)
+    calls = call_tir_outputs(lowered)
+    assert len(calls) == 5 and all(dt == "int8" for _, dt in calls)
+    dtypes, ops = [], []
+
+    def visit(e):
+        if isinstance(e, relax.Call):
+            dtypes.append(str(e.ty.dtype) if hasattr(e.ty, "dtype") else "")
+            if isinstance(e.op, tvm.ir.Op):
+                ops.append(e.op.name)
+    relax.analysis.post_order_visit(lowered["main"], visit)
+    assert "int32" not in dtypes and "int64" not in dtypes
+    assert "relax.nn.conv2d" not in ops and "relax.matmul" not in ops
+    assert "relax.nn.max_pool2d" in ops          # unmatched ops stay
+    for gv, f in lowered.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            assert bool(f.attrs["tirx.is_scheduled"])
+            assert str(f.attrs["global_symbol"]) == gv.name_hint
+    # non-negativity: the first conv sees the signed graph input, the 1x1 conv a ReLU-clipped value,
+    # the first dense a max-pooled ReLU value, the last dense a value clipped at -127
+    by_symbol = {s["symbol"]: s for s in stats}
+    order = [by_symbol[name] for name, _ in calls]
+    assert [s["nonneg"] for s in order] == [False, True, True, True, False]
+    assert order[0]["intrin"].endswith("s8s8s32_avx2") and order[2]["intrin"].endswith("u8s8s32_avx2")
+    assert order[3]["intrin"].endswith("u8s8s32_avx2") and order[4]["intrin"].endswith("s8s8s32_avx2")
+
+
+def test_partial_chain_is_left_alone():
+    """A conv whose int32 accumulator has a second user is not fused (the graph stays correct)."""
+    rng = np.random.default_rng(23)
+    layer = conv_layer(rng, 4, 8, 3, 1, 1)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 6, 6), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(layer.weight), padding=(1, 1, 1, 1), out_dtype="int32"))
+            extra = bb.emit(relax.op.sum(acc))
+            out = bb.emit_output(relax.Tuple([acc, extra]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    lowered = L.lower_quantized(mod, "x86-avx2")
+    assert call_tir_outputs(lowered) == []
+
+
+def _float_net(rng):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 8, 8), "float32"))
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    b1 = rng.standard_normal((1, 8, 1, 1)).astype(np.float32)
+    w2 = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    w3 = rng.standard_normal((10, 8 * 16)).astype(np.float32)
+    b3 = rng.standard_normal((10,)).astype(np.float32)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), padding=(1, 1, 1, 1)))
+            y = bb.emit(relax.op.add(y, relax.const(b1)))
+            y = bb.emit(relax.op.nn.relu(y))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(w2), strides=(2, 2), padding=(1, 1, 1, 1), groups=8))
+            y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+            y = bb.emit(relax.op.reshape(y, (1, 128)))
+            y = bb.emit(relax.op.matmul(y, relax.op.permute_dims(relax.const(w3))))
+            y = bb.emit(relax.op.add(y, relax.const(b3)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("kind,target,can_run", PRESETS, ids=[p[0] for p in PRESETS])
+def test_lower_float_matches_tvm(kind, target, can_run):
+    if not can_run:
+        pytest.skip(f"{kind} kernels cannot run on this CPU")
+    rng = np.random.default_rng(24)
+    mod = _float_net(rng)
+    stats = []
+    lowered = L.lower_float(mod, kind, stats=stats)
+    assert sorted(s["kind"] for s in stats) == ["conv2d", "conv2d", "dense"]
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    out, _ = run_module(lowered, target, x)
+    ref, _ = run_module(mod, GENERIC, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_presets():
+    assert str(L.target_from_preset("x86-avx2").attrs["mcpu"]) == "core-avx2"
+    assert str(L.target_from_preset("x86-vnni").attrs["mcpu"]) == "cascadelake"
+    assert L.target_from_preset("cuda-dp4a").kind.name == "cuda"
+    assert L.best_host_preset() in L.TARGET_KINDS
+    with pytest.raises(ValueError):
+        L.lower_quantized(tvm.IRModule(), "x86-sse")
