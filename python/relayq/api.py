@@ -274,6 +274,10 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
         raise
     except Exception as e:
         raise BuildError(f"compiling for {tgt} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if tgt.kind.name != "llvm":
+        from .backend import presets
+
+        return presets.compiled_model(ex, specs, tgt)       # a GPU, or compile-only where none exists
     return CompiledModel(ex, specs, tgt)
 
 

@@ -67,3 +67,71 @@ def lower_for(mod: tvm.IRModule, target: tvm.target.Target, preset: str | None =
         return mod
     kind = preset if preset in PRESETS else preset_of(target)
     return _lower.lower_quantized(mod, kind)
+
+
+def _device_of(target: tvm.target.Target):
+    """The runtime device of a non-CPU target, or None where this machine has none."""
+    try:
+        dev = tvm.device(target.kind.name, 0)
+        return dev if dev.exist else None
+    except Exception:  # noqa: BLE001 - no runtime for that device kind at all
+        return None
+
+
+def compiled_model(executable, specs, target: tvm.target.Target):
+    """The :class:`relayq.api.CompiledModel` of a build; for a GPU target without a GPU here, a
+    :class:`CrossCompiledModel` (inspectable and exportable, not callable)."""
+    from ..api import CompiledModel
+
+    if target.kind.name == "llvm":
+        return CompiledModel(executable, specs, target)
+    dev = _device_of(target)
+    if dev is not None:
+        return CompiledModel(executable, specs, target, dev)
+    return CrossCompiledModel(executable, specs, target)
+
+
+class CrossCompiledModel:
+    """A model compiled for a device this machine lacks (e.g. ``cuda-dp4a`` without a GPU).
+
+    It carries the executable and the device source (:meth:`device_source`, :meth:`ptx`); calling it
+    raises :class:`relayq.errors.BuildError`.
+
+    >>> # m = relayq.build(qmodel, target="cuda-dp4a"); "dp4a" in m.ptx()
+    """
+
+    def __init__(self, executable, specs, target):
+        self.executable, self.specs, self.target = executable, specs, target
+
+    @property
+    def input_names(self) -> list:
+        return [s[0] for s in self.specs]
+
+    def _no_device(self, *args, **kw):
+        from ..errors import BuildError
+
+        raise BuildError(f"this machine has no {self.target.kind.name} device: the model was compiled "
+                         "only (inspect it with device_source()/ptx(), or build it where the device exists)")
+
+    __call__ = benchmark = _no_device
+
+    def device_source(self) -> str:
+        """The generated device code (CUDA C for cuda targets)."""
+        srcs = []
+
+        def walk(m):
+            for imp in m.imports:
+                if imp.kind in ("cuda", "rocm", "opencl", "vulkan", "metal"):
+                    srcs.append(imp.inspect_source())
+                walk(imp)
+
+        walk(self.executable.mod)
+        return "\n".join(srcs)
+
+    def ptx(self, arch: str = "sm_80") -> str:
+        """PTX of :meth:`device_source` compiled offline with nvcc (CUDA 13's nvcc needs sm_75+)."""
+        from tvm.support import nvcc
+
+        with self.target:
+            return nvcc.compile_cuda(self.device_source(), target_format="ptx", arch=arch,
+                                     compiler="nvcc").decode()
