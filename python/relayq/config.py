@@ -81,6 +81,13 @@ class QConfig:
         op_overrides: op type -> :class:`LayerConfig`.
         layer_overrides: layer name or regex -> :class:`LayerConfig`.
         skip_layers / skip_ops: layers (names or regexes) and op types kept in float.
+        keep_first_last_bits: when set, the first and the last conv/dense layers use this many bits for
+            weights and activations (they are the most sensitive ones), whatever the global setting.
+        power_of_two_scale: round every scale up to a power of two, so that requantization is a pure
+            rounding shift (for accelerators without multipliers).
+        act_symmetric: symmetric signed activation codes (zero point 0, the default) or, when False,
+            asymmetric unsigned codes ``[0, 2^bits - 1]`` with a zero point (ONNX Runtime's U8 scheme); the
+            zero-point terms are folded into the int32 bias at realize time.
         show_progress: print calibration progress to stderr.
 
     >>> QConfig(weight_bits=4).weight_bits
@@ -96,11 +103,16 @@ class QConfig:
     layer_overrides: Mapping[str, LayerConfig] = field(default_factory=dict)
     skip_layers: tuple = ()
     skip_ops: tuple = ()
+    keep_first_last_bits: Optional[int] = None
+    power_of_two_scale: bool = False
+    act_symmetric: bool = True
     show_progress: bool = True
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("act_bits", self.act_bits)
+        if self.keep_first_last_bits is not None:
+            _check_bits("keep_first_last_bits", self.keep_first_last_bits)
         if self.weight_method not in WEIGHT_METHODS:
             raise ConfigError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
         if not 0.0 < float(self.percentile) <= 100.0:

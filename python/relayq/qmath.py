@@ -156,10 +156,11 @@ def rounding_right_shift(x, shift):
     return (x + (np.int64(1) << (shift - 1))) >> shift
 
 
-def requantize(acc, multiplier, shift, qmin: int, qmax: int, axis: int | None = None):
-    """Integer-only requantization: ``clip((acc * M + 2^(shift-1)) >> shift, qmin, qmax)`` as int64.
+def requantize(acc, multiplier, shift, qmin: int, qmax: int, axis: int | None = None, zero_point: int = 0):
+    """Integer-only requantization: ``clip(((acc * M + 2^(shift-1)) >> shift) + zp, qmin, qmax)`` as int64.
 
-    ``multiplier`` and ``shift`` may be vectors along ``axis`` (per-channel).
+    ``multiplier`` and ``shift`` may be vectors along ``axis`` (per-channel); ``zero_point`` is the
+    output's (asymmetric codes).
 
     >>> M, s = quantize_multiplier(0.1)
     >>> requantize(np.array([14, 16, -16, 5000]), M, s, -127, 127).tolist()
@@ -172,7 +173,33 @@ def requantize(acc, multiplier, shift, qmin: int, qmax: int, axis: int | None = 
         shape = [1] * acc.ndim
         shape[axis] = -1
         m, s = m.reshape(shape), s.reshape(shape)
-    return np.clip(rounding_right_shift(acc * m, s), qmin, qmax)
+    return np.clip(rounding_right_shift(acc * m, s) + np.int64(zero_point), qmin, qmax)
+
+
+def asymmetric_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """Scale and zero point of an unsigned ``bits``-bit code covering ``[lo, hi]`` (which holds 0).
+
+    The zero point is an integer code, so real zero is represented exactly (padding, ReLU).
+
+    >>> asymmetric_params(-1.0, 3.0, 8)
+    (0.01568627450980392, 64)
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    levels = (1 << bits) - 1
+    scale = (hi - lo) / levels if hi > lo else 1.0
+    zp = int(np.clip(np.round(-lo / scale), 0, levels))
+    return scale, zp
+
+
+def power_of_two(scale):
+    """Round scales up to powers of two (so that every requantization is a rounding shift).
+
+    >>> power_of_two(0.3), power_of_two(0.25)
+    (0.5, 0.25)
+    """
+    s = np.asarray(scale, dtype=np.float64)
+    out = np.exp2(np.ceil(np.log2(s)))
+    return float(out) if out.ndim == 0 else out
 
 
 def quantize_bias(bias, input_scale, weight_scale):
@@ -190,31 +217,34 @@ def add_rescale_params(in_scale: float, out_scale: float):
     return quantize_multiplier(float(in_scale) / float(out_scale) * (1 << ADD_EXTRA_BITS))
 
 
-def add(a, b, a_scale, b_scale, out_scale, qmin: int, qmax: int):
-    """Integer addition of two tensors with different scales into ``out_scale``.
+def add(a, b, a_scale, b_scale, out_scale, qmin: int, qmax: int, a_zp: int = 0, b_zp: int = 0, out_zp: int = 0):
+    """Integer addition of two tensors with different scales (and zero points) into ``out_scale``.
 
-    Each operand is rescaled (rounded) to a common scale ``out_scale / 2^ADD_EXTRA_BITS``, the sum
-    is then rounded once to ``out_scale``.
+    Each operand, less its zero point, is rescaled (rounded) to a common scale
+    ``out_scale / 2^ADD_EXTRA_BITS``; the sum is then rounded once to ``out_scale`` and the output
+    zero point added.
 
     >>> add(np.array([10]), np.array([10]), 0.1, 0.2, 0.3, -127, 127).tolist()
     [10]
     """
     ma, sa = add_rescale_params(a_scale, out_scale)
     mb, sb = add_rescale_params(b_scale, out_scale)
-    t = rounding_right_shift(np.asarray(a, np.int64) * ma, sa) + rounding_right_shift(np.asarray(b, np.int64) * mb, sb)
-    return np.clip(rounding_right_shift(t, ADD_EXTRA_BITS), qmin, qmax)
+    t = rounding_right_shift((np.asarray(a, np.int64) - a_zp) * ma, sa) + \
+        rounding_right_shift((np.asarray(b, np.int64) - b_zp) * mb, sb)
+    return np.clip(rounding_right_shift(t, ADD_EXTRA_BITS) + np.int64(out_zp), qmin, qmax)
 
 
-def rescale(q, in_scale: float, out_scale: float, qmin: int, qmax: int):
-    """Bring codes from ``in_scale`` to ``out_scale`` (a requantization by ``in_scale / out_scale``).
+def rescale(q, in_scale: float, out_scale: float, qmin: int, qmax: int, in_zp: int = 0, out_zp: int = 0):
+    """Bring codes from ``(in_scale, in_zp)`` to ``(out_scale, out_zp)`` (requantize by ``in_scale / out_scale``).
 
     >>> rescale(np.array([100]), 0.1, 0.2, -127, 127).tolist()
     [50]
     """
+    q = np.asarray(q, np.int64) - np.int64(in_zp)
     if float(in_scale) == float(out_scale):
-        return np.clip(np.asarray(q, np.int64), qmin, qmax)
+        return np.clip(q + np.int64(out_zp), qmin, qmax)
     m, s = quantize_multiplier(float(in_scale) / float(out_scale))
-    return requantize(q, m, s, qmin, qmax)
+    return requantize(q, m, s, qmin, qmax, zero_point=out_zp)
 
 
 def avg_pool_divide(total, count):

@@ -22,8 +22,11 @@ from ..transform.common import bindings, const_value, is_const_expr, main_functi
 
 
 class _Q:
-    def __init__(self, codes, scale, bits):
-        self.codes, self.scale, self.bits = codes, float(scale), bits
+    def __init__(self, codes, scale, bits, zp=0, signed=True):
+        self.codes, self.scale, self.bits, self.zp, self.signed = codes, float(scale), bits, int(zp), signed
+
+    def like(self, codes):
+        return _Q(codes, self.scale, self.bits, self.zp, self.signed)
 
 
 class _Acc:
@@ -38,47 +41,48 @@ class _Pending:
         self.lo, self.hi = -np.inf, np.inf
 
 
-def _bounds(lo, hi, scale, bits):
-    qlo, qhi = qmath.qrange(bits)
-    a = qlo if lo == -np.inf else max(qlo, int(np.round(lo / scale)))
-    b = qhi if hi == np.inf else min(qhi, int(np.round(hi / scale)))
+def _bounds(lo, hi, scale, bits, zp=0, signed=True):
+    qlo, qhi = qmath.qrange(bits, signed)
+    a = qlo if lo == -np.inf else max(qlo, int(np.round(lo / scale)) + zp)
+    b = qhi if hi == np.inf else min(qhi, int(np.round(hi / scale)) + zp)
     return a, b
 
 
-def _finalize(val, scale, bits):
+def _finalize(val, scale, bits, zp=0, signed=True):
+    out = lambda codes: _Q(codes, scale, bits, zp, signed)  # noqa: E731
     if isinstance(val, np.ndarray):
-        return _Q(qmath.quantize(val.astype(np.float32), np.float32(scale), bits), scale, bits)
+        return out(qmath.quantize(val.astype(np.float32), np.float32(scale), bits, signed, zp))
+    qlo, qhi = qmath.qrange(bits, signed)
     if isinstance(val, _Q):
-        if val.scale == scale and val.bits == bits:
+        if (val.scale, val.bits, val.zp, val.signed) == (scale, bits, zp, signed):
             return val
-        lo, hi = qmath.qrange(bits)
         m, s = qmath.quantize_multiplier(val.scale / scale)
-        return _Q(qmath.requantize(val.codes, m, s, lo, hi), scale, bits)
+        return out(qmath.requantize(val.codes - val.zp, m, s, qlo, qhi, zero_point=zp))
     if isinstance(val, _Acc):
-        lo, hi = _bounds(val.lo, val.hi, scale, bits)
+        lo, hi = _bounds(val.lo, val.hi, scale, bits, zp, signed)
         m, s = qmath.quantize_multipliers((val.scale / scale).reshape(-1))
         if val.scale.ndim == 0:
-            return _Q(qmath.requantize(val.acc, m[0], s[0], lo, hi), scale, bits)
-        return _Q(qmath.requantize(val.acc, m, s, lo, hi, axis=val.axis), scale, bits)
-    lo, hi = _bounds(val.lo, val.hi, scale, bits)
+            return out(qmath.requantize(val.acc, m[0], s[0], lo, hi, zero_point=zp))
+        return out(qmath.requantize(val.acc, m, s, lo, hi, axis=val.axis, zero_point=zp))
+    lo, hi = _bounds(val.lo, val.hi, scale, bits, zp, signed)
     if val.kind == "add":
         a, b = val.parts
-        return _Q(qmath.add(a.codes, b.codes, a.scale, b.scale, scale, lo, hi), scale, bits)
+        return out(qmath.add(a.codes, b.codes, a.scale, b.scale, scale, lo, hi, a.zp, b.zp, zp))
     parts = []
     for p in val.parts:
-        if p.scale == scale and p.bits == bits and (lo, hi) == qmath.qrange(bits):
+        if (p.scale, p.bits, p.zp, p.signed) == (scale, bits, zp, signed) and (lo, hi) == (qlo, qhi):
             parts.append(p.codes)
         else:
             m, s = qmath.quantize_multiplier(p.scale / scale)
-            parts.append(qmath.requantize(p.codes, m, s, lo, hi))
-    return _Q(np.concatenate(parts, axis=val.axis), scale, bits)
+            parts.append(qmath.requantize(p.codes - p.zp, m, s, lo, hi, zero_point=zp))
+    return out(np.concatenate(parts, axis=val.axis))
 
 
 def _to_float(val):
     if isinstance(val, np.ndarray):
         return val
     if isinstance(val, _Q):
-        return (val.codes.astype(np.float32) * np.float32(val.scale)).astype(np.float32)
+        return ((val.codes - val.zp).astype(np.float32) * np.float32(val.scale)).astype(np.float32)
     if isinstance(val, _Acc):
         s = val.scale.astype(np.float32)
         if s.ndim:
@@ -131,7 +135,7 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
                 w = const_value(info[0])
                 weights[v] = (qmath.quantize(w, p.scale, p.bits, axis=None if p.axis < 0 else p.axis), p)
             else:
-                vals[v] = _finalize(vals[info[0]], float(p.scale), p.bits)
+                vals[v] = _finalize(vals[info[0]], float(p.scale), p.bits, p.zero_point, p.signed)
                 codes[p.name] = vals[v].codes
             continue
         name = op_name(call)
@@ -145,10 +149,11 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             scale = np.float64(x.scale) * np.asarray(wp.scale, np.float64)
             if name == "relax.nn.conv2d":
                 a = call.attrs
-                acc = qmath.conv2d_int(x.codes, wq, [int(s) for s in a.strides], [int(p) for p in a.padding],
+                # The integer identity: sum w (x - zp), with padding of real zero.
+                acc = qmath.conv2d_int(x.codes - x.zp, wq, [int(s) for s in a.strides], [int(p) for p in a.padding],
                                        [int(d) for d in a.dilation], int(a.groups))
             else:
-                acc = x.codes.astype(np.int64) @ wq.astype(np.int64)
+                acc = (x.codes.astype(np.int64) - x.zp) @ wq.astype(np.int64)
             vals[v] = _Acc(acc, scale, 1)
         elif name == "relax.add" and isinstance(args[0], _Acc) and is_const_expr(call.args[1]):
             acc = args[0]
@@ -163,8 +168,8 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
                 val.lo, val.hi = max(val.lo, lo), min(val.hi, hi)
                 vals[v] = val
             else:
-                a, bnd = _bounds(lo, hi, val.scale, val.bits)
-                vals[v] = _Q(np.clip(val.codes, a, bnd), val.scale, val.bits)
+                a, bnd = _bounds(lo, hi, val.scale, val.bits, val.zp, val.signed)
+                vals[v] = val.like(np.clip(val.codes, a, bnd))
         elif name == "relax.add":
             vals[v] = _Pending("add", args)
         elif name == "relax.concat":
@@ -173,7 +178,7 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             q = args[0]
             if name == "relax.nn.max_pool2d":
                 a = call.attrs
-                lo = np.iinfo(qmath.storage_dtype(q.bits)).min
+                lo = np.iinfo(qmath.storage_dtype(q.bits, q.signed)).min
                 w = _pool_sum(q.codes, *[int(s) for s in a.pool_size], *[int(s) for s in a.strides],
                               [int(p) for p in a.padding], lo)
                 out = w.max(axis=0)
@@ -187,7 +192,8 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
                 kh, kw = (int(s) for s in a.pool_size)
                 sh, sw = (int(s) for s in a.strides)
                 pad = [int(p) for p in a.padding]
-                total = _pool_sum(q.codes, kh, kw, sh, sw, pad, 0).sum(axis=0)
+                # Padding holds real zero (the zero point) where it counts, and nothing where it does not.
+                total = _pool_sum(q.codes, kh, kw, sh, sw, pad, q.zp if a.count_include_pad else 0).sum(axis=0)
                 if a.count_include_pad:
                     count = kh * kw
                 else:
@@ -196,6 +202,6 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
                 out = qmath.avg_pool_divide(total, count)
             else:
                 raise NotImplementedError(f"reference executor: quantized op {name}")
-            vals[v] = _Q(out, q.scale, q.bits)
+            vals[v] = q.like(out)
     out = _to_float(vals[func.body.body])
     return (out, codes) if return_codes else out

@@ -237,6 +237,12 @@ class _Plan:
                 group.append(nxt.var)
             self._add_layer(layer, op_type, kind, group)
             self.resolved[layer] = resolved
+        kf = self.config.keep_first_last_bits
+        compute = [n for n, k in self.layer_kind.items() if k == COMPUTE]
+        if kf is not None and compute:
+            import dataclasses
+            for n in {compute[0], compute[-1]}:
+                self.resolved[n] = dataclasses.replace(self.resolved[n], weight_bits=kf, act_bits=kf)
 
     def _add_layer(self, layer, op_type, kind, group):
         for g in group:
@@ -255,6 +261,16 @@ class _Plan:
         if op_name(call) == "relax.add":
             return list(call.args)
         return [call.args[0]]
+
+    def bits_of_var(self, v):
+        """Bits of the codes a quantized var holds: its layer's, through pass-through ops."""
+        while True:
+            layer = self.layer_of.get(v)
+            if layer is None:
+                return None
+            if self.layer_kind[layer] != PASS:
+                return self.bits_of_layer(layer)
+            v = self.value[v].args[0]
 
     def bits_of_layer(self, layer):
         r = self.resolved.get(layer)
@@ -306,7 +322,7 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
                 if layer is not None and plan.root[layer].same_as(v) and plan.layer_kind[layer] != PASS:
                     bits = plan.bits_of_layer(layer)
                     for k, a in enumerate(plan.act_inputs(v)):
-                        if a in plan.qdomain:
+                        if a in plan.qdomain and plan.bits_of_var(a) == bits:
                             continue
                         if a not in in_marker:
                             src = remap.get(a, a)

@@ -48,6 +48,7 @@ class QPoint:
     bits: int
     signed: bool = True
     axis: int = -1
+    zero_point: int = 0
 
     @property
     def qmin(self) -> int:
@@ -59,7 +60,10 @@ class QPoint:
 
     def __repr__(self):
         t = self.threshold
-        tv = f"{float(t):.6g}" if np.ndim(t) == 0 else f"[{len(t)} channels, max {float(np.max(t)):.4g}]"
+        if isinstance(t, tuple):
+            tv = f"[{t[0]:.6g}, {t[1]:.6g}], zero_point={self.zero_point}"
+        else:
+            tv = f"{float(t):.6g}" if np.ndim(t) == 0 else f"[{len(t)} channels, max {float(np.max(t)):.4g}]"
         return f"QPoint({self.name}, {self.role}, {self.method}, threshold={tv}, bits={self.bits})"
 
 
@@ -154,6 +158,24 @@ def _make_calibrator(calibration, config: QConfig):
                       f"got {type(calibration).__name__}")
 
 
+def _fast_float(mod: tvm.IRModule, target=None) -> tvm.IRModule:
+    """Lower the tap module's float conv/dense chains onto relayq's scheduled fp32 kernels.
+
+    TVM's default CPU pipeline leaves conv2d unscheduled (seconds per image on a ResNet), so running
+    calibration data through it would dominate calibration time. A chain whose intermediate value is
+    tapped is left to TVM (the lowering only fuses chains with private intermediates).
+    """
+    from ..backend import presets
+
+    target = target or presets.target_from_preset(presets.best_host_preset())
+    kind = presets.preset_of(target)
+    if kind == "cuda-dp4a":
+        return mod
+    from ..backend.lower import lower_float
+
+    return lower_float(mod, kind)
+
+
 def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = True, target=None) -> list:
     """Run ``dataset`` through the tap module, feeding every activation point to ``calibrator``.
 
@@ -161,7 +183,7 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     """
     tmod, names = tap_module(annotated)
     specs = input_specs(annotated)
-    fn = compile_host(tmod, target)
+    fn = compile_host(_fast_float(tmod, target), target)
     total = len(dataset) if hasattr(dataset, "__len__") else None
     seen = 0
     with Progress("calibrating, batch", total=total, enabled=show_progress) as prog:
@@ -177,7 +199,7 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     return names
 
 
-def weight_qpoint(name: str, w: np.ndarray, bits: int, axis: int, method: str) -> QPoint:
+def weight_qpoint(name: str, w: np.ndarray, bits: int, axis: int, method: str, pow2: bool = False) -> QPoint:
     """Calibrate one weight tensor: symmetric, per tensor (``axis=-1``) or per channel along ``axis``."""
     from ..calibration.methods import weight_threshold
 
@@ -189,7 +211,27 @@ def weight_qpoint(name: str, w: np.ndarray, bits: int, axis: int, method: str) -
     else:
         t = np.asarray(t, dtype=np.float64)
         scale = np.array([qmath.scale_from_threshold(float(v), bits) for v in t])
+    if pow2:
+        scale = qmath.power_of_two(scale)
     return QPoint(name, "weight", method, t, scale, bits, True, axis)
+
+
+def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig) -> QPoint:
+    """Calibrate one activation point: symmetric signed codes, or asymmetric unsigned ones with a zero point."""
+    if config.act_symmetric:
+        t = float(calibrator.threshold(name, bits, True))
+        scale = qmath.scale_from_threshold(t, bits)
+        if config.power_of_two_scale:
+            scale = qmath.power_of_two(scale)
+        return QPoint(name, "act", method, t, scale, bits, True, -1)
+    lo, hi = (float(v) for v in calibrator.range(name, bits))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ConfigError(f"calibrator {method!r} returned a non-finite range ({lo}, {hi}) for point {name!r}")
+    scale, zp = qmath.asymmetric_params(lo, hi, bits)
+    if config.power_of_two_scale:
+        scale = qmath.power_of_two(scale)
+        zp = int(np.clip(np.round(-min(lo, 0.0) / scale), 0, (1 << bits) - 1))
+    return QPoint(name, "act", method, (lo, hi), scale, bits, False, -1, zp)
 
 
 def simulate(annotated: tvm.IRModule, qpoints: dict) -> tvm.IRModule:
@@ -213,12 +255,12 @@ def simulate(annotated: tvm.IRModule, qpoints: dict) -> tvm.IRModule:
                                           _bcast(p.scale, w.ndim, ax))
                     remap[b.var] = relax.const(fq.astype("float32"))
                     continue
-                st = qmath.storage_dtype(p.bits)
+                st = qmath.storage_dtype(p.bits, p.signed)
                 s = relax.const(float(p.scale), "float32")
-                q = relax.op.quantize(x, s, relax.const(0, st), axis=-1, out_dtype=st)
+                zp = relax.const(p.zero_point, st)
+                q = relax.op.quantize(x, s, zp, axis=-1, out_dtype=st)
                 q = relax.op.clip(q, p.qmin, p.qmax)
-                remap[b.var] = bb.emit(relax.op.dequantize(q, s, relax.const(0, st), axis=-1, out_dtype="float32"),
-                                       b.var.name)
+                remap[b.var] = bb.emit(relax.op.dequantize(q, s, zp, axis=-1, out_dtype="float32"), b.var.name)
             out = bb.emit_output(substitute(func.body.body, remap))
         bb.emit_func_output(out)
     mod = bb.get()
@@ -258,14 +300,14 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
             continue
         x, name, role, bits, axis = info
         if role == "weight":
-            points[name] = weight_qpoint(name, const_value(x), bits, axis, config.weight_method)
+            points[name] = weight_qpoint(name, const_value(x), bits, axis, config.weight_method,
+                                         config.power_of_two_scale)
         else:
             act_bits[name] = bits
     if act_bits:
         observe(annotated, dataset, calibrator, config.show_progress, target)
         for name, bits in act_bits.items():
-            t = float(calibrator.threshold(name, bits, True))
-            points[name] = QPoint(name, "act", method, t, qmath.scale_from_threshold(t, bits), bits, True, -1)
+            points[name] = act_qpoint(name, calibrator, method, bits, config)
     else:
         # Nothing to observe, but the dataset must still be valid for the model.
         specs = input_specs(annotated)

@@ -47,14 +47,19 @@ class Q:
     expr: Any
     scale: float
     bits: int
+    zp: int = 0                   # zero point (asymmetric unsigned codes); 0 when symmetric
+    signed: bool = True
 
     @property
     def lo(self):
-        return qmath.qrange(self.bits)[0]
+        return qmath.qrange(self.bits, self.signed)[0]
 
     @property
     def hi(self):
-        return qmath.qrange(self.bits)[1]
+        return qmath.qrange(self.bits, self.signed)[1]
+
+    def same_codes(self, scale, bits, zp, signed) -> bool:
+        return self.scale == scale and self.bits == bits and self.zp == zp and self.signed == signed
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Acc:
     lo: float = -np.inf           # real-valued clip bounds of a fused ReLU / clip
     hi: float = np.inf
     bias_added: bool = False
+    corr: Any = None              # int64 per-channel zero-point correction not yet added (folded into the bias)
 
 
 @dataclass
@@ -110,10 +116,13 @@ class Realizer:
         if isinstance(val, Q):
             key = id(val)
             if key not in self.dequantized:
-                self.dequantized[key] = self.emit(relax.op.multiply(
-                    relax.op.astype(val.expr, "float32"), relax.const(np.float32(val.scale))))
+                f = relax.op.astype(val.expr, "float32")
+                if val.zp:
+                    f = self.emit(relax.op.subtract(f, relax.const(np.float32(val.zp))))
+                self.dequantized[key] = self.emit(relax.op.multiply(f, relax.const(np.float32(val.scale))))
             return self.dequantized[key]
         if isinstance(val, Acc):
+            self._apply_corr(val)
             s = np.asarray(val.scale, dtype=np.float32)
             if s.ndim:
                 shape = [1] * val.ndim
@@ -137,14 +146,23 @@ class Realizer:
             return self.emit(relax.op.clip(y, float(lo), float(hi)))
         return y
 
-    def _code_bounds(self, lo_real, hi_real, scale, bits):
-        qlo, qhi = qmath.qrange(bits)
-        lo = qlo if lo_real == -np.inf else max(qlo, int(np.round(lo_real / scale)))
-        hi = qhi if hi_real == np.inf else min(qhi, int(np.round(hi_real / scale)))
+    def _code_bounds(self, lo_real, hi_real, scale, bits, zp=0, signed=True):
+        qlo, qhi = qmath.qrange(bits, signed)
+        lo = qlo if lo_real == -np.inf else max(qlo, int(np.round(lo_real / scale)) + zp)
+        hi = qhi if hi_real == np.inf else min(qhi, int(np.round(hi_real / scale)) + zp)
         return lo, hi
 
-    def _cast(self, t, bits):
-        return self.emit(relax.op.astype(t, qmath.storage_dtype(bits)))
+    def _cast(self, t, bits, signed=True, name=None):
+        e = relax.op.astype(t, qmath.storage_dtype(bits, signed))
+        return self.bb.emit(e, name) if name else self.emit(e)
+
+    def _apply_corr(self, acc: Acc) -> None:
+        """Add a pending zero-point correction to an accumulator that got no bias to fold it into."""
+        if acc.corr is not None:
+            shape = [1] * acc.ndim
+            shape[acc.channel_axis] = -1
+            acc.expr = self.emit(relax.op.add(acc.expr, relax.const(acc.corr.astype(np.int32).reshape(shape))))
+            acc.corr = None
 
     def _rounding_shift(self, t, shift, shape=None):
         """``(t + 2^(shift-1)) >> shift`` on int64 tensors (shift >= 1, scalar or per channel)."""
@@ -152,62 +170,89 @@ class Realizer:
         t = self.emit(relax.op.add(t, _i64(np.left_shift(np.int64(1), shift - 1), shape)))
         return self.emit(relax.op.right_shift(t, _i64(shift, shape)))
 
-    def requantize(self, acc_i32, factor, bits, lo, hi, shape=None, name=None):
-        """Emit the integer requantization chain of ``acc_i32`` by the real ``factor``."""
+    def requantize(self, acc, factor, bits, lo, hi, shape=None, name=None, zp_in=0, zp_out=0, signed=True):
+        """Emit the integer requantization chain of ``acc`` (codes less ``zp_in``) by the real ``factor``.
+
+        Where every factor is a power of two (``QConfig(power_of_two_scale=True)``) the multiply is
+        dropped and the chain is a rounding shift only; it computes the same integers as qmath.
+        """
         factor = np.asarray(factor, dtype=np.float64)
         m, s = qmath.quantize_multipliers(factor.reshape(-1))
         if factor.ndim == 0:
             m, s, shape = m[0], s[0], None
-        t = self.emit(relax.op.astype(acc_i32, "int64"))
-        t = self.emit(relax.op.multiply(t, _i64(m, shape)))
-        t = self._rounding_shift(t, s, shape)
+        t = self.emit(relax.op.astype(acc, "int64"))
+        if zp_in:
+            t = self.emit(relax.op.subtract(t, _i64(zp_in)))
+        if np.all(m == (1 << 30)) and np.all(s >= 30):
+            # M = 2^30: (t * 2^30 + 2^(s-1)) >> s == (t + 2^(s-31)) >> (s-30), or t itself when s == 30.
+            k = np.asarray(s, np.int64) - 30
+            if np.any(k > 0):
+                t = self._rounding_shift(t, np.maximum(k, 1), shape) if np.all(k > 0) else \
+                    self._shift_or_keep(t, k, shape)
+        else:
+            t = self.emit(relax.op.multiply(t, _i64(m, shape)))
+            t = self._rounding_shift(t, s, shape)
+        if zp_out:
+            t = self.emit(relax.op.add(t, _i64(zp_out)))
         t = self.emit(relax.op.clip(t, int(lo), int(hi)))
-        return self.bb.emit(relax.op.astype(t, qmath.storage_dtype(bits)), name) if name else \
-            self._cast(t, bits)
+        return self._cast(t, bits, signed, name)
 
-    def finalize(self, val, scale: float, bits: int, name=None) -> Q:
-        """Bring any value to codes at ``scale`` (a marker on it)."""
+    def _shift_or_keep(self, t, k, shape):
+        """Per-channel shift-only requantization where some channels shift by 0 (factor exactly 1)."""
+        k = np.asarray(k, np.int64)
+        half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k, 1) - 1), 0)
+        t = self.emit(relax.op.add(t, _i64(half, shape)))
+        return self.emit(relax.op.right_shift(t, _i64(k, shape)))
+
+    def finalize(self, val, scale: float, bits: int, name=None, zp: int = 0, signed: bool = True) -> Q:
+        """Bring any value to codes at ``(scale, zp)`` (a marker on it)."""
+        st = qmath.storage_dtype(bits, signed)
+        qlo, qhi = qmath.qrange(bits, signed)
         if isinstance(val, Float):
-            st = qmath.storage_dtype(bits)
-            lo, hi = qmath.qrange(bits)
-            q = self.emit(relax.op.quantize(val.expr, relax.const(np.float32(scale)), relax.const(0, st),
+            q = self.emit(relax.op.quantize(val.expr, relax.const(np.float32(scale)), relax.const(zp, st),
                                             axis=-1, out_dtype=st))
-            if (lo, hi) != (np.iinfo(st).min, np.iinfo(st).max):
-                q = self.emit(relax.op.clip(q, lo, hi), name)
-            return Q(q, scale, bits)
+            if (qlo, qhi) != (np.iinfo(st).min, np.iinfo(st).max):
+                q = self.emit(relax.op.clip(q, qlo, qhi), name)
+            return Q(q, scale, bits, zp, signed)
         if isinstance(val, Q):
-            if val.scale == scale and val.bits == bits:
+            if val.same_codes(scale, bits, zp, signed):
                 return val
-            lo, hi = qmath.qrange(bits)
-            return Q(self.requantize(val.expr, val.scale / scale, bits, lo, hi, name=name), scale, bits)
+            return Q(self.requantize(val.expr, val.scale / scale, bits, qlo, qhi, name=name, zp_in=val.zp,
+                                     zp_out=zp, signed=signed), scale, bits, zp, signed)
         if isinstance(val, Acc):
-            lo, hi = self._code_bounds(val.lo, val.hi, scale, bits)
+            self._apply_corr(val)
+            lo, hi = self._code_bounds(val.lo, val.hi, scale, bits, zp, signed)
             shape = None
             if np.ndim(val.scale):
                 shape = [1] * val.ndim
                 shape[val.channel_axis] = -1
-            return Q(self.requantize(val.expr, np.asarray(val.scale, np.float64) / scale, bits, lo, hi, shape, name),
-                     scale, bits)
+            return Q(self.requantize(val.expr, np.asarray(val.scale, np.float64) / scale, bits, lo, hi, shape, name,
+                                     zp_out=zp, signed=signed), scale, bits, zp, signed)
         if isinstance(val, Pending):
-            lo, hi = self._code_bounds(val.lo, val.hi, scale, bits)
+            lo, hi = self._code_bounds(val.lo, val.hi, scale, bits, zp, signed)
             if val.kind == "add":
                 terms = []
                 for p in val.parts:
                     m, s = qmath.add_rescale_params(p.scale, scale)
-                    t = self.emit(relax.op.multiply(self.emit(relax.op.astype(p.expr, "int64")), _i64(m)))
+                    t = self.emit(relax.op.astype(p.expr, "int64"))
+                    if p.zp:
+                        t = self.emit(relax.op.subtract(t, _i64(p.zp)))
+                    t = self.emit(relax.op.multiply(t, _i64(m)))
                     terms.append(self._rounding_shift(t, s))
                 t = self.emit(relax.op.add(terms[0], terms[1]))
                 t = self._rounding_shift(t, qmath.ADD_EXTRA_BITS)
+                if zp:
+                    t = self.emit(relax.op.add(t, _i64(zp)))
                 t = self.emit(relax.op.clip(t, lo, hi))
-                return Q(self.bb.emit(relax.op.astype(t, qmath.storage_dtype(bits)), name) if name
-                         else self._cast(t, bits), scale, bits)
+                return Q(self._cast(t, bits, signed, name), scale, bits, zp, signed)
             parts = []
             for p in val.parts:
-                if p.scale == scale and p.bits == bits and (lo, hi) == qmath.qrange(bits):
+                if p.same_codes(scale, bits, zp, signed) and (lo, hi) == (qlo, qhi):
                     parts.append(p.expr)
                 else:
-                    parts.append(self.requantize(p.expr, p.scale / scale, bits, lo, hi))
-            return Q(self.emit(relax.op.concat(parts, axis=val.attrs["axis"]), name), scale, bits)
+                    parts.append(self.requantize(p.expr, p.scale / scale, bits, lo, hi, zp_in=p.zp, zp_out=zp,
+                                                 signed=signed))
+            return Q(self.emit(relax.op.concat(parts, axis=val.attrs["axis"]), name), scale, bits, zp, signed)
         raise TypeError(val)
 
     def as_q(self, val, where: str) -> Q:
@@ -226,31 +271,48 @@ class Realizer:
         wconst = relax.const(wq.astype(st))
         self.int_params[f"{wp.name}"] = wq.astype(st)
         acc_scale = np.float64(x.scale) * np.asarray(wp.scale, dtype=np.float64)
+        acc_scale = acc_scale if acc_scale.ndim else float(acc_scale)
+        corr = None
+        if x.zp:
+            # sum_k w (x - zp) = sum_k w x - zp * sum_k w: the second term is a per-channel constant,
+            # folded into the int32 bias (rule_bias) or added on its own when the layer has none.
+            corr = -np.int64(x.zp) * wq.reshape(wq.shape[0], -1).sum(axis=1) if call.op.name == "relax.nn.conv2d" \
+                else -np.int64(x.zp) * wq.sum(axis=0)
         if op_name(call) == "relax.nn.conv2d":
             a = call.attrs
             k = int(np.prod(w_float.shape[1:]))
             self._check_overflow(v.name, k, x, wp)
-            e = self.emit(relax.op.nn.conv2d(x.expr, wconst, strides=a.strides, padding=a.padding,
+            xe, padding = x.expr, [int(p) for p in a.padding]
+            if x.zp and any(padding):
+                # Padding must hold the code of real zero, which is the zero point, not 0.
+                pt, pl, pb, pr = padding
+                xe = self.emit(relax.op.nn.pad(xe, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=float(x.zp)))
+                padding = [0, 0, 0, 0]
+            e = self.emit(relax.op.nn.conv2d(xe, wconst, strides=a.strides, padding=padding,
                                              dilation=a.dilation, groups=a.groups, data_layout="NCHW",
                                              kernel_layout="OIHW", out_dtype="int32"), v.name)
-            return Acc(e, acc_scale if acc_scale.ndim else float(acc_scale), 1, 4)
+            return Acc(e, acc_scale, 1, 4, corr=corr)
         k = int(w_float.shape[0])
         self._check_overflow(v.name, k, x, wp)
         e = self.emit(relax.op.matmul(x.expr, wconst, out_dtype="int32"), v.name)
-        return Acc(e, acc_scale if acc_scale.ndim else float(acc_scale), 1, 2)
+        return Acc(e, acc_scale, 1, 2, corr=corr)
 
     def _check_overflow(self, layer, k, x: Q, wp):
-        worst = k * (qmath.qrange(x.bits)[1]) * (qmath.qrange(wp.bits)[1])
+        xmax = max(abs(x.lo), abs(x.hi))
+        wmax = qmath.qrange(wp.bits)[1]
+        worst = k * xmax * wmax
         if worst > _INT32_MAX:
             raise OverflowRiskError(
-                f"layer {layer}: worst-case accumulator {k} x {qmath.qrange(x.bits)[1]} x {qmath.qrange(wp.bits)[1]} = "
-                f"{worst} overflows int32; lower act_bits/weight_bits for this layer")
+                f"layer {layer}: worst-case accumulator {k} x {xmax} x {wmax} = {worst} overflows int32; "
+                "lower act_bits/weight_bits for this layer")
 
     def rule_bias(self, v, call, args):
         acc = args[0]
         b = const_value(call.args[1]).astype(np.float64)
         scale = np.asarray(acc.scale, dtype=np.float64)
         bq = np.round(b / (scale.reshape(b.shape) if scale.ndim else scale))
+        if acc.corr is not None:
+            bq = bq + acc.corr.reshape(bq.shape)       # annotate only fuses biases with one value per channel
         if np.any(np.abs(bq) > _INT32_MAX):
             raise OverflowRiskError(f"layer {v.name}: bias does not fit int32 at scale s_x*s_w")
         self.int_params[f"{v.name}:bias"] = bq.astype(np.int32)
@@ -267,8 +329,8 @@ class Realizer:
             val.lo, val.hi = max(val.lo, lo), min(val.hi, hi)
             return val
         q = self.as_q(val, v.name)
-        clo, chi = self._code_bounds(lo, hi, q.scale, q.bits)
-        return Q(self.emit(relax.op.clip(q.expr, clo, chi), v.name), q.scale, q.bits)
+        clo, chi = self._code_bounds(lo, hi, q.scale, q.bits, q.zp, q.signed)
+        return Q(self.emit(relax.op.clip(q.expr, clo, chi), v.name), q.scale, q.bits, q.zp, q.signed)
 
     def rule_merge(self, v, call, args):
         if op_name(call) == "relax.add":
@@ -279,20 +341,21 @@ class Realizer:
     def rule_pass(self, v, call, args):
         name = op_name(call)
         q = self.as_q(args[0], v.name)
+        like = dict(scale=q.scale, bits=q.bits, zp=q.zp, signed=q.signed)
         if name == "relax.nn.max_pool2d":
-            return Q(self.emit(relax.Call(call.op, [q.expr], call.attrs), v.name), q.scale, q.bits)
+            return Q(self.emit(relax.Call(call.op, [q.expr], call.attrs), v.name), **like)
         if name in ("relax.reshape", "relax.flatten"):
-            return Q(self.emit(relax.Call(call.op, [q.expr] + list(call.args[1:]), call.attrs), v.name), q.scale, q.bits)
+            return Q(self.emit(relax.Call(call.op, [q.expr] + list(call.args[1:]), call.attrs), v.name), **like)
         if name in ("relax.mean", "relax.nn.adaptive_avg_pool2d"):
             n, c, h, w = shape_of(call.args[0])
             keep = name == "relax.nn.adaptive_avg_pool2d" or bool(call.attrs.keepdims)
             total = self.emit(relax.op.sum(relax.op.astype(q.expr, "int32"), axis=[2, 3], keepdims=keep))
-            return Q(self._int_average(total, np.array(h * w, np.int32), q.bits, v.name), q.scale, q.bits)
+            return Q(self._int_average(total, np.array(h * w, np.int32), q, v.name), **like)
         if name == "relax.nn.avg_pool2d":
-            return Q(self._avg_pool(q, call, v.name), q.scale, q.bits)
+            return Q(self._avg_pool(q, call, v.name), **like)
         raise ConfigError(f"realize: no integer rule for {name}")
 
-    def _int_average(self, total, count, bits, name):
+    def _int_average(self, total, count, q: Q, name):
         """qmath.avg_pool_divide in Relax: divide with rounding half away from zero."""
         cnt = relax.const(np.asarray(count, np.int32))
         half = relax.const(np.asarray(count, np.int32) // 2)
@@ -300,26 +363,30 @@ class Realizer:
         neg = self.emit(relax.op.negative(relax.op.floor_divide(relax.op.add(relax.op.negative(total), half), cnt)))
         zero = relax.const(np.int32(0))
         avg = self.emit(relax.op.where(relax.op.greater_equal(total, zero), pos, neg))
-        return self.bb.emit(relax.op.astype(avg, qmath.storage_dtype(bits)), name)
+        return self.bb.emit(relax.op.astype(avg, qmath.storage_dtype(q.bits, q.signed)), name)
 
     def _avg_pool(self, q: Q, call, name):
         a = call.attrs
         n, c, h, w = shape_of(call.args[0])
         kh, kw = (int(s) for s in a.pool_size)
         pad = [int(p) for p in a.padding]
-        ones = relax.const(np.ones((c, 1, kh, kw), dtype=qmath.storage_dtype(q.bits)))
+        ones = relax.const(np.ones((c, 1, kh, kw), dtype=qmath.storage_dtype(q.bits, q.signed)))
         total = self.emit(relax.op.nn.conv2d(q.expr, ones, strides=a.strides, padding=pad, groups=c,
                                              out_dtype="int32"))
         oh, ow = shape_of(total)[2:]
+        # The number of real (unpadded) inputs under each window, computed once here.
+        mask = np.pad(np.ones((h, w), np.int64), ((pad[0], pad[2]), (pad[1], pad[3])))
+        sh, sw = (int(s) for s in a.strides)
+        real = np.array([[mask[i * sh:i * sh + kh, j * sw:j * sw + kw].sum() for j in range(ow)]
+                         for i in range(oh)], np.int32).reshape(1, 1, oh, ow)
         if a.count_include_pad:
             count = np.full((1, 1, oh, ow), kh * kw, np.int32)
+            if q.zp and np.any(real != kh * kw):
+                # Padded cells hold real zero, i.e. the zero point: add what the zero padding left out.
+                total = self.emit(relax.op.add(total, relax.const((q.zp * (kh * kw - real)).astype(np.int32))))
         else:
-            # The number of real (unpadded) inputs under each window, computed once here.
-            mask = np.pad(np.ones((h, w), np.int64), ((pad[0], pad[2]), (pad[1], pad[3])))
-            sh, sw = (int(s) for s in a.strides)
-            count = np.array([[mask[i * sh:i * sh + kh, j * sw:j * sw + kw].sum() for j in range(ow)]
-                              for i in range(oh)], np.int32).reshape(1, 1, oh, ow)
-        return self._int_average(total, count, q.bits, name)
+            count = real
+        return self._int_average(total, count, q, name)
 
     # ---------------------------------------------------------------- walk
     def run(self) -> tvm.IRModule:
@@ -338,7 +405,8 @@ class Realizer:
                         if role == "weight":
                             self.weights[v] = (const_value(x), qp)
                             continue
-                        self.values[v] = self.finalize(self.values[x], float(qp.scale), qp.bits, name=v.name)
+                        self.values[v] = self.finalize(self.values[x], float(qp.scale), qp.bits, name=v.name,
+                                                       zp=qp.zero_point, signed=qp.signed)
                         continue
                     name = op_name(call)
                     if v.name in self.quantized:

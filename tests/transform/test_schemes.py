@@ -1,0 +1,148 @@
+"""Quantization schemes: asymmetric activations, power-of-two scales, 2..16 bits, mixed precision.
+
+Every scheme must realize to an integer graph that equals the qmath reference executor bit for bit.
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+import relayq
+from relayq.analysis.reference import reference_run
+from relayq.transform.common import bindings, dtype_of, op_name
+
+from helpers import tiny_cnn
+
+CFG = relayq.QConfig(show_progress=False)
+
+
+def _quantize(config, seed=0, calibration="naive"):
+    mod, params = tiny_cnn(seed)
+    rng = np.random.RandomState(seed + 1)
+    data = [rng.randn(2, 3, 8, 8).astype("float32") for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return relayq.quantize_model(mod, params, data, calibration, config), rng
+
+
+def _assert_exact(q, rng, n=2):
+    lib = relayq.build(q)
+    for _ in range(n):
+        x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
+        np.testing.assert_array_equal(lib(x), reference_run(q.annotated, q.qpoints, x))
+    return lib
+
+
+@pytest.mark.parametrize("calibration", ["naive", "mse", "percentile"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_asymmetric_activations_are_exact(calibration, per_channel):
+    q, rng = _quantize(CFG.replace(act_symmetric=False, per_channel=per_channel), calibration=calibration)
+    acts = [p for p in q.qpoints.values() if p.role == "act"]
+    assert all(not p.signed and 0 <= p.zero_point <= 255 for p in acts)
+    assert any(p.zero_point > 0 for p in acts)            # the float input is signed: it needs a zero point
+    binds = bindings(q.realized["main"])
+    assert any(dtype_of(b.var) == "uint8" for b in binds)
+    # Zero points are folded into the int32 biases: no subtraction in front of any conv / dense.
+    producer = {b.var: b.value for b in binds}
+    for b in binds:
+        if op_name(b.value) in ("relax.nn.conv2d", "relax.matmul") and dtype_of(b.var) == "int32":
+            src = producer.get(b.value.args[0])
+            assert op_name(src) != "relax.subtract"
+    _assert_exact(q, rng)
+
+
+def test_asymmetric_padding_holds_the_zero_point():
+    """A padded conv on asymmetric codes pads with the zero point (real zero), not with code 0."""
+    q, rng = _quantize(CFG.replace(act_symmetric=False))
+    pads = [b for b in bindings(q.realized["main"]) if op_name(b.value) == "relax.nn.pad"]
+    assert pads, "the first (padded) conv reads a signed input with a zero point"
+    zp = q.qpoints["conv2d_0:in0"].zero_point
+    assert float(pads[0].value.attrs.pad_value) == zp
+
+
+def test_power_of_two_scales_requantize_by_shifts_only():
+    q, rng = _quantize(CFG.replace(power_of_two_scale=True, per_channel=True))
+    for p in q.qpoints.values():
+        s = np.atleast_1d(np.asarray(p.scale, np.float64))
+        assert np.all(np.log2(s) == np.round(np.log2(s))), p.name
+    binds = bindings(q.realized["main"])
+    int_mults = [b for b in binds if op_name(b.value) == "relax.multiply" and dtype_of(b.var) == "int64"]
+    # Only the adds rescale their operands by a multiplier; conv / dense requantization is shift-only.
+    n_add_operands = 2 * sum(1 for b in binds if op_name(b.value) == "relax.add" and dtype_of(b.var) == "int64"
+                             and all(op_name({x.var: x.value for x in binds}.get(a)) == "relax.right_shift"
+                                     for a in b.value.args))
+    assert len(int_mults) <= n_add_operands
+    _assert_exact(q, rng)
+
+
+@pytest.mark.parametrize("wbits,abits", [(2, 2), (3, 8), (4, 4), (4, 8), (5, 7), (8, 4), (8, 8), (6, 12),
+                                         (12, 6), (10, 10), (16, 8), (8, 16)])
+def test_every_bit_width_is_exact(wbits, abits):
+    """Property over widths: the realized integer graph equals the reference, and codes stay in range."""
+    q, rng = _quantize(CFG.replace(weight_bits=wbits, act_bits=abits, per_channel=True))
+    for name, codes in q.params.items():
+        if name.endswith(":w"):
+            lim = (1 << (wbits - 1)) - 1
+            assert np.abs(codes).max() <= lim
+            assert codes.dtype == (np.int8 if wbits <= 8 else np.int16)
+    x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
+    _, codes = reference_run(q.annotated, q.qpoints, x, return_codes=True)
+    for name, c in codes.items():
+        assert np.abs(c).max() <= (1 << (abits - 1)) - 1, name
+    _assert_exact(q, rng, n=1)
+
+
+def test_asymmetric_low_bits_exact():
+    q, rng = _quantize(CFG.replace(act_symmetric=False, weight_bits=4, act_bits=5, per_channel=True))
+    assert all(p.qmax == 31 for p in q.qpoints.values() if p.role == "act")
+    _assert_exact(q, rng, n=1)
+
+
+def test_overflow_guard_refuses_before_int32_overflows():
+    # 27 x 32767 x 32767 > 2^31: refused with the layer named, before anything is built.
+    with pytest.raises(relayq.OverflowRiskError, match="conv2d_0.*overflows int32"):
+        _quantize(CFG.replace(weight_bits=16, act_bits=16))
+    # 16-bit weights with 8-bit activations fit (K x 127 x 32767 < 2^31 for every layer here).
+    q, rng = _quantize(CFG.replace(weight_bits=16, act_bits=8))
+    assert q.qpoints["dense_0:w"].bits == 16
+
+
+def test_mixed_precision_overrides_and_precedence():
+    cfg = CFG.replace(weight_bits=6, act_bits=8,
+                      op_overrides={"conv2d": relayq.LayerConfig(weight_bits=5)},
+                      layer_overrides={"conv2d_1": relayq.LayerConfig(weight_bits=3, act_bits=7),
+                                       "dense_.*": relayq.LayerConfig(weight_bits=4)})
+    q, rng = _quantize(cfg)
+    assert q.qpoints["conv2d_0:w"].bits == 5          # op type over global
+    assert q.qpoints["conv2d_1:w"].bits == 3          # name over op type
+    assert q.qpoints["conv2d_1:out"].bits == 7
+    assert q.qpoints["dense_0:w"].bits == 4           # regex
+    _assert_exact(q, rng, n=1)
+
+
+def test_keep_first_last_layers_at_higher_precision():
+    q, rng = _quantize(CFG.replace(weight_bits=4, act_bits=4, keep_first_last_bits=8))
+    assert q.qpoints["conv2d_0:w"].bits == 8 and q.qpoints["dense_0:w"].bits == 8
+    assert q.qpoints["conv2d_1:w"].bits == 4
+    _assert_exact(q, rng, n=1)
+
+
+def test_float_island_in_the_middle_still_runs():
+    """A skipped layer in the middle stays float; the graph dequantizes into it and requantizes after."""
+    q, rng = _quantize(CFG.replace(skip_layers=("conv2d_1",)))
+    assert "conv2d_1" not in q.layers
+    binds = bindings(q.realized["main"])
+    float_convs = [b for b in binds if op_name(b.value) == "relax.nn.conv2d" and dtype_of(b.var) == "float32"]
+    assert len(float_convs) == 1
+    lib = _assert_exact_or_close(q, rng)
+    assert lib is not None
+
+
+def _assert_exact_or_close(q, rng):
+    mod, params = tiny_cnn(0)
+    fp = relayq.build(mod, params=params)
+    lib = relayq.build(q)
+    x = rng.randn(2, 3, 8, 8).astype("float32")
+    a, b = lib(x), fp(x)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+    return lib
