@@ -9,6 +9,7 @@ import pytest
 
 import relayq
 from relayq.analysis.reference import reference_run
+from relayq.runtime import compile_host
 from relayq.transform.common import bindings, dtype_of, op_name
 
 from helpers import tiny_cnn
@@ -26,10 +27,14 @@ def _quantize(config, seed=0, calibration="naive"):
 
 
 def _assert_exact(q, rng, n=2):
+    """realized == qmath reference == simulated (the float fake-quant module), bit for bit."""
     lib = relayq.build(q)
+    sim = compile_host(q.simulated)
     for _ in range(n):
         x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
-        np.testing.assert_array_equal(lib(x), reference_run(q.annotated, q.qpoints, x))
+        y = lib(x)
+        np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
+        np.testing.assert_array_equal(sim(x)[0], y)
     return lib
 
 
@@ -78,7 +83,7 @@ def test_power_of_two_scales_requantize_by_shifts_only():
 @pytest.mark.parametrize("wbits,abits", [(2, 2), (3, 8), (4, 4), (4, 8), (5, 7), (8, 4), (8, 8), (6, 12),
                                          (12, 6), (10, 10), (16, 8), (8, 16)])
 def test_every_bit_width_is_exact(wbits, abits):
-    """Property over widths: the realized integer graph equals the reference, and codes stay in range."""
+    """Property over widths: simulated == realized == reference, and codes stay in range."""
     q, rng = _quantize(CFG.replace(weight_bits=wbits, act_bits=abits, per_channel=True))
     for name, codes in q.params.items():
         if name.endswith(":w"):

@@ -6,7 +6,7 @@ tensor streams into an observer (histograms of bounded size), so memory never de
 the dataset. Weights are calibrated from the constants themselves.
 
 The result is the list of :class:`QPoint` records (name, role, method, threshold, scale, bits) and
-the *simulated* module: the annotated graph with each marker replaced by fake quantization
+the *simulated* module (see :class:`~relayq.transform.realize.Simulator`): fake quantization on a float
 (quantize -> clip -> dequantize) at the chosen scale, which runs in float and shows the accuracy the
 integer model will have.
 
@@ -234,51 +234,6 @@ def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig) -
     return QPoint(name, "act", method, (lo, hi), scale, bits, False, -1, zp)
 
 
-def simulate(annotated: tvm.IRModule, qpoints: dict) -> tvm.IRModule:
-    """Replace every marker by fake quantization at its calibrated scale (a float QDQ graph)."""
-    func = main_function(annotated)
-    bb = relax.BlockBuilder()
-    remap = {}
-    with bb.function("main", list(func.params)):
-        with bb.dataflow():
-            for b in bindings(func):
-                info = simq_info(b.value)
-                if info is None:
-                    remap[b.var] = bb.emit(substitute(b.value, remap), b.var.name)
-                    continue
-                x, name = substitute(info[0], remap), info[1]
-                p = qpoints[name]
-                if p.role == "weight":
-                    w = const_value(info[0])
-                    ax = None if p.axis < 0 else p.axis
-                    fq = qmath.dequantize(qmath.quantize(w, p.scale, p.bits, axis=ax),
-                                          _bcast(p.scale, w.ndim, ax))
-                    remap[b.var] = relax.const(fq.astype("float32"))
-                    continue
-                st = qmath.storage_dtype(p.bits, p.signed)
-                s = relax.const(float(p.scale), "float32")
-                zp = relax.const(p.zero_point, st)
-                q = relax.op.quantize(x, s, zp, axis=-1, out_dtype=st)
-                q = relax.op.clip(q, p.qmin, p.qmax)
-                remap[b.var] = bb.emit(relax.op.dequantize(q, s, zp, axis=-1, out_dtype="float32"), b.var.name)
-            out = bb.emit_output(substitute(func.body.body, remap))
-        bb.emit_func_output(out)
-    mod = bb.get()
-    for gv, f in annotated.functions_items():
-        if gv.name_hint != "main":
-            mod[gv] = f
-    return mod
-
-
-def _bcast(v, ndim, axis):
-    v = np.asarray(v, dtype=np.float64)
-    if v.ndim == 0 or axis is None:
-        return v
-    shape = [1] * ndim
-    shape[axis] = -1
-    return v.reshape(shape)
-
-
 def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QConfig | None = None,
               target=None):
     """Calibrate every quantization point of ``annotated``.
@@ -317,4 +272,6 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
             n += 1
         if n == 0:
             raise DatasetError("the calibration dataset is empty: pass at least one batch")
+    from .realize import simulate
+
     return simulate(annotated, points), points

@@ -116,19 +116,15 @@ class Realizer:
         if isinstance(val, Q):
             key = id(val)
             if key not in self.dequantized:
-                f = relax.op.astype(val.expr, "float32")
-                if val.zp:
-                    f = self.emit(relax.op.subtract(f, relax.const(np.float32(val.zp))))
-                self.dequantized[key] = self.emit(relax.op.multiply(f, relax.const(np.float32(val.scale))))
+                self.dequantized[key] = self.dequantize(val)
             return self.dequantized[key]
         if isinstance(val, Acc):
-            self._apply_corr(val)
             s = np.asarray(val.scale, dtype=np.float32)
             if s.ndim:
                 shape = [1] * val.ndim
                 shape[val.channel_axis] = -1
                 s = s.reshape(shape)
-            y = self.emit(relax.op.multiply(relax.op.astype(val.expr, "float32"), relax.const(s)))
+            y = self.emit(relax.op.multiply(relax.op.astype(self.acc_int(val), "float32"), relax.const(s)))
             return self._float_clip(y, val.lo, val.hi)
         if isinstance(val, Pending):
             fl = [self.to_float(p) for p in val.parts]
@@ -138,6 +134,29 @@ class Realizer:
                 y = self.emit(relax.op.concat(fl, axis=val.attrs["axis"]))
             return self._float_clip(y, val.lo, val.hi)
         raise TypeError(val)
+
+    # ------------------------------------------------------ carrier hooks
+    # The realized graph carries integer codes; :class:`Simulator` overrides these four hooks to carry
+    # dequantized floats instead, with every rounding done on codes recovered exactly from them.
+    def codes(self, q: Q):
+        """The integer codes of ``q`` (an int8/uint8/int16 expression)."""
+        return q.expr
+
+    def wrap(self, codes, scale, bits, zp=0, signed=True, name=None) -> Q:
+        """A Q value from an integer-codes expression."""
+        return Q(codes, scale, bits, zp, signed)
+
+    def dequantize(self, q: Q):
+        """``(codes - zp) * scale`` in float32: where the graph leaves the quantized region."""
+        f = self.emit(relax.op.astype(q.expr, "float32"))
+        if q.zp:
+            f = self.emit(relax.op.subtract(f, relax.const(np.float32(q.zp))))
+        return self.emit(relax.op.multiply(f, relax.const(np.float32(q.scale))))
+
+    def acc_int(self, acc: Acc):
+        """The int32 accumulator of ``acc`` (its pending zero-point correction added)."""
+        self._apply_corr(acc)
+        return acc.expr
 
     def _float_clip(self, y, lo, hi):
         if lo == 0.0 and hi == np.inf:
@@ -213,28 +232,27 @@ class Realizer:
                                             axis=-1, out_dtype=st))
             if (qlo, qhi) != (np.iinfo(st).min, np.iinfo(st).max):
                 q = self.emit(relax.op.clip(q, qlo, qhi), name)
-            return Q(q, scale, bits, zp, signed)
+            return self.wrap(q, scale, bits, zp, signed, name)
         if isinstance(val, Q):
             if val.same_codes(scale, bits, zp, signed):
                 return val
-            return Q(self.requantize(val.expr, val.scale / scale, bits, qlo, qhi, name=name, zp_in=val.zp,
-                                     zp_out=zp, signed=signed), scale, bits, zp, signed)
+            return self.wrap(self.requantize(self.codes(val), val.scale / scale, bits, qlo, qhi, name=name,
+                                             zp_in=val.zp, zp_out=zp, signed=signed), scale, bits, zp, signed, name)
         if isinstance(val, Acc):
-            self._apply_corr(val)
             lo, hi = self._code_bounds(val.lo, val.hi, scale, bits, zp, signed)
             shape = None
             if np.ndim(val.scale):
                 shape = [1] * val.ndim
                 shape[val.channel_axis] = -1
-            return Q(self.requantize(val.expr, np.asarray(val.scale, np.float64) / scale, bits, lo, hi, shape, name,
-                                     zp_out=zp, signed=signed), scale, bits, zp, signed)
+            return self.wrap(self.requantize(self.acc_int(val), np.asarray(val.scale, np.float64) / scale, bits, lo,
+                                             hi, shape, name, zp_out=zp, signed=signed), scale, bits, zp, signed, name)
         if isinstance(val, Pending):
             lo, hi = self._code_bounds(val.lo, val.hi, scale, bits, zp, signed)
             if val.kind == "add":
                 terms = []
                 for p in val.parts:
                     m, s = qmath.add_rescale_params(p.scale, scale)
-                    t = self.emit(relax.op.astype(p.expr, "int64"))
+                    t = self.emit(relax.op.astype(self.codes(p), "int64"))
                     if p.zp:
                         t = self.emit(relax.op.subtract(t, _i64(p.zp)))
                     t = self.emit(relax.op.multiply(t, _i64(m)))
@@ -244,15 +262,15 @@ class Realizer:
                 if zp:
                     t = self.emit(relax.op.add(t, _i64(zp)))
                 t = self.emit(relax.op.clip(t, lo, hi))
-                return Q(self._cast(t, bits, signed, name), scale, bits, zp, signed)
+                return self.wrap(self._cast(t, bits, signed, name), scale, bits, zp, signed, name)
             parts = []
             for p in val.parts:
                 if p.same_codes(scale, bits, zp, signed) and (lo, hi) == (qlo, qhi):
-                    parts.append(p.expr)
+                    parts.append(self.codes(p))
                 else:
-                    parts.append(self.requantize(p.expr, p.scale / scale, bits, lo, hi, zp_in=p.zp, zp_out=zp,
+                    parts.append(self.requantize(self.codes(p), p.scale / scale, bits, lo, hi, zp_in=p.zp, zp_out=zp,
                                                  signed=signed))
-            return Q(self.emit(relax.op.concat(parts, axis=val.attrs["axis"]), name), scale, bits, zp, signed)
+            return self.wrap(self.emit(relax.op.concat(parts, axis=val.attrs["axis"])), scale, bits, zp, signed, name)
         raise TypeError(val)
 
     def as_q(self, val, where: str) -> Q:
@@ -262,16 +280,21 @@ class Realizer:
                           "(the annotated module is inconsistent)")
 
     # ---------------------------------------------------------------- op rules
-    def rule_compute(self, v, call, args):
-        x = self.as_q(args[0], v.name)
+    def _weight_codes(self, v, call, x: Q):
+        """The layer's integer weights, their QPoint and the accumulator scale s_x * s_w (overflow-checked)."""
         w_float, wp = self.weights[call.args[1]]
         ax = None if wp.axis < 0 else wp.axis
         wq = qmath.quantize(w_float, wp.scale, wp.bits, axis=ax)
-        st = qmath.storage_dtype(wp.bits)
-        wconst = relax.const(wq.astype(st))
-        self.int_params[f"{wp.name}"] = wq.astype(st)
+        self.int_params[f"{wp.name}"] = wq.astype(qmath.storage_dtype(wp.bits))
         acc_scale = np.float64(x.scale) * np.asarray(wp.scale, dtype=np.float64)
-        acc_scale = acc_scale if acc_scale.ndim else float(acc_scale)
+        k = int(np.prod(w_float.shape[1:])) if op_name(call) == "relax.nn.conv2d" else int(w_float.shape[0])
+        self._check_overflow(v.name, k, x, wp)
+        return wq, wp, (acc_scale if acc_scale.ndim else float(acc_scale))
+
+    def rule_compute(self, v, call, args):
+        x = self.as_q(args[0], v.name)
+        wq, wp, acc_scale = self._weight_codes(v, call, x)
+        wconst = relax.const(wq.astype(qmath.storage_dtype(wp.bits)))
         corr = None
         if x.zp:
             # sum_k w (x - zp) = sum_k w x - zp * sum_k w: the second term is a per-channel constant,
@@ -280,8 +303,6 @@ class Realizer:
                 else -np.int64(x.zp) * wq.sum(axis=0)
         if op_name(call) == "relax.nn.conv2d":
             a = call.attrs
-            k = int(np.prod(w_float.shape[1:]))
-            self._check_overflow(v.name, k, x, wp)
             xe, padding = x.expr, [int(p) for p in a.padding]
             if x.zp and any(padding):
                 # Padding must hold the code of real zero, which is the zero point, not 0.
@@ -292,8 +313,6 @@ class Realizer:
                                              dilation=a.dilation, groups=a.groups, data_layout="NCHW",
                                              kernel_layout="OIHW", out_dtype="int32"), v.name)
             return Acc(e, acc_scale, 1, 4, corr=corr)
-        k = int(w_float.shape[0])
-        self._check_overflow(v.name, k, x, wp)
         e = self.emit(relax.op.matmul(x.expr, wconst, out_dtype="int32"), v.name)
         return Acc(e, acc_scale, 1, 2, corr=corr)
 
@@ -306,8 +325,8 @@ class Realizer:
                 f"layer {layer}: worst-case accumulator {k} x {xmax} x {wmax} = {worst} overflows int32; "
                 "lower act_bits/weight_bits for this layer")
 
-    def rule_bias(self, v, call, args):
-        acc = args[0]
+    def _bias_codes(self, v, call, acc: Acc) -> np.ndarray:
+        """The bias as int32 codes at the accumulator's scale, with any zero-point correction folded in."""
         b = const_value(call.args[1]).astype(np.float64)
         scale = np.asarray(acc.scale, dtype=np.float64)
         bq = np.round(b / (scale.reshape(b.shape) if scale.ndim else scale))
@@ -316,6 +335,11 @@ class Realizer:
         if np.any(np.abs(bq) > _INT32_MAX):
             raise OverflowRiskError(f"layer {v.name}: bias does not fit int32 at scale s_x*s_w")
         self.int_params[f"{v.name}:bias"] = bq.astype(np.int32)
+        return bq
+
+    def rule_bias(self, v, call, args):
+        acc = args[0]
+        bq = self._bias_codes(v, call, acc)
         e = self.emit(relax.op.add(acc.expr, relax.const(bq.astype(np.int32))), v.name)
         return Acc(e, acc.scale, acc.channel_axis, acc.ndim, acc.lo, acc.hi, True)
 
@@ -330,7 +354,7 @@ class Realizer:
             return val
         q = self.as_q(val, v.name)
         clo, chi = self._code_bounds(lo, hi, q.scale, q.bits, q.zp, q.signed)
-        return Q(self.emit(relax.op.clip(q.expr, clo, chi), v.name), q.scale, q.bits, q.zp, q.signed)
+        return self.wrap(self.emit(relax.op.clip(self.codes(q), clo, chi)), q.scale, q.bits, q.zp, q.signed, v.name)
 
     def rule_merge(self, v, call, args):
         if op_name(call) == "relax.add":
@@ -349,10 +373,10 @@ class Realizer:
         if name in ("relax.mean", "relax.nn.adaptive_avg_pool2d"):
             n, c, h, w = shape_of(call.args[0])
             keep = name == "relax.nn.adaptive_avg_pool2d" or bool(call.attrs.keepdims)
-            total = self.emit(relax.op.sum(relax.op.astype(q.expr, "int32"), axis=[2, 3], keepdims=keep))
-            return Q(self._int_average(total, np.array(h * w, np.int32), q, v.name), **like)
+            total = self.emit(relax.op.sum(relax.op.astype(self.codes(q), "int32"), axis=[2, 3], keepdims=keep))
+            return self.wrap(self._int_average(total, np.array(h * w, np.int32), q, None), name=v.name, **like)
         if name == "relax.nn.avg_pool2d":
-            return Q(self._avg_pool(q, call, v.name), **like)
+            return self.wrap(self._avg_pool(q, call, None), name=v.name, **like)
         raise ConfigError(f"realize: no integer rule for {name}")
 
     def _int_average(self, total, count, q: Q, name):
@@ -363,7 +387,7 @@ class Realizer:
         neg = self.emit(relax.op.negative(relax.op.floor_divide(relax.op.add(relax.op.negative(total), half), cnt)))
         zero = relax.const(np.int32(0))
         avg = self.emit(relax.op.where(relax.op.greater_equal(total, zero), pos, neg))
-        return self.bb.emit(relax.op.astype(avg, qmath.storage_dtype(q.bits, q.signed)), name)
+        return self._cast(avg, q.bits, q.signed, name)
 
     def _avg_pool(self, q: Q, call, name):
         a = call.attrs
@@ -371,7 +395,7 @@ class Realizer:
         kh, kw = (int(s) for s in a.pool_size)
         pad = [int(p) for p in a.padding]
         ones = relax.const(np.ones((c, 1, kh, kw), dtype=qmath.storage_dtype(q.bits, q.signed)))
-        total = self.emit(relax.op.nn.conv2d(q.expr, ones, strides=a.strides, padding=pad, groups=c,
+        total = self.emit(relax.op.nn.conv2d(self.codes(q), ones, strides=a.strides, padding=pad, groups=c,
                                              out_dtype="int32"))
         oh, ow = shape_of(total)[2:]
         # The number of real (unpadded) inputs under each window, computed once here.
@@ -437,6 +461,89 @@ class Realizer:
             if gv.name_hint != "main":
                 mod[gv] = f
         return mod
+
+
+class Simulator(Realizer):
+    """The simulated (fake-quantized) graph: realize's integer semantics on a float carrier.
+
+    Between layers every quantized tensor is a float32 of dequantized codes, ``(q - zp) * scale``, exactly
+    the values the realized graph dequantizes to. conv2d / dense run in float64 on dequantized inputs
+    and weights; each rounding step (requantization, integer add, average pooling) first recovers the
+    integer codes exactly (a float64 division and a round: the errors are far below half a code for any
+    accumulator that passes the int32 overflow guard) and then applies the same integer arithmetic as
+    :class:`Realizer`. So the simulated and the realized graph agree bit for bit, at every bit width.
+    """
+
+    def codes(self, q: Q):
+        t = self.emit(relax.op.astype(q.expr, "float64"))
+        t = self.emit(relax.op.round(relax.op.divide(t, relax.const(float(np.float32(q.scale)), "float64"))))
+        if q.zp:
+            t = self.emit(relax.op.add(t, relax.const(float(q.zp), "float64")))
+        return self.emit(relax.op.astype(t, qmath.storage_dtype(q.bits, q.signed)))
+
+    def wrap(self, codes, scale, bits, zp=0, signed=True, name=None) -> Q:
+        f = self.emit(relax.op.astype(codes, "float32"))
+        if zp:
+            f = self.emit(relax.op.subtract(f, relax.const(np.float32(zp))))
+        f = relax.op.multiply(f, relax.const(np.float32(scale)))
+        return Q(self.bb.emit(f, name) if name else self.emit(f), scale, bits, zp, signed)
+
+    def dequantize(self, q: Q):
+        return q.expr
+
+    def _scale_tensor(self, acc: Acc):
+        s = np.asarray(acc.scale, dtype=np.float64)
+        if s.ndim:
+            shape = [1] * acc.ndim
+            shape[acc.channel_axis] = -1
+            s = s.reshape(shape)
+        return s
+
+    def acc_int(self, acc: Acc):
+        t = self.emit(relax.op.divide(acc.expr, relax.const(self._scale_tensor(acc), "float64")))
+        return self.emit(relax.op.astype(self.emit(relax.op.round(t)), "int32"))
+
+    def rule_compute(self, v, call, args):
+        x = self.as_q(args[0], v.name)
+        wq, wp, acc_scale = self._weight_codes(v, call, x)
+        # Dequantize in float64 from the exact codes (float32 products would lose the low bits).
+        xf = self.emit(relax.op.astype(self.codes(x), "float64"))
+        if x.zp:
+            xf = self.emit(relax.op.subtract(xf, relax.const(float(x.zp), "float64")))
+        xf = self.emit(relax.op.multiply(xf, relax.const(float(x.scale), "float64")))
+        ws = np.asarray(wp.scale, dtype=np.float64)
+        if op_name(call) == "relax.nn.conv2d":
+            wf = wq.astype(np.float64) * (ws.reshape(-1, 1, 1, 1) if ws.ndim else ws)
+            a = call.attrs
+            e = self.emit(relax.op.nn.conv2d(xf, relax.const(wf, "float64"), strides=a.strides, padding=a.padding,
+                                             dilation=a.dilation, groups=a.groups, out_dtype="float64"), v.name)
+            return Acc(e, acc_scale, 1, 4)
+        wf = wq.astype(np.float64) * (ws.reshape(1, -1) if ws.ndim else ws)
+        return Acc(self.emit(relax.op.matmul(xf, relax.const(wf, "float64"), out_dtype="float64"), v.name), acc_scale, 1, 2)
+
+    def rule_bias(self, v, call, args):
+        acc = args[0]
+        bq = self._bias_codes(v, call, acc)
+        s = np.asarray(acc.scale, dtype=np.float64)
+        bf = bq * (s.reshape(bq.shape) if s.ndim else s)
+        e = self.emit(relax.op.add(acc.expr, relax.const(bf.astype(np.float64), "float64")), v.name)
+        return Acc(e, acc.scale, acc.channel_axis, acc.ndim, acc.lo, acc.hi, True)
+
+
+def simulate(annotated: tvm.IRModule, qpoints: dict) -> tvm.IRModule:
+    """The simulated (fake-quantized, float-carrier) module of a calibrated annotated module.
+
+    It runs in float between layers and equals :func:`realize`'s integer graph bit for bit.
+
+    Example::
+
+        sim = simulate(annotated, qpoints)      # what calibrate returns as its first value
+    """
+    r = Simulator(annotated, qpoints)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FloatFallbackWarning)
+        mod = r.run()
+    return relax.transform.DeadCodeElimination(["main"])(relax.transform.Normalize()(mod))
 
 
 def _vars_of(e):
