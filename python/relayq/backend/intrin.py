@@ -12,8 +12,9 @@ Exactness scheme (mandatory: every kernel must equal :func:`relayq.qmath.requant
   the codes are in ``[0, 127]``; reinterpreted as uint8 a pair sum is at most
   ``2 * 127 * 128 = 32512 < 32767``, so the instruction never saturates and the result is exact.
 * Otherwise (inputs that may be negative) the kernels use :data:`AVX2_S8S8`: both operands are
-  sign-extended to int16 and multiplied by ``vpmaddwd`` (int16 x int16 -> int32 pair sums), which
-  is exact for any int8 input (pair sum <= 2 * 128 * 128 < 2^31).
+  sign-extended to int16 (once: the input by the kernel's packing stage, the weight in numpy) and
+  multiplied by ``vpmaddwd`` (int16 x int16 -> int32 pair sums), which is exact for any int8 input
+  (pair sum <= 2 * 128 * 128 < 2^31).
 * ``vpdpbusd`` (VNNI, :data:`VNNI_U8S8`) sums four u8 x s8 products straight into int32 with no
   intermediate saturation, so it is exact for the full uint8 range. Possibly negative inputs are
   shifted to uint8 by ``+128`` (padding with 128) and ``128 * sum(W)`` is subtracted through the
@@ -45,16 +46,21 @@ from tvm.script import tirx as T
 
 # Names of the intrinsics (prefixed so that they never clash with TVM's or anybody else's).
 AVX2_U8S8 = "relayq_dot_8x4_u8s8s32_avx2"
-AVX2_S8S8 = "relayq_dot_8x2_s8s8s32_avx2"
+AVX2_S8S8 = "relayq_dot_8x2_i16_s8s8s32_avx2"
+# The first s8 x s8 form: int8 operands sign-extended inside every call (kept registered; slower).
+AVX2_S8S8_BYTES = "relayq_dot_8x2_s8s8s32_avx2"
 VNNI_U8S8 = "relayq_dot_16x4_u8s8s32_vnni"
 
 # Output lanes of one intrinsic call: a ymm register holds 8 int32, a zmm register 16.
-LANES = {AVX2_U8S8: 8, AVX2_S8S8: 8, VNNI_U8S8: 16}
+LANES = {AVX2_U8S8: 8, AVX2_S8S8: 8, AVX2_S8S8_BYTES: 8, VNNI_U8S8: 16}
 # Input values reduced per lane by one call: pmaddubsw+pmaddwd and vpdpbusd sum 4 bytes per int32
 # lane; the exact s8s8 path sign-extends to int16 and vpmaddwd sums 2 of them.
-KPACK = {AVX2_U8S8: 4, AVX2_S8S8: 2, VNNI_U8S8: 4}
-# dtype of the activation operand each intrinsic expects.
-A_DTYPE = {AVX2_U8S8: "uint8", AVX2_S8S8: "int8", VNNI_U8S8: "uint8"}
+KPACK = {AVX2_U8S8: 4, AVX2_S8S8: 2, AVX2_S8S8_BYTES: 2, VNNI_U8S8: 4}
+# dtype of the activation / weight operand each intrinsic expects. The exact s8 x s8 AVX2 path keeps
+# int8 values in int16 storage (sign-extended once, by the packing stage and in numpy), so that the
+# inner loop is one 32-bit broadcast, one vpmaddwd and one add per 16 products.
+A_DTYPE = {AVX2_U8S8: "uint8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8", VNNI_U8S8: "uint8"}
+W_DTYPE = {AVX2_U8S8: "int8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8", VNNI_U8S8: "int8"}
 
 
 # ----------------------------------------------------------------------------- AVX2 u8 x s8
@@ -118,6 +124,36 @@ def _s8s8_8x2_avx2(A: T.Buffer((2,), "int8", offset_factor=1),
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a_i16, b_i16, dtype="int32x8")
 
 
+# ----------------------------------------------------------------------------- AVX2 s8 x s8 in int16
+@T.prim_func(s_tir=True)
+def _i16_8x2_desc(A: T.Buffer((2,), "int16", offset_factor=1),
+                  B: T.Buffer((8, 2), "int16", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _i16_8x2_avx2(A: T.Buffer((2,), "int16", offset_factor=1),
+                  B: T.Buffer((8, 2), "int16", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+        a_i16 = T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16")
+        # vpmaddwd: int16 x int16 pair sums in int32 (exact for int8-range values: |sum| <= 2 * 128^2)
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a_i16, B.vload([0, 0], dtype="int16x16"),
+            dtype="int32x8")
+
+
 # ----------------------------------------------------------------------------- AVX-512 VNNI
 @T.prim_func(s_tir=True)
 def _u8s8_16x4_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
@@ -150,7 +186,8 @@ def _u8s8_16x4_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
 
 _TABLE = {
     AVX2_U8S8: (_u8s8_8x4_desc, _u8s8_8x4_avx2),
-    AVX2_S8S8: (_s8s8_8x2_desc, _s8s8_8x2_avx2),
+    AVX2_S8S8: (_i16_8x2_desc, _i16_8x2_avx2),
+    AVX2_S8S8_BYTES: (_s8s8_8x2_desc, _s8s8_8x2_avx2),
     VNNI_U8S8: (_u8s8_16x4_desc, _u8s8_16x4_vnni),
 }
 

@@ -19,7 +19,7 @@ Which intrinsic is exact for which input (``nonneg`` is the caller's proof that 
 ====================  ======================  =========================================================
 isa                   input >= 0              input may be negative
 ====================  ======================  =========================================================
-``"avx2"``            u8s8 pmaddubsw (kp=4)   s8s8 sign-extend + pmaddwd (kp=2)
+``"avx2"``            u8s8 pmaddubsw (kp=4)   s8s8 in int16 storage + pmaddwd (kp=2)
 ``"vnni"``            u8s8 vpdpbusd (kp=4)    vpdpbusd on ``x + 128`` (padding 128), with
                                               ``128 * sum(W[o])`` subtracted through the bias
 ====================  ======================  =========================================================
@@ -88,7 +88,7 @@ def select_intrin(isa: str, nonneg: bool) -> tuple[str, bool]:
     """(intrinsic name, add_128_offset) for an ISA and the input sign knowledge.
 
     >>> select_intrin("avx2", False)
-    ('relayq_dot_8x2_s8s8s32_avx2', False)
+    ('relayq_dot_8x2_i16_s8s8s32_avx2', False)
     >>> select_intrin("vnni", False)
     ('relayq_dot_16x4_u8s8s32_vnni', True)
     """
@@ -147,7 +147,8 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     fill = U8_OFFSET if offset else 0
 
     X = te.placeholder((n, c, h, w), "int8", name="x")
-    Wk = te.placeholder((op // lanes, cp // kp, kh, kw, lanes, kp), "int8", name="w")
+    w_dtype = intrin.W_DTYPE[name]
+    Wk = te.placeholder((op // lanes, cp // kp, kh, kw, lanes, kp), w_dtype, name="w")
     B = te.placeholder((op,), "int32", name="bias")
     tbl = te.placeholder((3, op), "int64", name="rq") if rq.per_channel else None
     cast = _input_cast(a_dtype, offset)
@@ -195,7 +196,8 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     # numpy packing of the weight: OIHW -> [O/L, C/kp, KH, KW, L, kp]
     wpad = np.zeros((op, cp, kh, kw), np.int8)
     wpad[:o, :c] = weight
-    wk = np.ascontiguousarray(wpad.reshape(op // lanes, lanes, cp // kp, kp, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+    wk = np.ascontiguousarray(wpad.reshape(op // lanes, lanes, cp // kp, kp, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+                              .astype(w_dtype))
     bpad = np.zeros(op, np.int64)
     bpad[:o] = np.asarray(bias, np.int64).reshape(-1)
     wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
@@ -375,7 +377,8 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant, isa="avx2", nonneg=False) 
     mt, nt = _dense_tiles(m, n, lanes, isa)
     np_, kpad = _ceil(n, lanes * nt), _ceil(k, kp)
     A = te.placeholder((m, k), "int8", name="x")
-    Wk = te.placeholder((np_ // lanes, kpad // kp, lanes, kp), "int8", name="w")
+    w_dtype = intrin.W_DTYPE[name]
+    Wk = te.placeholder((np_ // lanes, kpad // kp, lanes, kp), w_dtype, name="w")
     B = te.placeholder((np_,), "int32", name="bias")
     tbl = te.placeholder((3, np_), "int64", name="rq") if rq.per_channel else None
     cast = _input_cast(a_dtype, offset)
@@ -407,7 +410,8 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant, isa="avx2", nonneg=False) 
     sch.vectorize(sch.get_loops(outb)[-1])
     wpad = np.zeros((kpad, np_), np.int8)
     wpad[:k, :n] = weight_kn
-    wk = np.ascontiguousarray(wpad.T.reshape(np_ // lanes, lanes, kpad // kp, kp).transpose(0, 2, 1, 3))
+    wk = np.ascontiguousarray(wpad.T.reshape(np_ // lanes, lanes, kpad // kp, kp).transpose(0, 2, 1, 3)
+                              .astype(w_dtype))
     bpad = np.zeros(np_, np.int64)
     bpad[:n] = np.asarray(bias, np.int64).reshape(-1)
     consts = [wk, _offset_bias(bpad, wpad.astype(np.int64).sum(axis=0), offset)]
