@@ -48,9 +48,26 @@ def _check_structure(lowered):
     ops = _ops(lowered)
     float_core = [o for o, dt in ops if o in ("relax.nn.conv2d", "relax.matmul") and dt == "float32"]
     assert not float_core, "a conv/dense stayed in float"
-    # every relayq kernel returns int8: the int32 accumulators never reach memory
+    # every relayq kernel returns int8 (the int32 accumulators never reach memory); only a classifier
+    # whose output the realized graph dequantizes returns float32, straight from the int32 tile
     kernels = [(n, dt) for n, dt in _call_tirs(lowered)]
-    assert kernels and all(dt == "int8" for _, dt in kernels)
+    assert kernels and all(dt == ("float32" if "_deq_" in n else "int8") for n, dt in kernels)
+    # any int32 conv left is an average pool (all-ones window, realized as a grouped conv), not a
+    # quantized layer (residual adds rescale int8 inputs elementwise; TVM fuses those into one loop)
+    for w in _int32_conv_weights(lowered):
+        assert np.all(w == 1), "a quantized conv/dense layer was not fused"
+
+
+def _int32_conv_weights(mod):
+    out = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and \
+                e.op.name in ("relax.nn.conv2d", "relax.matmul") and str(e.ty.dtype) == "int32":
+            w = e.args[1]
+            out.append(w.value.numpy() if isinstance(w, tvm.ir.GenericConst) else None)
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return out
 
 
 def _call_tirs(mod):
@@ -116,7 +133,9 @@ def test_three_presets_build_quantized_mobilenet_v2():
         lowered = presets.lower_for(q.realized, presets.target_from_preset(name), name)
         if name != "cuda-dp4a":
             _check_structure(lowered)
-            assert len(_call_tirs(lowered)) == 52            # every conv of MobileNetV2
+            names = [n for n, _ in _call_tirs(lowered)]
+            assert sum("conv2d" in n for n in names) == 52      # every conv of MobileNetV2
+            assert sum("qdense_deq" in n for n in names) == 1   # and the classifier
         if name == "x86-avx2" and "avx2" in FLAGS or name == "x86-vnni" and host == "x86-vnni":
             np.testing.assert_array_equal(lib(x), ref)
         if name == "x86-vnni":

@@ -175,6 +175,19 @@ def _walk(g, e, op_name, interior):
     return val
 
 
+def _bias_add(g, e, inner):
+    """``(accumulator var, int32 bias const or None)`` for ``add(acc, Bq)`` or a bare ``acc`` (no bias)."""
+    val = g.producer(e)
+    if _op(val) == "relax.add":
+        add_b = _walk(g, e, "relax.add", inner)
+        if add_b is None or not _is_const(add_b.args[1]) or _dtype(add_b.args[1]) != "int32":
+            return None, None
+        return add_b.args[0], add_b.args[1]
+    if _op(val) in ("relax.nn.conv2d", "relax.matmul"):
+        return e, None
+    return None, None
+
+
 def match_int_chain(g: _Graph, head) -> _IntChain | None:
     """Match the realized int8 conv/dense requant chain that ends at the Call ``head``."""
     if _op(head) != "relax.astype" or str(head.attrs.dtype) != "int8":
@@ -195,10 +208,9 @@ def match_int_chain(g: _Graph, head) -> _IntChain | None:
     cast = _walk(g, mul.args[0], "relax.astype", inner)
     if cast is None or str(cast.attrs.dtype) != "int64":
         return None
-    add_b = _walk(g, cast.args[0], "relax.add", inner)
-    if add_b is None or not _is_const(add_b.args[1]) or _dtype(add_b.args[1]) != "int32":
+    acc_var, bias_c = _bias_add(g, cast.args[0], inner)
+    if acc_var is None:
         return None
-    acc_var = add_b.args[0]
     acc = g.producer(acc_var)
     if acc is None or not g.single_use(acc_var) or _op(acc) not in ("relax.nn.conv2d", "relax.matmul"):
         return None
@@ -217,7 +229,7 @@ def match_int_chain(g: _Graph, head) -> _IntChain | None:
     if any(a.size not in (1, channels) for a in (m, r, s)) or np.any(s < 0) or np.any(s > 63):
         return None
     rq = Requant.from_arrays(m, r, s, max(lo, -128), min(hi, 127))
-    bias = _np(add_b.args[1]).reshape(-1)
+    bias = np.zeros(1, np.int32) if bias_c is None else _np(bias_c).reshape(-1)
     if bias.size not in (1, channels):
         return None
     bias = np.broadcast_to(bias, (channels,)).astype(np.int32)
@@ -234,6 +246,44 @@ def match_int_chain(g: _Graph, head) -> _IntChain | None:
     if len(xs) != 2 or len(_shape(w)) != 2:
         return None
     return _IntChain("dense", x, _np(w), bias, rq, {}, out_shape)
+
+
+def match_dequant_dense_chain(g: _Graph, head) -> _IntChain | None:
+    """Match a quantized classifier whose output stays float (no requant)::
+
+        acc = matmul(xq, WqT, out_dtype="int32") ; acc = add(acc, Bq) ; y = astype(acc, "float32") * S
+
+    (``Wq``, ``Bq``, ``S`` constants; ``S`` a scalar or per-column vector). The kernel computes the
+    very same fp32 operations after the int32 accumulation, so it is bit-exact.
+    """
+    if _op(head) != "relax.multiply" or _dtype(head) != "float32":
+        return None
+    sc = head.args[1]
+    if not _is_const(sc) or _dtype(sc) != "float32":
+        return None
+    inner = []
+    cast = _walk(g, head.args[0], "relax.astype", inner)
+    if cast is None or str(cast.attrs.dtype) != "float32":
+        return None
+    acc_var, bias_c = _bias_add(g, cast.args[0], inner)
+    if acc_var is None:
+        return None
+    acc = g.producer(acc_var)
+    if acc is None or not g.single_use(acc_var) or _op(acc) != "relax.matmul" or _dtype(acc_var) != "int32":
+        return None
+    x, w = acc.args[0], acc.args[1]
+    if not _is_const(w) or _dtype(w) != "int8" or _dtype(x) != "int8":
+        return None
+    xs, out_shape, ws = _shape(x), _shape(head), _shape(w)
+    if xs is None or out_shape is None or ws is None or len(xs) != 2 or len(ws) != 2 or len(out_shape) != 2:
+        return None
+    n = out_shape[1]
+    scale = _np(sc).astype(np.float32)
+    bias = np.zeros(1, np.int32) if bias_c is None else _np(bias_c).reshape(-1)
+    if scale.size not in (1, n) or scale.size != 1 and scale.shape[-1] != n or bias.size not in (1, n):
+        return None
+    bias = np.broadcast_to(bias, (n,)).astype(np.int32)
+    return _IntChain("dense_deq", x, _np(w), bias, None, {"scale": scale.reshape(-1)}, out_shape)
 
 
 class _FloatChain:
@@ -336,6 +386,12 @@ def _make_float(core, bias, act, head):
 # ----------------------------------------------------------------------------- kernel selection
 def _int_kernel(chain: _IntChain, kind: str, nonneg: bool):
     xs = _shape(chain.x)
+    if chain.kind == "dense_deq":
+        if kind not in _X86_ISA:
+            return None
+        from . import x86
+        return x86.dense_int8(xs, chain.weight, chain.bias, None, isa=_X86_ISA[kind], nonneg=nonneg,
+                              out_scale=chain.attrs["scale"])
     if kind in _X86_ISA:
         from . import x86
         isa = _X86_ISA[kind]
@@ -408,6 +464,8 @@ class _Lowerer(relax.PyExprMutator):
             chain = None
             if self.do_int:
                 chain = match_int_chain(g, val)
+                if chain is None and self.kind in _X86_ISA:
+                    chain = match_dequant_dense_chain(g, val)
             if chain is None and self.do_float:
                 chain = match_float_chain(g, val)
             if chain is None:

@@ -364,8 +364,13 @@ def _dense_tiles(m, n, lanes, isa):
     return mt, nt
 
 
-def dense_int8(x_shape, weight_kn, bias, rq: Requant, isa="avx2", nonneg=False) -> Kernel:
+def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=False,
+               out_scale=None) -> Kernel:
     """Fused int8 dense ``(M, K) x (K, N)`` + bias + requant + clip + cast, tensorized for ``isa``.
+
+    With ``rq=None`` and ``out_scale`` (a float32 scalar or ``(N,)`` vector) the epilogue dequantizes
+    instead: ``float32(acc + bias) * out_scale`` (a classifier whose output stays in float), computed
+    with the same two fp32 roundings as the realized ``astype`` + ``multiply``.
 
     >>> # k = dense_int8((1, 512), w_kn, b, rq, "avx2", nonneg=True)
     """
@@ -380,7 +385,12 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant, isa="avx2", nonneg=False) 
     w_dtype = intrin.W_DTYPE[name]
     Wk = te.placeholder((np_ // lanes, kpad // kp, lanes, kp), w_dtype, name="w")
     B = te.placeholder((np_,), "int32", name="bias")
-    tbl = te.placeholder((3, np_), "int64", name="rq") if rq.per_channel else None
+    deq = rq is None
+    if deq:
+        scale = np.asarray(out_scale, np.float32).reshape(-1)
+        tbl = te.placeholder((np_,), "float32", name="scale") if scale.size > 1 else None
+    else:
+        tbl = te.placeholder((3, np_), "int64", name="rq") if rq.per_channel else None
     cast = _input_cast(a_dtype, offset)
     Ap = te.compute((m, kpad // kp, kp), lambda i, kb, ki: tirx.if_then_else(
         kb * kp + ki < k, cast(A[i, tirx.min(kb * kp + ki, k - 1)]), tirx.const(0, a_dtype)), name="pack")
@@ -388,8 +398,14 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant, isa="avx2", nonneg=False) 
     ki_ = te.reduce_axis((0, kp), "ki")
     acc = te.compute((m, np_ // lanes, lanes), lambda i, nb, ni: te.sum(
         Ap[i, kb_, ki_].astype("int32") * Wk[nb, kb_, ni, ki_].astype("int32"), axis=[kb_, ki_]), name="acc")
-    out = te.compute((m, n), lambda i, j: requant_expr(acc[i, j // lanes, j % lanes] + B[j], j, rq, tbl),
-                     name="out")
+    if deq:
+        def epi(i, j):
+            v = (acc[i, j // lanes, j % lanes] + B[j]).astype("float32")
+            return v * (tbl[j] if tbl is not None else tirx.const(float(scale[0]), "float32"))
+        out = te.compute((m, n), epi, name="out")
+    else:
+        out = te.compute((m, n), lambda i, j: requant_expr(acc[i, j // lanes, j % lanes] + B[j], j, rq, tbl),
+                         name="out")
     args = [A, Wk, B] + ([tbl] if tbl is not None else []) + [out]
     sch = s_tir.Schedule(te.create_prim_func(args))
     pk = sch.get_sblock("pack")
@@ -416,9 +432,15 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant, isa="avx2", nonneg=False) 
     bpad[:n] = np.asarray(bias, np.int64).reshape(-1)
     consts = [wk, _offset_bias(bpad, wpad.astype(np.int64).sum(axis=0), offset)]
     if tbl is not None:
-        consts.append(rq.table(np_))
-    info = {"intrin": name, "offset128": offset, "tile": (mt, nt * lanes)}
-    return Kernel(sch.mod["main"], consts, (m, n), "int8", f"qdense_{isa}", info)
+        if deq:
+            spad = np.zeros(np_, np.float32)
+            spad[:n] = scale
+            consts.append(spad)
+        else:
+            consts.append(rq.table(np_))
+    info = {"intrin": name, "offset128": offset, "tile": (mt, nt * lanes), "dequantize": deq}
+    return Kernel(sch.mod["main"], consts, (m, n), "float32" if deq else "int8",
+                  f"qdense_deq_{isa}" if deq else f"qdense_{isa}", info)
 
 
 def dense_fp32(x_shape, weight_kn, bias, act, isa="avx2") -> Kernel:
