@@ -226,13 +226,24 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     wp = max(w + padding[1] + padding[3], (owp - 1) * sw + (kw - 1) * dw + 1)
     X = te.placeholder((n, c, h, w), dtype, name="x")
     Wd = te.placeholder((c, kh, kw), dtype, name="w")
-    Xp = generic.pad_nchw(X, padding, hp, wp, fill, "pack")
+    # The padded copy is split by column phase (column = jj * sw + phase): with stride 2 the taps of
+    # one output row then read contiguous vectors instead of gathering every other element.
+    wq = max(-(-wp // sw), owp + ((kw - 1) * dw) // sw)
+    pt, pl = padding[0], padding[1]
+
+    def pack(b, ch, i, ph, jj):
+        col = jj * sw + ph
+        ok = tirx.all(i >= pt, i < pt + h, col >= pl, col < pl + w)
+        return tirx.if_then_else(ok, X[b, ch, tirx.min(tirx.max(i - pt, 0), h - 1),
+                                       tirx.min(tirx.max(col - pl, 0), w - 1)], tirx.const(fill, dtype))
+
+    Xp = te.compute((n, c, hp, sw, wq), pack, name="pack")
     ry = te.reduce_axis((0, kh), "kh")
     rx = te.reduce_axis((0, kw), "kw")
     acc = te.compute(
         (n, c, oh, owp),
-        lambda b, ch, i, j: te.sum(Xp[b, ch, i * sh + ry * dh, j * sw + rx * dw].astype(acc_dtype)
-                                   * Wd[ch, ry, rx].astype(acc_dtype), axis=[ry, rx]),
+        lambda b, ch, i, j: te.sum(Xp[b, ch, i * sh + ry * dh, (rx * dw) % sw, j + (rx * dw) // sw]
+                                   .astype(acc_dtype) * Wd[ch, ry, rx].astype(acc_dtype), axis=[ry, rx]),
         name="acc")
     out, args = epilogue(acc, (n, c, oh, ow))
     func = te.create_prim_func([X, Wd] + args + [out])
@@ -242,15 +253,22 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     b_, ch, i_, j_, r_kh, r_kw = sch.get_loops(blk)
     jo, ji = sch.split(j_, [None, tile])
     sch.reorder(b_, ch, i_, jo, r_kh, r_kw, ji)
-    sch.parallel(sch.fuse(b_, ch, i_))
+    row = sch.fuse(b_, ch, i_)
+    sch.parallel(row)
     outb = sch.get_sblock("out")
-    sch.reverse_compute_at(outb, jo)
+    # The epilogue runs once per output row over exactly OW columns: a tile-sized epilogue would need
+    # a predicate for the padded tail (OW=56 with 16-wide tiles), and TVM scalarizes predicated vectors.
+    sch.reverse_compute_at(outb, row)
     sch.unroll(r_kh)
     sch.unroll(r_kw)
     sch.vectorize(ji)
     init = sch.decompose_reduction(blk, r_kh)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(outb)[-1])
+    ol = sch.get_loops(outb)[-1]
+    vec = ow if ow <= 32 else next(v for v in (16, 8, 4, 2, 1) if ow % v == 0)
+    if vec < ow:
+        ol = sch.split(ol, [None, vec])[1]
+    sch.vectorize(ol)
     return sch.mod["main"], (n, o, oh, ow), tile
 
 
