@@ -35,6 +35,9 @@ METHODS = ("naive", "kl", "percentile", "mse")
 DEFAULT_PERCENTILE = 99.99
 #: Candidate clipping ratios (of max |w|) of the weight MSE search; below 0.3 the error only grows.
 _WEIGHT_MSE_RATIOS = np.linspace(0.3, 1.0, 71)
+#: Largest fraction of the values the KL threshold may clip: far above any sane choice (a few percent at
+#: 4 bits), it only rules out the degenerate thresholds of discrete data (see kl_threshold).
+_KL_MAX_CLIPPED = 0.1
 #: Average samples per bin below which the KL search coarsens its histogram (see kl_threshold).
 _KL_MIN_SAMPLES_PER_BIN = 16
 #: Probability given to a bin that P has and Q lacks in the KL search (instead of infinite divergence).
@@ -184,7 +187,8 @@ def kl_threshold(hist: np.ndarray, width: float, levels: int) -> float:
     nnz[:, -1:] += gained
     # sum p log p over P, with the last bin replaced by its outlier-fed value.
     plogp = clog[cand - 1] + np.where(last_bin > 0, last_bin * np.log(np.where(last_bin > 0, last_bin, 1.0)), 0.0)
-    qn = np.divide(qsum, nnz * csum[cand], out=np.zeros_like(qsum), where=nnz > 0)   # per-bin Q probability
+    inside = csum[cand]                                          # mass kept inside the candidate, (nc, 1)
+    qn = np.divide(qsum, nnz * inside, out=np.zeros_like(qsum), where=(nnz > 0) & (inside > 0))
     # A bin with mass in P but none in Q (the last bin, fed by outliers only) gets a small floor
     # instead of an infinite divergence.
     lonely = (psum > 0) & (qn == 0)
@@ -192,6 +196,13 @@ def kl_threshold(hist: np.ndarray, width: float, levels: int) -> float:
     cross = np.sum(np.where(psum > 0, psum * np.log(np.where(psum > 0, qn, 1.0)), 0.0), axis=1)
     # The lonely last bin takes the floor for its own mass only; the group's other bins have none.
     kl = (plogp[:, 0] - cross) / total - np.log(total)
+    # A candidate that keeps no data at all (discrete inputs: nothing below the first spike) is no
+    # candidate: Q would be empty.
+    kl = np.where(inside[:, 0] > 0, kl, np.inf)
+    # Discrete data (images with a few grey levels, one-hot inputs) gives zero divergence to absurd
+    # thresholds: clipped at its first spike, P and the renormalized Q are both one bin. The entropy
+    # method assumes the clipped tail is small; hold it to that.
+    kl = np.where(tail[:, 0] <= _KL_MAX_CLIPPED * total, kl, np.inf)
     cand = cand[:, 0]
     best = int(cand[int(np.argmin(kl))])
     return best * width
