@@ -66,6 +66,18 @@ class QuantizedModel:
         """Quantized layer name -> op type."""
         return layers(self.annotated)
 
+    def save(self, path: str) -> dict:
+        """Write the integer model with bit-packed weights (see :mod:`relayq.artefact`); returns sizes.
+
+        Example::
+
+            qmodel.save("model_w4a8.rqz")      # {'packed_weights': ..., 'int8_weights': ..., 'file': ...}
+            lib = relayq.build(relayq.load_quantized("model_w4a8.rqz"))
+        """
+        from .artefact import save
+
+        return save(self, path)
+
     def summary(self) -> str:
         """A short text report: layers, points and calibration time."""
         lines = [f"relayq quantized model: {len(self.layers)} quantized layers, {len(self.qpoints)} points, "
@@ -281,6 +293,18 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
     return CompiledModel(ex, specs, tgt)
 
 
+def load_quantized(path: str) -> QuantizedModel:
+    """Read a model written by :meth:`QuantizedModel.save` (weights unpacked from their bit width).
+
+    Example::
+
+        lib = relayq.build(relayq.load_quantized("model_w4a8.rqz"))
+    """
+    from .artefact import load as _load
+
+    return _load(path)
+
+
 def load(path: str) -> CompiledModel:
     """Load a model written by :meth:`CompiledModel.export`.
 
@@ -300,4 +324,4 @@ def load(path: str) -> CompiledModel:
     return CompiledModel(tvm.runtime.load_module(path), specs, meta.get("target"))
 
 
-__all__ = ["quantize_model", "build", "load", "QuantizedModel", "CompiledModel", "QPoint"]
+__all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QPoint"]

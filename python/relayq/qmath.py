@@ -259,6 +259,34 @@ def avg_pool_divide(total, count):
     return np.where(total >= 0, (total + half) // count, -((-total + half) // count))
 
 
+def pack_codes(q, bits: int) -> np.ndarray:
+    """Pack signed symmetric ``bits``-bit codes into a dense bit stream (``ceil(n * bits / 8)`` bytes).
+
+    Each code is offset to ``q + qmax`` (in ``[0, 2^bits - 2]``) and written in ``bits`` bits, little
+    end first. :func:`unpack_codes` inverts it exactly.
+
+    >>> p = pack_codes(np.array([-7, 0, 7, 3]), 4); p.nbytes
+    2
+    >>> unpack_codes(p, 4, 4).tolist()
+    [-7, 0, 7, 3]
+    """
+    lo, hi = qrange(bits)
+    q = np.asarray(q, dtype=np.int64).reshape(-1)
+    if q.size and (q.min() < lo or q.max() > hi):
+        raise ConfigError(f"codes outside the {bits}-bit range [{lo}, {hi}]")
+    u = (q - lo).astype(np.uint32)
+    bitmat = ((u[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(bitmat.reshape(-1), bitorder="little")
+
+
+def unpack_codes(packed, bits: int, count: int) -> np.ndarray:
+    """The ``count`` signed codes stored by :func:`pack_codes` (as int64)."""
+    lo, _ = qrange(bits)
+    flat = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")[:count * bits]
+    bitmat = flat.reshape(count, bits).astype(np.int64)
+    return (bitmat << np.arange(bits, dtype=np.int64)).sum(axis=1) + lo
+
+
 def conv2d_int(x, w, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1):
     """Exact integer NCHW x OIHW convolution in int64 (the reference for integer conv kernels).
 
