@@ -88,6 +88,9 @@ class QConfig:
         act_symmetric: symmetric signed activation codes (zero point 0, the default) or, when False,
             asymmetric unsigned codes ``[0, 2^bits - 1]`` with a zero point (ONNX Runtime's U8 scheme); the
             zero-point terms are folded into the int32 bias at realize time.
+        bias_correction: subtract the expected output shift that weight quantization causes,
+            ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
+            each conv / dense bias before it is quantized.
         show_progress: print calibration progress to stderr.
 
     >>> QConfig(weight_bits=4).weight_bits
@@ -106,6 +109,7 @@ class QConfig:
     keep_first_last_bits: Optional[int] = None
     power_of_two_scale: bool = False
     act_symmetric: bool = True
+    bias_correction: bool = False
     show_progress: bool = True
 
     def __post_init__(self):

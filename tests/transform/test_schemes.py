@@ -151,3 +151,24 @@ def _assert_exact_or_close(q, rng):
     a, b = lib(x), fp(x)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
     return lib
+
+
+def test_bias_correction_removes_the_mean_shift_and_stays_exact():
+    mod, params = tiny_cnn(0)
+    rng = np.random.RandomState(1)
+    data = [rng.randn(2, 3, 8, 8).astype("float32") for _ in range(6)]
+    fp = relayq.build(mod, params=params)
+    shift = {}
+    for bc in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = relayq.quantize_model(mod, params, data, "naive", CFG.replace(weight_bits=3, bias_correction=bc))
+        if bc:
+            corr = [p.bias_corr for p in q.qpoints.values() if p.role == "weight"]
+            assert all(c is not None and np.any(c != 0) for c in corr)
+            _assert_exact(q, np.random.RandomState(2), n=1)
+        lib = relayq.build(q)
+        err = np.stack([lib(x) - fp(x) for x in data])
+        shift[bc] = np.abs(err.mean(axis=(0, 1))).mean()
+    # 3-bit weights shift every logit's mean; the correction must remove a good part of it.
+    assert shift[True] < 0.7 * shift[False]

@@ -30,8 +30,8 @@ class _Q:
 
 
 class _Acc:
-    def __init__(self, acc, scale, axis):
-        self.acc, self.scale, self.axis = acc, np.asarray(scale, np.float64), axis
+    def __init__(self, acc, scale, axis, wpoint=None):
+        self.acc, self.scale, self.axis, self.wpoint = acc, np.asarray(scale, np.float64), axis, wpoint
         self.lo, self.hi = -np.inf, np.inf
 
 
@@ -154,10 +154,12 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
                                        [int(d) for d in a.dilation], int(a.groups))
             else:
                 acc = (x.codes.astype(np.int64) - x.zp) @ wq.astype(np.int64)
-            vals[v] = _Acc(acc, scale, 1)
+            vals[v] = _Acc(acc, scale, 1, wp)
         elif name == "relax.add" and isinstance(args[0], _Acc) and is_const_expr(call.args[1]):
             acc = args[0]
             bias = const_value(call.args[1]).astype(np.float64)
+            if acc.wpoint is not None and acc.wpoint.bias_corr is not None:
+                bias = bias - np.asarray(acc.wpoint.bias_corr, np.float64).reshape(bias.shape)
             bq = np.round(bias / (acc.scale.reshape(bias.shape) if acc.scale.ndim else acc.scale)).astype(np.int64)
             acc.acc = acc.acc + bq
             vals[v] = acc

@@ -30,7 +30,7 @@ from ..config import QConfig
 from ..errors import ConfigError, DatasetError
 from ..runtime import compile_host
 from ..utils.progress import Progress
-from .common import bindings, const_value, main_function, shape_of, dtype_of, simq_info, substitute
+from .common import bindings, const_value, dtype_of, main_function, op_name, shape_of, simq_info, substitute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,9 @@ class QPoint:
     signed: bool = True
     axis: int = -1
     zero_point: int = 0
+    #: Weight points with bias correction: the expected output shift (E[(W_q - W) x], real units, one
+    #: value per output channel) that realize subtracts from the layer's float bias before quantizing it.
+    bias_corr: Any = None
 
     @property
     def qmin(self) -> int:
@@ -112,14 +115,17 @@ def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
     return out
 
 
-def tap_module(annotated: tvm.IRModule):
+def tap_module(annotated: tvm.IRModule, input_means: bool = False):
     """The annotated module with markers removed and every activation point's input as an output.
 
     Returns ``(module, names)``: the module's ``main`` returns ``(original output, tap_0, tap_1, ...)``.
+    With ``input_means`` it also returns the per-channel mean of every conv2d / dense input, named after
+    the layer's weight point (``"conv2d_0:w"``), for bias correction.
     """
     func = main_function(annotated)
     bb = relax.BlockBuilder()
     remap, taps, names = {}, [], []
+    weight_of = {}                     # weight marker var -> its point name
     with bb.function("main", list(func.params)):
         with bb.dataflow():
             for b in bindings(func):
@@ -133,7 +139,15 @@ def tap_module(annotated: tvm.IRModule):
                             src = bb.emit(src)
                         taps.append(src)
                         names.append(name)
+                    elif role == "weight":
+                        weight_of[b.var] = name
                     continue
+                if input_means and op_name(b.value) in ("relax.nn.conv2d", "relax.matmul") \
+                        and b.value.args[1] in weight_of:
+                    x = substitute(b.value.args[0], remap)
+                    axes = [0, 2, 3] if op_name(b.value) == "relax.nn.conv2d" else [0]
+                    taps.append(bb.emit(relax.op.mean(x, axis=axes)))
+                    names.append(weight_of[b.value.args[1]])
                 remap[b.var] = bb.emit(substitute(b.value, remap), b.var.name)
             out = bb.emit_output(relax.Tuple([substitute(func.body.body, remap), *taps]))
         bb.emit_func_output(out)
@@ -176,12 +190,15 @@ def _fast_float(mod: tvm.IRModule, target=None) -> tvm.IRModule:
     return lower_float(mod, kind)
 
 
-def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = True, target=None) -> list:
+def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = True, target=None,
+            means: dict | None = None) -> list:
     """Run ``dataset`` through the tap module, feeding every activation point to ``calibrator``.
 
-    Returns the names of the activation points observed.
+    Returns the names of the activation points observed. When a ``means`` dict is given, it receives
+    the per-channel mean input of every conv2d / dense layer, keyed by weight point.
     """
-    tmod, names = tap_module(annotated)
+    tmod, names = tap_module(annotated, input_means=means is not None)
+    sums, batches = {}, 0
     specs = input_specs(annotated)
     fn = compile_host(_fast_float(tmod, target), target)
     total = len(dataset) if hasattr(dataset, "__len__") else None
@@ -191,12 +208,43 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
             arrays = batch_to_arrays(batch, specs, where=f"calibration batch {i}")
             outs = fn(*arrays)
             for name, value in zip(names, outs[1:]):
-                calibrator.observe(name, value)
+                if name.endswith(":w"):
+                    sums[name] = sums.get(name, 0.0) + value.astype(np.float64)
+                else:
+                    calibrator.observe(name, value)
             seen += 1
             prog.step()
     if seen == 0:
         raise DatasetError("the calibration dataset is empty: pass at least one batch")
-    return names
+    if means is not None:
+        means.update({k: v / seen for k, v in sums.items()})     # every batch has the same shape
+    return [n for n in names if not n.endswith(":w")]
+
+
+def bias_correction(w: np.ndarray, p: QPoint, mean_in: np.ndarray) -> np.ndarray:
+    """The expected output shift ``E[(W_q - W) x]`` per output channel from the mean input per channel.
+
+    ``w`` is OIHW (conv2d, any groups) or (K, N) (dense); border effects of padding are neglected, as in
+    the bias correction of Nagel et al. (data-free quantization).
+    """
+    ax = None if p.axis < 0 else p.axis
+    scale = _bcast(p.scale, w.ndim, ax)
+    err = qmath.dequantize(qmath.quantize(w, p.scale, p.bits, axis=ax), scale).astype(np.float64) - w
+    if w.ndim == 4:
+        o, cg = w.shape[:2]
+        groups = mean_in.size // cg
+        m = mean_in.reshape(groups, cg)[np.arange(o) // (o // groups)]       # (O, C/g): each output's inputs
+        return np.einsum("oc,oc->o", err.sum(axis=(2, 3)), m)
+    return mean_in @ err
+
+
+def _bcast(v, ndim, axis):
+    v = np.asarray(v, dtype=np.float64)
+    if v.ndim == 0 or axis is None:
+        return v
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
 
 
 def weight_qpoint(name: str, w: np.ndarray, bits: int, axis: int, method: str, pow2: bool = False) -> QPoint:
@@ -259,8 +307,13 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
                                          config.power_of_two_scale)
         else:
             act_bits[name] = bits
+    means = {} if config.bias_correction else None
     if act_bits:
-        observe(annotated, dataset, calibrator, config.show_progress, target)
+        observe(annotated, dataset, calibrator, config.show_progress, target, means)
+        weights = {info[1]: const_value(info[0]) for b in bindings(func)
+                   if (info := simq_info(b.value)) is not None and info[2] == "weight"}
+        for name, m in (means or {}).items():
+            points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
         for name, bits in act_bits.items():
             points[name] = act_qpoint(name, calibrator, method, bits, config)
     else:

@@ -72,6 +72,7 @@ class Acc:
     hi: float = np.inf
     bias_added: bool = False
     corr: Any = None              # int64 per-channel zero-point correction not yet added (folded into the bias)
+    wpoint: Any = None            # the layer's weight QPoint (its bias correction applies to the bias)
 
 
 @dataclass
@@ -312,9 +313,9 @@ class Realizer:
             e = self.emit(relax.op.nn.conv2d(xe, wconst, strides=a.strides, padding=padding,
                                              dilation=a.dilation, groups=a.groups, data_layout="NCHW",
                                              kernel_layout="OIHW", out_dtype="int32"), v.name)
-            return Acc(e, acc_scale, 1, 4, corr=corr)
+            return Acc(e, acc_scale, 1, 4, corr=corr, wpoint=wp)
         e = self.emit(relax.op.matmul(x.expr, wconst, out_dtype="int32"), v.name)
-        return Acc(e, acc_scale, 1, 2, corr=corr)
+        return Acc(e, acc_scale, 1, 2, corr=corr, wpoint=wp)
 
     def _check_overflow(self, layer, k, x: Q, wp):
         xmax = max(abs(x.lo), abs(x.hi))
@@ -328,6 +329,8 @@ class Realizer:
     def _bias_codes(self, v, call, acc: Acc) -> np.ndarray:
         """The bias as int32 codes at the accumulator's scale, with any zero-point correction folded in."""
         b = const_value(call.args[1]).astype(np.float64)
+        if acc.wpoint is not None and acc.wpoint.bias_corr is not None:
+            b = b - np.asarray(acc.wpoint.bias_corr, np.float64).reshape(b.shape)
         scale = np.asarray(acc.scale, dtype=np.float64)
         bq = np.round(b / (scale.reshape(b.shape) if scale.ndim else scale))
         if acc.corr is not None:
@@ -517,9 +520,10 @@ class Simulator(Realizer):
             a = call.attrs
             e = self.emit(relax.op.nn.conv2d(xf, relax.const(wf, "float64"), strides=a.strides, padding=a.padding,
                                              dilation=a.dilation, groups=a.groups, out_dtype="float64"), v.name)
-            return Acc(e, acc_scale, 1, 4)
+            return Acc(e, acc_scale, 1, 4, wpoint=wp)
         wf = wq.astype(np.float64) * (ws.reshape(1, -1) if ws.ndim else ws)
-        return Acc(self.emit(relax.op.matmul(xf, relax.const(wf, "float64"), out_dtype="float64"), v.name), acc_scale, 1, 2)
+        return Acc(self.emit(relax.op.matmul(xf, relax.const(wf, "float64"), out_dtype="float64"), v.name), acc_scale,
+                   1, 2, wpoint=wp)
 
     def rule_bias(self, v, call, args):
         acc = args[0]
