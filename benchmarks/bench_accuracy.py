@@ -70,6 +70,10 @@ SCHEMES = [
     # Extra rows, not in the list: unsigned activations with a zero point (what ORT's U8 does).
     ("W8A8 asym-act", dict(weight_bits=8, act_bits=8, per_channel=False, act_symmetric=False)),
     ("W8A8 per-channel asym-act", dict(weight_bits=8, act_bits=8, per_channel=True, act_symmetric=False)),
+    ("W4A8 per-channel asym-act", dict(weight_bits=4, act_bits=8, per_channel=True, act_symmetric=False)),
+    # What relayq's bias correction (on by default, as in NNCF) contributes.
+    ("W8A8 per-channel, no bias corr.", dict(weight_bits=8, act_bits=8, per_channel=True, bias_correction=False)),
+    ("W4A8 per-channel, no bias corr.", dict(weight_bits=4, act_bits=8, per_channel=True, bias_correction=False)),
 ]
 METHODS = ["naive", "kl", "percentile", "mse"]
 #: relayq method -> the ONNX Runtime calibrator shown in the same column.
@@ -347,7 +351,8 @@ def relayq_rows(mod, params, calib: list, predict, score, schemes: list, methods
                 cfg = relayq.QConfig(show_progress=False, **fields)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    if shared is not None:
+                    # Bias correction measures input means on the whole dataset: no replay for it.
+                    if shared is not None and not cfg.bias_correction:
                         cal = _replay_calibrator(shared, method, cfg.percentile)
                         try:
                             q = relayq.quantize_model(mod, params, calib[:1], cal, cfg)

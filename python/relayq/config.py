@@ -109,7 +109,7 @@ class QConfig:
     keep_first_last_bits: Optional[int] = None
     power_of_two_scale: bool = False
     act_symmetric: bool = True
-    bias_correction: bool = False
+    bias_correction: bool = True
     show_progress: bool = True
 
     def __post_init__(self):
