@@ -9,6 +9,7 @@ from tvm import relax
 
 from relayq import qmath
 from relayq.backend.generic import Requant
+from relayq.runtime import host_cpu_flags
 
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2", "num-cores": os.cpu_count() or 1})
 VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": os.cpu_count() or 1})
@@ -16,14 +17,8 @@ GENERIC = tvm.target.Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})
 
 
 def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """This CPU's flags (the package's own reader of /proc/cpuinfo)."""
+    return set(host_cpu_flags())
 
 
 def rand_requant(rng, channels, per_channel, lo=-127, hi=127):
