@@ -352,3 +352,157 @@ def dense_fp32(x_shape, weight_kn, bias, act) -> Kernel:
     out = te.compute(acc.shape, lambda i, j: act_expr(acc[i, j] + B[j], act), name="out")
     func = _schedule_generic_dense(te.create_prim_func([A, W, B, out]), n)
     return Kernel(func, [weight_kn, _fbias(bias, n)], (x_shape[0], n), "float32", "dense_generic")
+
+
+# ----------------------------------------------------------------------------- quantized residual add
+_I32_LIMIT = 1 << 31
+
+
+@dataclass
+class AddTerm:
+    """One operand of the realized integer add: ``((q - zp) * m + r) >> s`` (int64 semantics)."""
+
+    zp: int
+    m: int
+    r: int
+    s: int
+
+
+@dataclass
+class AddRequant:
+    """The realized add chain of :func:`relayq.qmath.add` (``Realizer.finalize``'s Pending "add")::
+
+        t = sum_i ((q_i - zp_i) * m_i + r_i) >> s_i ;  t = ((t + r) >> s) + zp ;  out = cast(clip(t, lo, hi))
+
+    ``in_ranges`` are the possible codes of each operand (their storage range, or the clip range of a
+    requantized operand). :attr:`int32_ok` says whether every intermediate provably fits int32, in
+    which case :func:`add_requant_expr` computes the chain in int32 (``m = mh * 2^16 + ml`` split,
+    exact); otherwise it uses int64.
+
+    >>> a = AddRequant([AddTerm(0, 1 << 30, 1 << 14, 15), AddTerm(0, 1 << 30, 1 << 14, 15)], 1 << 15, 16, 0,
+    ...                -127, 127, "int8", [(-128, 127), (-128, 127)])
+    >>> a.reference([np.array([10]), np.array([-3])]).tolist()
+    [7]
+    """
+
+    terms: list
+    r: int
+    s: int
+    zp: int
+    lo: int
+    hi: int
+    out_dtype: str
+    in_ranges: list
+
+    @staticmethod
+    def _split_term_bounds(term: AddTerm, v):
+        """The int32 path's intermediates of one term for code offsets ``v`` (int64 numpy)."""
+        mh, ml = term.m >> 16, term.m & 0xFFFF
+        a = v * mh
+        b = v * ml + term.r
+        if term.s >= 16:
+            u = a + (b >> 16)
+            out = u >> (term.s - 16)
+            return [a, b, u, out], out
+        sa = a << (16 - term.s)
+        out = sa + (b >> term.s)
+        return [a, b, sa, out], out
+
+    @property
+    def int32_ok(self) -> bool:
+        if len(self.terms) != len(self.in_ranges):
+            return False
+        lo_sum, hi_sum = 0, 0
+        for term, (qlo, qhi) in zip(self.terms, self.in_ranges):
+            if not (0 < term.m < _I32_LIMIT and 1 <= term.s <= 40 and abs(term.r) < (1 << 30)):
+                return False
+            v = np.array([qlo - term.zp, qhi - term.zp], np.int64)
+            if np.any(np.abs(v) >= (1 << 15)):
+                return False
+            inter, out = self._split_term_bounds(term, v)
+            if any(np.any(np.abs(x) >= _I32_LIMIT) for x in inter):
+                return False
+            lo_sum, hi_sum = lo_sum + int(out.min()), hi_sum + int(out.max())
+        if not 1 <= self.s <= 31:
+            return False
+        ext = [lo_sum + self.r, hi_sum + self.r, lo_sum, hi_sum]
+        return all(abs(x) < _I32_LIMIT - abs(self.zp) - 1 for x in ext)
+
+    def reference(self, codes) -> np.ndarray:
+        """numpy int64 evaluation (the realized graph's semantics)."""
+        t = 0
+        for term, q in zip(self.terms, codes):
+            t = t + (((np.asarray(q, np.int64) - term.zp) * term.m + term.r) >> term.s)
+        t = ((t + self.r) >> self.s) + self.zp
+        return np.clip(t, self.lo, self.hi).astype(self.out_dtype)
+
+
+def add_requant_expr(values, spec: AddRequant, int32=None):
+    """TE expression of the add chain on operand values (any integer TE expressions, e.g. int8 loads).
+
+    >>> # out = te.compute(shape, lambda *i: add_requant_expr([A[i], B[i]], spec), name="out")
+    """
+    if int32 is None:
+        int32 = spec.int32_ok
+    dt = "int32" if int32 else "int64"
+
+    def c(v):
+        return tirx.const(int(v), dt)
+
+    total = None
+    for term, val in zip(spec.terms, values):
+        v = val.astype(dt)
+        if term.zp:
+            v = v - c(term.zp)
+        if int32:
+            a = v * c(term.m >> 16)
+            b = v * c(term.m & 0xFFFF) + c(term.r)
+            if term.s >= 16:
+                t = a + (b >> c(16))
+                if term.s > 16:
+                    t = t >> c(term.s - 16)
+            else:
+                t = (a << c(16 - term.s)) + (b >> c(term.s))
+        else:
+            t = (v * c(term.m) + c(term.r)) >> c(term.s)
+        total = t if total is None else total + t
+    t = (total + c(spec.r)) >> c(spec.s)
+    if spec.zp:
+        t = t + c(spec.zp)
+    t = te.max(te.min(t, c(spec.hi)), c(spec.lo))
+    return t.astype(spec.out_dtype)
+
+
+# Elements per vector of the standalone add kernel (a multiple of every ISA's lane count).
+ADD_VECTOR = 64
+
+
+def add_int8(shape, in_dtypes, spec: AddRequant) -> Kernel:
+    """Standalone fused integer add + rescale + clip + cast: two int8/uint8 tensors in, one out.
+
+    Parallel over contiguous chunks and vectorized (``ADD_VECTOR`` elements per inner loop); computed in
+    int32 when :attr:`AddRequant.int32_ok` holds, bit-exact with the realized int64 chain either way.
+
+    >>> # k = add_int8((1, 64, 56, 56), ["int8", "int8"], spec)
+    """
+    shape = tuple(int(v) for v in shape)
+    size = int(np.prod(shape))
+    ins = [te.placeholder(shape, dt, name=f"q{i}") for i, dt in enumerate(in_dtypes)]
+    out = te.compute(shape, lambda *idx: add_requant_expr([a[idx] for a in ins], spec), name="out")
+    sch = s_tir.Schedule(te.create_prim_func(ins + [out]))
+    blk = sch.get_sblock("out")
+    i = sch.fuse(*sch.get_loops(blk))
+    vec = ADD_VECTOR if size % ADD_VECTOR == 0 else next(v for v in (32, 16, 8, 4, 2, 1) if size % v == 0)
+    chunks = size // vec
+    # about 4 tasks per core-ish granularity: inner chunk of vectors per task keeps tasks >= 4 KiB
+    per_task = max(1, min(chunks, 4096 // vec))
+    while chunks % per_task:
+        per_task -= 1
+    io, im, ii = sch.split(i, [None, per_task, vec])
+    sch.parallel(io)
+    sch.vectorize(ii)
+    func = sch.mod["main"]
+    info = {"int32": spec.int32_ok, "vector": vec}
+    return Kernel(func, [], shape, spec.out_dtype, "qadd", info)
+
+

@@ -11,7 +11,12 @@ per quantized layer::
 ``relax.call_tir`` of a scheduled PrimFunc that computes it bit-exactly (int8 in, int8 out; the
 int32 accumulator never leaves registers). :func:`lower_float` does the same for fp32
 ``conv2d / matmul (+ add bias) (+ relu | clip)`` chains, for a fairly scheduled FP32 baseline.
-Everything else is left as is (TVM legalizes it).
+The realized integer add of two quantized tensors (a residual connection: ``astype int64 -> subtract
+zp -> multiply -> rounding shift`` per operand, add, rounding shift, clip, cast; see
+:class:`relayq.backend.generic.AddRequant`) is fused into the epilogue of the x86 int8 conv producing
+one operand when that conv output has no other user, else lowered to the standalone parallel,
+vectorized :func:`relayq.backend.generic.add_int8` (int32 arithmetic where provably exact); see
+:data:`RESIDUAL_ADD`. Everything else is left as is (TVM legalizes it).
 
 The kernel family comes from the target kind:
 
@@ -47,6 +52,10 @@ from .generic import Requant
 from .presets import best_host_preset, target_from_preset  # noqa: F401  (re-exported API)
 
 TARGET_KINDS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "generic")
+# How realized integer adds (residual connections) are lowered: "fuse" into the epilogue of the x86 int8
+# conv producing one operand (when that conv output has no other user; else, and on the generic
+# preset, as "standalone"), "standalone" (generic.add_int8, parallel + vectorized), or None (left to TVM).
+RESIDUAL_ADD = "fuse"
 _X86_ISA = {"x86-avx2": "avx2", "x86-vnni": "vnni"}
 # Ops through which a non-negative value stays non-negative (they only move or select elements).
 _SIGN_PRESERVING = ("relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
@@ -286,6 +295,125 @@ def match_dequant_dense_chain(g: _Graph, head) -> _IntChain | None:
     return _IntChain("dense_deq", x, _np(w), bias, None, {"scale": scale.reshape(-1)}, out_shape)
 
 
+class _AddChain:
+    """A realized integer add of two quantized tensors (see :class:`relayq.backend.generic.AddRequant`).
+
+    ``inputs`` are the operand vars (int8/uint8). ``conv`` (set by the planner) is the int conv chain
+    producing operand ``conv_index`` when it is fused into that conv's epilogue.
+    """
+
+    kind = "add"
+
+    def __init__(self, inputs, spec, out_shape):
+        self.inputs, self.spec, self.out_shape = list(inputs), spec, out_shape
+        self.conv, self.conv_index = None, None
+
+    @property
+    def x(self):
+        return self.conv.x if self.conv is not None else self.inputs[0]
+
+    def stop_vars(self):
+        """Vars at which the chain's interior ends (its real inputs)."""
+        if self.conv is None:
+            return list(self.inputs)
+        return [self.conv.x] + [v for i, v in enumerate(self.inputs) if i != self.conv_index]
+
+
+def _scalar(e):
+    """The Python int of a scalar (size-1) integer constant, else None."""
+    if not _is_const(e):
+        return None
+    a = _np(e)
+    if a.size != 1 or a.dtype.kind not in "iu":
+        return None
+    return int(a.reshape(-1)[0])
+
+
+def _rshift_const(g, e, inner):
+    """``(t + r) >> s`` with scalar constants ending at var ``e``: (t, r, s) or None."""
+    shr = _walk(g, e, "relax.right_shift", inner)
+    if shr is None or _scalar(shr.args[1]) is None:
+        return None
+    add = _walk(g, shr.args[0], "relax.add", inner)
+    if add is None or _scalar(add.args[1]) is None:
+        return None
+    return add.args[0], _scalar(add.args[1]), _scalar(shr.args[1])
+
+
+def _add_term(g, e, inner):
+    """One operand term ``((astype(q, int64) [- zp]) * m + r) >> s``: (q var, AddTerm) or None."""
+    rs = _rshift_const(g, e, inner)
+    if rs is None:
+        return None
+    t, r, s = rs
+    mul = _walk(g, t, "relax.multiply", inner)
+    if mul is None or _scalar(mul.args[1]) is None:
+        return None
+    m, t, zp = _scalar(mul.args[1]), mul.args[0], 0
+    if _op(g.producer(t)) == "relax.subtract":
+        sub = _walk(g, t, "relax.subtract", inner)
+        if sub is None or _scalar(sub.args[1]) is None:
+            return None
+        t, zp = sub.args[0], _scalar(sub.args[1])
+    cast = _walk(g, t, "relax.astype", inner)
+    if cast is None or str(cast.attrs.dtype) != "int64":
+        return None
+    q = cast.args[0]
+    if not isinstance(q, relax.Var) or _dtype(q) not in ("int8", "uint8"):
+        return None
+    return q, generic.AddTerm(zp, m, r, s)
+
+
+def match_add_chain(g: _Graph, head) -> _AddChain | None:
+    """Match realize's integer add of two quantized tensors ending at the Call ``head``::
+
+        t_i = ((astype(q_i, int64) [- zp_i]) * m_i + r_i) >> s_i ;  t = add(t_0, t_1)
+        t = (t + r) >> s  [+ zp]  ->  clip(lo, hi)  ->  astype int8 | uint8
+
+    (scalar constants; both operands of the output's shape).
+    """
+    if _op(head) != "relax.astype" or str(head.attrs.dtype) not in ("int8", "uint8"):
+        return None
+    out_dtype = str(head.attrs.dtype)
+    inner = []
+    clip = _walk(g, head.args[0], "relax.clip", inner)
+    if clip is None:
+        return None
+    try:
+        lo, hi = _prim_int(clip.args[1]), _prim_int(clip.args[2])
+    except (TypeError, ValueError, AttributeError):
+        return None
+    info = np.iinfo(out_dtype)
+    lo, hi = max(lo, int(info.min)), min(hi, int(info.max))
+    t, zp = clip.args[0], 0
+    val = g.producer(t)
+    if _op(val) == "relax.add" and _scalar(val.args[1]) is not None:
+        add_zp = _walk(g, t, "relax.add", inner)
+        if add_zp is None:
+            return None
+        t, zp = add_zp.args[0], _scalar(add_zp.args[1])
+    rs = _rshift_const(g, t, inner)
+    if rs is None:
+        return None
+    t, r, s = rs
+    total = _walk(g, t, "relax.add", inner)
+    if total is None or _dtype(t) != "int64":
+        return None
+    out_shape = _shape(head)
+    if out_shape is None:
+        return None
+    inputs, terms = [], []
+    for a in total.args:
+        got = _add_term(g, a, inner)
+        if got is None or _shape(got[0]) != out_shape:
+            return None
+        inputs.append(got[0])
+        terms.append(got[1])
+    ranges = [(int(np.iinfo(_dtype(q)).min), int(np.iinfo(_dtype(q)).max)) for q in inputs]
+    spec = generic.AddRequant(terms, r, s, zp, lo, hi, out_dtype, ranges)
+    return _AddChain(inputs, spec, out_shape)
+
+
 class _FloatChain:
     def __init__(self, kind, x, weight, bias, act, attrs, out_shape):
         self.kind, self.x, self.weight, self.bias, self.act = kind, x, weight, bias, act
@@ -416,6 +544,25 @@ def _int_kernel(chain: _IntChain, kind: str, nonneg: bool):
     return generic.dense_int8(xs, chain.weight, chain.bias, chain.rq)
 
 
+def _add_kernel(chain: _AddChain, kind: str, nonneg: bool):
+    if kind == "cuda-dp4a":
+        return None
+    if chain.conv is not None:
+        from . import x86
+        c = chain.conv
+        a = c.attrs
+        spec = chain.spec
+        # the conv's operand range is its requant clip range (tighter than int8: more often int32-exact)
+        ranges = list(spec.in_ranges)
+        ranges[chain.conv_index] = (c.rq.lo, c.rq.hi)
+        spec = generic.AddRequant(spec.terms, spec.r, spec.s, spec.zp, spec.lo, spec.hi, spec.out_dtype, ranges)
+        other = chain.inputs[1 - chain.conv_index]
+        residual = (chain.conv_index, spec, _dtype(other))
+        return x86.conv2d_int8(_shape(c.x), c.weight, c.bias, c.rq, a["strides"], a["padding"], a["dilation"],
+                               a["groups"], isa=_X86_ISA[kind], nonneg=nonneg, residual=residual)
+    return generic.add_int8(chain.out_shape, [_dtype(q) for q in chain.inputs], chain.spec)
+
+
 def _float_kernel(chain: _FloatChain, kind: str):
     xs = _shape(chain.x)
     if kind == "cuda-dp4a":
@@ -444,9 +591,11 @@ def _const(a):
 # ----------------------------------------------------------------------------- the mutator
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod, kind, do_int, do_float, stats):
+    def __init__(self, mod, kind, do_int, do_float, stats, fuse_add=None):
         super().__init__(mod)
         self.mod_ = mod
+        mode = RESIDUAL_ADD if fuse_add is None else fuse_add
+        self.lower_add, self.fuse_add = mode in ("fuse", "standalone"), mode == "fuse"
         self.kind, self.do_int, self.do_float, self.stats = kind, do_int, do_float, stats
         self.plans = {}
         taken = {gv.name_hint for gv in mod.get_global_vars()}
@@ -462,7 +611,9 @@ class _Lowerer(relax.PyExprMutator):
                 continue
             val = g.var2val[v]
             chain = None
-            if self.do_int:
+            if self.do_int and self.lower_add and self.kind != "cuda-dp4a":
+                chain = self._match_add(g, val)
+            if chain is None and self.do_int:
                 chain = match_int_chain(g, val)
                 if chain is None and self.kind in _X86_ISA:
                     chain = match_dequant_dense_chain(g, val)
@@ -474,13 +625,31 @@ class _Lowerer(relax.PyExprMutator):
             absorbed.update(self._interior(g, val, chain))
         return g, plans
 
+    def _match_add(self, g, val):
+        """An add chain, fused into the epilogue of the x86 int8 conv producing one operand if possible."""
+        chain = match_add_chain(g, val)
+        if chain is None:
+            return None
+        if self.kind in _X86_ISA and self.fuse_add:
+            for i, q in enumerate(chain.inputs):
+                if chain.inputs[1 - i].same_as(q) or not g.single_use(q):
+                    continue
+                conv = match_int_chain(g, g.producer(q))
+                if conv is None or conv.kind != "conv2d" or conv.attrs["groups"] != 1 or \
+                        tuple(conv.out_shape) != tuple(chain.out_shape) or _dtype(q) != "int8":
+                    continue
+                chain.conv, chain.conv_index = conv, i
+                break
+        return chain
+
     @staticmethod
     def _interior(g, head, chain):
         """Vars strictly inside a matched chain (their bindings become dead)."""
         out, stack = set(), list(head.args)
+        stops = chain.stop_vars() if isinstance(chain, _AddChain) else [chain.x]
         while stack:
             e = stack.pop()
-            if not isinstance(e, relax.Var) or e.same_as(chain.x) or e not in g.var2val:
+            if not isinstance(e, relax.Var) or any(e.same_as(v) for v in stops) or e not in g.var2val:
                 continue
             out.add(e)
             val = g.var2val[e]
@@ -492,7 +661,12 @@ class _Lowerer(relax.PyExprMutator):
         chain = self.plans.get(call)
         if chain is None:
             return super().visit_call_(call)
-        if isinstance(chain, _IntChain):
+        inputs = [chain.x]
+        if isinstance(chain, _AddChain):
+            nonneg = self.graph.is_nonneg(chain.x) if chain.conv is not None else None
+            kernel = _add_kernel(chain, self.kind, nonneg)
+            inputs = chain.stop_vars()
+        elif isinstance(chain, _IntChain):
             nonneg = self.graph.is_nonneg(chain.x)
             kernel = _int_kernel(chain, self.kind, nonneg)
         else:
@@ -502,8 +676,9 @@ class _Lowerer(relax.PyExprMutator):
             return super().visit_call_(call)
         symbol = f"{next(self.names)}_{kernel.name}"
         gv = self.builder_.add_func(kernel.finalize(symbol), symbol)
-        args = [self.visit_expr(chain.x)] + [_const(c) for c in kernel.consts]
-        self.stats.append({"symbol": symbol, "kind": chain.kind, "int8": isinstance(chain, _IntChain),
+        args = [self.visit_expr(v) for v in inputs] + [_const(c) for c in kernel.consts]
+        kind = chain.kind if not isinstance(chain, _AddChain) or chain.conv is None else "conv2d+add"
+        self.stats.append({"symbol": symbol, "kind": kind, "int8": isinstance(chain, (_IntChain, _AddChain)),
                            "nonneg": nonneg, **kernel.info})
         return relax.call_tir(gv, args, relax.TensorType(list(kernel.out_shape), kernel.out_dtype))
 

@@ -117,11 +117,16 @@ def _offset_bias(bias, w_sum, offset):
 
 # ============================================================================ int8 conv2d (groups=1)
 def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, groups=1, isa="avx2",
-                nonneg=False) -> Kernel:
+                nonneg=False, residual=None) -> Kernel:
     """Fused int8 conv2d + bias + requant + clip + cast (NCHW int8 in/out), tensorized for ``isa``.
 
     Depthwise convs (groups == C == O) get :func:`depthwise_int8`; other grouped convs the
     portable :func:`relayq.backend.generic.conv2d_int8`.
+
+    ``residual = (index, spec, dtype)`` (groups=1 only) fuses a quantized residual add into the
+    epilogue: the requantized conv output is operand ``index`` of the
+    :class:`~relayq.backend.generic.AddRequant` ``spec``, the other operand a second input tensor of
+    ``dtype`` and the output's shape (call convention ``func(x, other, *consts, out)``).
 
     >>> # k = conv2d_int8((1, 64, 56, 56), w_oihw, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1, "avx2", True)
     """
@@ -129,6 +134,8 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     n, c, h, w = (int(v) for v in x_shape)
     o, cg, kh, kw = weight.shape
     if groups != 1:
+        if residual is not None:
+            raise ValueError("a fused residual add needs a groups=1 conv")
         if groups == c == o and cg == 1:
             return depthwise_int8(x_shape, weight, bias, rq, strides, padding, dilation, isa)
         return generic.conv2d_int8(x_shape, weight, bias, rq, strides, padding, dilation, groups)
@@ -169,9 +176,23 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
             Xp[b, icb, i * sh + ry * dh, j * sw + rx * dw, ici].astype("int32")
             * Wk[ob, icb, ry, rx, oi, ici].astype("int32"), axis=[icb, ry, rx, ici]),
         name="acc")
-    out = te.compute((n, o, oh, ow), lambda b, oc, i, j: requant_expr(
-        acc[b, oc // lanes, i, j, oc % lanes] + B[oc], oc, rq, tbl), name="out")
-    args = [X, Wk, B] + ([tbl] if tbl is not None else []) + [out]
+    if residual is None:
+        res_in = []
+        out = te.compute((n, o, oh, ow), lambda b, oc, i, j: requant_expr(
+            acc[b, oc // lanes, i, j, oc % lanes] + B[oc], oc, rq, tbl), name="out")
+    else:
+        r_index, r_spec, r_dtype = residual
+        R = te.placeholder((n, o, oh, ow), r_dtype, name="residual")
+        res_in = [R]
+
+        def fused(b, oc, i, j):
+            q1 = requant_expr(acc[b, oc // lanes, i, j, oc % lanes] + B[oc], oc, rq, tbl)
+            vals = [R[b, oc, i, j]] * 2
+            vals[r_index] = q1
+            return generic.add_requant_expr(vals, r_spec)
+
+        out = te.compute((n, o, oh, ow), fused, name="out")
+    args = [X] + res_in + [Wk, B] + ([tbl] if tbl is not None else []) + [out]
     func = te.create_prim_func(args)
 
     sch = s_tir.Schedule(func)
@@ -203,6 +224,9 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
     consts = [wk, _offset_bias(bpad, wsum, offset)] + ([rq.table(op)] if tbl is not None else [])
     info = {"intrin": name, "offset128": offset, "tile": (reg_o * lanes, reg_w), "lanes": lanes, "kpack": kp}
+    if residual is not None:
+        info["residual_add"] = {"int32": residual[1].int32_ok}
+        return Kernel(sch.mod["main"], consts, (n, o, oh, ow), residual[1].out_dtype, f"qconv2d_add_{isa}", info)
     return Kernel(sch.mod["main"], consts, (n, o, oh, ow), "int8", f"qconv2d_{isa}", info)
 
 
