@@ -25,6 +25,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter, defaultdict
 
@@ -33,8 +34,8 @@ from tvm import relax
 
 from ..config import QConfig
 from ..errors import FloatFallbackWarning
-from .common import (SIMQ, bindings, const_value, dtype_of, is_const_expr, is_tensor, main_function, op_name,
-                     shape_of)
+from .common import (SIMQ, bindings, dtype_of, is_const_expr, is_tensor, main_function, op_name, shape_of,
+                     simq_info, substitute)
 
 #: Function attribute listing the binding variables of quantized ops (realize reads it).
 QUANTIZED_ATTR = "relayq_quantized"
@@ -240,7 +241,6 @@ class _Plan:
         kf = self.config.keep_first_last_bits
         compute = [n for n, k in self.layer_kind.items() if k == COMPUTE]
         if kf is not None and compute:
-            import dataclasses
             for n in {compute[0], compute[-1]}:
                 self.resolved[n] = dataclasses.replace(self.resolved[n], weight_bits=kf, act_bits=kf)
 
@@ -336,7 +336,6 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
                         w = call.args[1]
                         wm = bb.emit(make_marker(w, f"{layer}:w", "weight", r.weight_bits, axis), fresh(f"{layer}_w"))
                         call = relax.Call(call.op, [call.args[0], wm], call.attrs, call.ty_args)
-                from .common import substitute
                 new_value = substitute(call, local)
                 if layer is not None:
                     vname = fresh(layer if plan.root[layer].same_as(v) and plan.layer_kind[layer] != PASS else v.name)
@@ -395,15 +394,9 @@ def layers(mod: tvm.IRModule) -> dict:
 
 def points(mod: tvm.IRModule) -> list:
     """The markers of an annotated module as ``(name, role, bits, axis)`` tuples, in graph order."""
-    from .common import simq_info
-
     out = []
     for b in bindings(main_function(mod)):
         info = simq_info(b.value)
         if info is not None:
             out.append(info[1:])
     return out
-
-
-def _unused():  # keep linters quiet about helpers imported for type checks
-    return const_value
