@@ -35,7 +35,7 @@ from tvm import relax
 from ..config import QConfig
 from ..errors import FloatFallbackWarning
 from .common import (SIMQ, bindings, dtype_of, is_const_expr, is_tensor, main_function, op_name, shape_of,
-                     simq_info, substitute)
+                     simq_info, substitute, vars_of)
 
 #: Function attribute listing the binding variables of quantized ops (realize reads it).
 QUANTIZED_ATTR = "relayq_quantized"
@@ -144,21 +144,6 @@ def make_marker(x, name: str, role: str, bits: int, axis: int = -1):
                                      relax.prim_value(int(bits)), relax.prim_value(int(axis)), ty_args=x.ty)
 
 
-def _arg_vars(e):
-    out = []
-    if isinstance(e, relax.Var):
-        out.append(e)
-    elif isinstance(e, relax.Tuple):
-        for f in e.fields:
-            out += _arg_vars(f)
-    elif isinstance(e, relax.Call):
-        for a in e.args:
-            out += _arg_vars(a)
-    elif isinstance(e, relax.TupleGetItem):
-        out += _arg_vars(e.tuple_value)
-    return out
-
-
 def _bias_fits(op_type, acc_shape, bias) -> bool:
     bs = shape_of(bias)
     if op_type == "conv2d":
@@ -176,9 +161,9 @@ class _Plan:
         self.value = {b.var: b.value for b in self.binds}
         self.users = defaultdict(list)
         for i, b in enumerate(self.binds):
-            for v in _arg_vars(b.value):
+            for v in vars_of(b.value):
                 self.users[v].append(i)
-        self.output_vars = set(_arg_vars(func.body.body))
+        self.output_vars = set(vars_of(func.body.body))
         self.layer_of = {}          # var -> layer name (every var of a fused group)
         self.layer_type = {}        # layer name -> op type
         self.layer_kind = {}        # layer name -> COMPUTE | MERGE | PASS

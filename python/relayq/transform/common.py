@@ -76,6 +76,22 @@ def simq_info(e):
     return None
 
 
+def vars_of(e) -> list:
+    """The variables an expression reads, in order (through calls, tuples and tuple items)."""
+    if isinstance(e, relax.Var):
+        return [e]
+    out = []
+    if isinstance(e, relax.Tuple):
+        for f in e.fields:
+            out += vars_of(f)
+    elif isinstance(e, relax.Call):
+        for a in e.args:
+            out += vars_of(a)
+    elif isinstance(e, relax.TupleGetItem):
+        out += vars_of(e.tuple_value)
+    return out
+
+
 def substitute(expr, remap: dict):
     """Rebuild ``expr`` with the variables in ``remap`` replaced (one level: calls, tuples, items)."""
     if isinstance(expr, relax.Var):

@@ -32,7 +32,8 @@ from tvm import relax
 from .. import qmath
 from ..errors import ConfigError, FloatFallbackWarning, OverflowRiskError
 from .annotate import QUANTIZED_ATTR
-from .common import bindings, const_value, is_const_expr, main_function, op_name, shape_of, simq_info, substitute
+from .common import (bindings, const_value, is_const_expr, main_function, op_name, shape_of, simq_info, substitute,
+                     vars_of)
 
 _INT32_MAX = (1 << 31) - 1
 
@@ -451,12 +452,12 @@ class Realizer:
                         self.values[v] = val
                         continue
                     # A float op: its inputs come back to float here.
-                    remap = {a: self.to_float(self.values[a]) for a in _vars_of(call) if a in self.values}
+                    remap = {a: self.to_float(self.values[a]) for a in vars_of(call) if a in self.values}
                     self.values[v] = Float(self.emit(substitute(call, remap), v.name))
                     if name is not None:
                         left_float.append(name)
                 out = self.to_float(self.values[func.body.body]) if isinstance(func.body.body, relax.Var) \
-                    else substitute(func.body.body, {a: self.to_float(self.values[a]) for a in _vars_of(func.body.body)})
+                    else substitute(func.body.body, {a: self.to_float(self.values[a]) for a in vars_of(func.body.body)})
                 out = self.bb.emit_output(out)
             self.bb.emit_func_output(out)
         mod = self.bb.get()
@@ -548,21 +549,6 @@ def simulate(annotated: tvm.IRModule, qpoints: dict) -> tvm.IRModule:
         warnings.simplefilter("ignore", FloatFallbackWarning)
         mod = r.run()
     return relax.transform.DeadCodeElimination(["main"])(relax.transform.Normalize()(mod))
-
-
-def _vars_of(e):
-    if isinstance(e, relax.Var):
-        return [e]
-    out = []
-    if isinstance(e, relax.Tuple):
-        for f in e.fields:
-            out += _vars_of(f)
-    elif isinstance(e, relax.Call):
-        for a in e.args:
-            out += _vars_of(a)
-    elif isinstance(e, relax.TupleGetItem):
-        out += _vars_of(e.tuple_value)
-    return out
 
 
 def realize(annotated: tvm.IRModule, qpoints: dict, return_params: bool = False):
