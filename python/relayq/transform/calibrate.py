@@ -297,21 +297,21 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
     func = main_function(annotated)
     points = {}
     act_bits = {}
+    weights = {}
     for b in bindings(func):
         info = simq_info(b.value)
         if info is None:
             continue
         x, name, role, bits, axis = info
         if role == "weight":
-            points[name] = weight_qpoint(name, const_value(x), bits, axis, config.weight_method,
+            weights[name] = const_value(x)
+            points[name] = weight_qpoint(name, weights[name], bits, axis, config.weight_method,
                                          config.power_of_two_scale)
         else:
             act_bits[name] = bits
     means = {} if config.bias_correction else None
     if act_bits:
         observe(annotated, dataset, calibrator, config.show_progress, target, means)
-        weights = {info[1]: const_value(info[0]) for b in bindings(func)
-                   if (info := simq_info(b.value)) is not None and info[2] == "weight"}
         for name, m in (means or {}).items():
             points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
         for name, bits in act_bits.items():

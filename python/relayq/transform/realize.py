@@ -186,9 +186,10 @@ class Realizer:
             acc.corr = None
 
     def _rounding_shift(self, t, shift, shape=None):
-        """``(t + 2^(shift-1)) >> shift`` on int64 tensors (shift >= 1, scalar or per channel)."""
+        """``(t + 2^(shift-1)) >> shift`` on int64 tensors (shift >= 0, scalar or per channel; 0 keeps t)."""
         shift = np.asarray(shift, dtype=np.int64)
-        t = self.emit(relax.op.add(t, _i64(np.left_shift(np.int64(1), shift - 1), shape)))
+        half = np.where(shift > 0, np.left_shift(np.int64(1), np.maximum(shift, 1) - 1), 0)
+        t = self.emit(relax.op.add(t, _i64(half, shape)))
         return self.emit(relax.op.right_shift(t, _i64(shift, shape)))
 
     def requantize(self, acc, factor, bits, lo, hi, shape=None, name=None, zp_in=0, zp_out=0, signed=True):
@@ -208,8 +209,7 @@ class Realizer:
             # M = 2^30: (t * 2^30 + 2^(s-1)) >> s == (t + 2^(s-31)) >> (s-30), or t itself when s == 30.
             k = np.asarray(s, np.int64) - 30
             if np.any(k > 0):
-                t = self._rounding_shift(t, np.maximum(k, 1), shape) if np.all(k > 0) else \
-                    self._shift_or_keep(t, k, shape)
+                t = self._rounding_shift(t, k, shape)
         else:
             t = self.emit(relax.op.multiply(t, _i64(m, shape)))
             t = self._rounding_shift(t, s, shape)
@@ -217,13 +217,6 @@ class Realizer:
             t = self.emit(relax.op.add(t, _i64(zp_out)))
         t = self.emit(relax.op.clip(t, int(lo), int(hi)))
         return self._cast(t, bits, signed, name)
-
-    def _shift_or_keep(self, t, k, shape):
-        """Per-channel shift-only requantization where some channels shift by 0 (factor exactly 1)."""
-        k = np.asarray(k, np.int64)
-        half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k, 1) - 1), 0)
-        t = self.emit(relax.op.add(t, _i64(half, shape)))
-        return self.emit(relax.op.right_shift(t, _i64(k, shape)))
 
     def finalize(self, val, scale: float, bits: int, name=None, zp: int = 0, signed: bool = True) -> Q:
         """Bring any value to codes at ``(scale, zp)`` (a marker on it)."""
