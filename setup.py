@@ -16,6 +16,10 @@ setup(
         "numpy",
         "scipy",
         "onnx",
+        # Normalizes what ONNX exporters write (Constant nodes, shape subgraphs, Identity/Dropout) before
+        # TVM's importer: pure Python, 250 kB; needs colorama, ml-dtypes, packaging, sympy. Pinned: its
+        # pass names and the node names it keeps are what relayq.frontend.onnx relies on.
+        "onnxslim==0.1.98",
     ],
     extras_require={
         # What the test suite needs beyond the core: real data (digits) and progress of tuning.
@@ -23,6 +27,9 @@ setup(
         # never unpinned, which would pull several GB of CUDA packages).
         "test": ["pytest", "scikit-learn", "psutil", "cloudpickle", "torch==2.13.0", "onnxruntime", "pillow"],
         # Peers and real-model data used by benchmarks and tutorials.
+        # onnxslim evaluates folded shape computations with ONNX Runtime: without it, ONNX exports whose
+        # Reshape/Pad/Expand sizes are computed from shapes may not import.
+        "onnx": ["onnxruntime"],
         "bench": ["onnxruntime", "pillow", "psutil", "cloudpickle"],
     },
     entry_points={"console_scripts": ["relayq=relayq.cli:main"]},

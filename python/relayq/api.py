@@ -99,7 +99,7 @@ def _looks_like_mxnet(sym) -> bool:
 
 
 def _import(sym, params, shapes):
-    """Turn any accepted model form into ``(IRModule, params)``."""
+    """Turn any accepted model form into ``(IRModule, params)``; a model file's format is read from its content."""
     if isinstance(sym, tvm.IRModule):
         return sym, params
     try:
@@ -107,14 +107,19 @@ def _import(sym, params, shapes):
         is_onnx = isinstance(sym, onnx.ModelProto)
     except ImportError:  # pragma: no cover - onnx is a core dependency
         is_onnx = False
-    if is_onnx or (isinstance(sym, (str, os.PathLike)) and str(sym).endswith(".onnx")):
+    fmt = "onnx" if is_onnx else None
+    if fmt is None and isinstance(sym, (str, os.PathLike)) and not str(sym).lstrip().startswith("{"):
+        from .frontend.detect import detect_format
+
+        fmt = detect_format(sym)          # raises FrontendError naming a missing / unreadable path
+    if fmt == "onnx":
         from .frontend.onnx import from_onnx
 
         mod, p = from_onnx(sym, shapes)
         if params:
             p = {**p, **params}
         return mod, p
-    if _looks_like_mxnet(sym):
+    if fmt == "mxnet" or _looks_like_mxnet(sym):
         from .frontend.mxnet import from_mxnet
 
         arg, aux = params, None

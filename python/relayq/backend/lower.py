@@ -154,7 +154,8 @@ class _Graph:
             return True
         if name == "relax.clip":
             try:
-                if _prim_int(val.args[1]) >= 0:
+                # compared as a number: a float clip may be open below (-inf, ONNX Clip with only a max)
+                if _prim_num(val.args[1]) >= 0:
                     return True
             except (TypeError, ValueError, AttributeError):
                 pass

@@ -180,6 +180,7 @@ def _collect_params(*sources) -> dict:
 
 
 def _load_symbol(symbol) -> dict:
+    where = ""                  # the file, when the symbol came from one: errors name it
     if hasattr(symbol, "tojson"):
         text = symbol.tojson()
     elif isinstance(symbol, dict):
@@ -188,9 +189,12 @@ def _load_symbol(symbol) -> dict:
         s = os.fspath(symbol)
         if s.lstrip().startswith("{"):
             text = s
-        elif os.path.exists(s):
+        elif os.path.isfile(s):
+            where = f" {s}"
             with open(s) as f:
                 text = f.read()
+        elif os.path.isdir(s):
+            raise FrontendError(f"{s} is a directory, not an MXNet symbol file")
         else:
             raise FrontendError(f"MXNet symbol file not found: {s}")
     else:
@@ -199,9 +203,9 @@ def _load_symbol(symbol) -> dict:
     try:
         graph = json.loads(text)
     except ValueError as e:
-        raise FrontendError(f"cannot parse the MXNet symbol JSON: {e}") from None
+        raise FrontendError(f"cannot parse the MXNet symbol JSON{where}: {e}") from None
     if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list) or "heads" not in graph:
-        raise FrontendError("the MXNet symbol JSON has no 'nodes' / 'heads': not a symbol file")
+        raise FrontendError(f"the MXNet symbol JSON{where} has no 'nodes' / 'heads': not a symbol file")
     return graph
 
 

@@ -1,8 +1,26 @@
 """ONNX input: ``from_onnx(model_or_path, shapes=None) -> (IRModule, params)`` on TVM's Relax importer.
 
-TVM imports ``Clip`` as two opaque ``call_tir`` kernels that no quantizer can see through, so relayq
-imports a ``Clip`` with constant bounds as a single ``relax.op.clip`` (ReLU6 stays one op), then imports with the initializers as parameters, so that weights come back as a
-``params`` dict keyed by initializer name.
+One pipeline, one step per function:
+
+1. **load** the file (or copy the ``ModelProto``); a missing, empty or corrupt file names its path;
+2. **normalize** what exporters write, with the static input shapes: initializers listed as graph inputs
+   (``keep_initializers_as_inputs=True``) become plain initializers, then `onnxslim`_ turns ``Constant``
+   nodes into initializers, folds shape-computing subgraphs (``Shape -> Gather -> Concat`` ...) so that
+   Pad, Reshape, Expand, Slice, Resize and Clip get constant arguments, and drops Identity / Dropout;
+   the user's node names and initializer names are kept (graph fusion, common-subexpression elimination
+   and weight tying are off, since they rename nodes or merge weights);
+3. **check ops**: every op type that neither TVM's importer nor relayq can convert is named, with its
+   count, in one :class:`~relayq.errors.UnsupportedOpError`;
+4. **import** with TVM's importer plus relayq's converters: TVM imports ``Clip`` as two opaque
+   ``call_tir`` kernels that no quantizer can see through, so relayq imports a ``Clip`` with constant
+   bounds as a single ``relax.op.clip`` (ReLU6 stays one op);
+5. **detach params**: the weights come back as a ``params`` dict keyed by ONNX initializer name.
+
+Folding evaluates the constant subgraphs with ONNX Runtime when it is installed (``pip install
+onnxruntime``); without it, Constant nodes, Identity and Dropout are still normalized, but a shape
+computation that TVM's importer cannot follow raises a FrontendError that says so.
+
+.. _onnxslim: https://pypi.org/project/onnxslim/
 
 Example::
 
@@ -11,29 +29,138 @@ Example::
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import importlib.util
+import io
+import logging
 import os
 import warnings
 
 import numpy as np
 
-from ..errors import FrontendError
+from ..errors import FrontendError, UnsupportedOpError
+from .detect import check_model_path
+
+#: onnxslim passes that stay off: fusion and CSE rename or merge the user's nodes, weight tying merges
+#: equal initializers (and so drops names that params are keyed by).
+_SLIM_SKIPPED = ["graph_fusion", "subexpression_elimination", "weight_tying"]
+#: Ops that TVM's importer handles outside its converter table.
+_DIRECT_OPS = {"Constant", "If"}
+#: Node names listed per unsupported op type before "...".
+_NAMES_SHOWN = 3
 
 
 def _load(model_or_path):
+    """``(ModelProto, where)``: a private copy of the model, and how messages name it."""
     import onnx
 
-    if isinstance(model_or_path, (str, os.PathLike)):
-        if not os.path.exists(model_or_path):
-            raise FrontendError(f"ONNX file not found: {model_or_path}")
-        try:
-            return onnx.load(str(model_or_path))
-        except Exception as e:  # protobuf raises many kinds of errors on a corrupt file
-            raise FrontendError(f"cannot read ONNX file {model_or_path}: {e}") from None
     if isinstance(model_or_path, onnx.ModelProto):
-        return copy.deepcopy(model_or_path)
-    raise FrontendError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+        model, where = copy.deepcopy(model_or_path), f"ONNX model {model_or_path.graph.name or '(unnamed graph)'!r}"
+    elif isinstance(model_or_path, (str, os.PathLike)):
+        path = check_model_path(model_or_path)
+        where = f"ONNX file {path}"
+        try:
+            model = onnx.load(path)
+        except Exception as e:  # protobuf raises many kinds of errors on a corrupt file
+            raise FrontendError(f"cannot read {where}: not a valid ONNX protobuf ({e})") from None
+    else:
+        raise FrontendError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+    # Random bytes can parse as a protobuf with unknown fields only: a model has a version and a graph.
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise FrontendError(f"{where} is not an ONNX model: it has no IR version or no graph")
+    return model, where
+
+
+def _input_shapes(model, shapes, where) -> dict:
+    """Static shape of every data input: ``shapes`` first, then the shapes declared in the model."""
+    init_names = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in init_names]
+    names = [i.name for i in graph_inputs]
+    shapes = dict(shapes or {})
+    for name in shapes:
+        if name not in names:
+            raise FrontendError(f"shape given for {name!r}, which is not an input of {where} (inputs: {names})")
+    shape_dict = {}
+    for inp in graph_inputs:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in shapes:
+            try:
+                shape = [int(d) for d in shapes[inp.name]]
+            except (TypeError, ValueError):
+                raise FrontendError(f"shapes[{inp.name!r}] must be a sequence of ints, got {shapes[inp.name]!r}") from None
+            if dims and len(dims) != len(shape):
+                raise FrontendError(f"shapes[{inp.name!r}] = {tuple(shape)} has rank {len(shape)}, but input "
+                                    f"{inp.name!r} of {where} has rank {len(dims)}")
+            shape_dict[inp.name] = shape
+            continue
+        if any(not d.HasField("dim_value") for d in dims):
+            declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise FrontendError(f"input {inp.name!r} of {where} has a dynamic shape {declared}: pass "
+                                f"shapes={{{inp.name!r}: (...)}}")
+        shape_dict[inp.name] = [d.dim_value for d in dims]
+    return shape_dict
+
+
+def _normalize(model, shape_dict: dict, where):
+    """The model as TVM's importer wants it: static input shapes, constants folded, no no-op nodes."""
+    init_names = {t.name for t in model.graph.initializer}
+    # keep_initializers_as_inputs=True lists every weight as a graph input too; to TVM that is a second
+    # parameter of the same name.
+    data_inputs = [i for i in model.graph.input if i.name not in init_names]
+    del model.graph.input[:]
+    model.graph.input.extend(data_inputs)
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        del dims[:]
+        for d in shape_dict[inp.name]:
+            dims.add().dim_value = int(d)
+    # A value_info of the old (dynamic) shapes would contradict the static ones: let inference redo them.
+    del model.graph.value_info[:]
+    try:
+        import onnxslim
+    except ImportError:  # pragma: no cover - onnxslim is a core dependency
+        warnings.warn("relayq: onnxslim is not installed; ONNX models are imported without normalization")
+        return model
+    log = logging.getLogger("onnxslim")
+    level = log.level
+    log.setLevel(logging.CRITICAL)      # a subgraph it cannot evaluate is reported, then left as it is
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            slim = onnxslim.slim(model, skip_optimizations=_SLIM_SKIPPED)
+    except Exception as e:  # a model onnxslim cannot handle may still import: TVM's importer decides
+        warnings.warn(f"relayq: onnxslim could not normalize {where} ({type(e).__name__}: {e}); importing it as is")
+        return model
+    finally:
+        log.setLevel(level)
+    return slim if slim is not None else model
+
+
+def _convert_map() -> dict:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return {**onnx_frontend._get_convert_map(), **_RELAYQ_CONVERTERS}
+
+
+def _check_ops(model, where) -> None:
+    """Raise one UnsupportedOpError naming every op type that cannot be imported, with counts and nodes."""
+    known = set(_convert_map()) | _DIRECT_OPS
+    missing = collections.defaultdict(list)
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in known or node.domain not in ("", "ai.onnx"):
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            missing[key].append(node.name or f"#{i}")
+    if not missing:
+        return
+    parts = []
+    for op, nodes in sorted(missing.items()):
+        shown = ", ".join(repr(n) for n in nodes[:_NAMES_SHOWN]) + (", ..." if len(nodes) > _NAMES_SHOWN else "")
+        parts.append(f"{op} x{len(nodes)} ({shown})")
+    total = sum(len(v) for v in missing.values())
+    raise UnsupportedOpError(f"{where} uses {len(missing)} op type(s) that relayq cannot import "
+                             f"({total} node(s)): {'; '.join(parts)}")
 
 
 def _clip_bounds_to_attrs(model) -> None:
@@ -49,7 +176,7 @@ def _clip_bounds_to_attrs(model) -> None:
             continue
         bounds = list(node.input[1:]) + [""] * (3 - len(node.input))
         if any(b and b not in inits for b in bounds[:2]):
-            continue               # dynamic bounds: TVM's own converter handles them
+            continue               # computed bounds: _ClipToRelax names the node
         values = [float(numpy_helper.to_array(inits[b]).reshape(-1)[0]) if b else None for b in bounds[:2]]
         del node.input[1:]
         for attr, val in zip(("min", "max"), values):
@@ -69,25 +196,53 @@ class _ClipToRelax:
         from tvm import relax
 
         if len(inputs) > 1 and any(i is not None for i in inputs[1:]):
-            raise FrontendError("Clip with dynamic bounds is not supported by relayq's importer")
+            raise FrontendError("its min/max bounds are computed at run time; relayq needs constant "
+                                "Clip bounds")
+        # An absent bound stays infinite: the quantizer and the backend treat the clip as open there.
         lo = float(attr.get("min", -np.inf))
         hi = float(attr.get("max", np.inf))
         return relax.op.clip(inputs[0], lo, hi)
 
 
+#: relayq's converters, installed over TVM's for one import: op type -> converter class.
+_RELAYQ_CONVERTERS = {"Clip": _ClipToRelax}
+
+
+class _NodeFailure(Exception):
+    """A converter failed: carries the ONNX op type and node name up through TVM's importer."""
+
+    def __init__(self, op, node, error):
+        super().__init__(f"{op} {node}")
+        self.op, self.node, self.error = op, node, error
+
+
+def _named(op_type, converter):
+    """Wrap a converter class so that a failure names the ONNX node being converted."""
+
+    class Named:
+        @classmethod
+        def get_converter(cls, opset):
+            impl = converter.get_converter(opset)
+
+            def run(bb, inputs, attr, params):
+                try:
+                    return impl(bb, inputs, attr, params)
+                except Exception as e:
+                    raise _NodeFailure(op_type, attr.get("tvm_custom", {}).get("name", ""), e) from None
+
+            return run
+
+    return Named
+
+
 @contextlib.contextmanager
 def _relayq_converters():
-    """Install relayq's converters into TVM's (pinned, 0.27) ONNX importer for one import."""
+    """Install relayq's converters (and node-naming wrappers) into TVM's ONNX importer for one import."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
     original = onnx_frontend._get_convert_map
-
-    def patched():
-        table = dict(original())
-        table["Clip"] = _ClipToRelax
-        return table
-
-    onnx_frontend._get_convert_map = patched
+    table = {op: _named(op, conv) for op, conv in {**original(), **_RELAYQ_CONVERTERS}.items()}
+    onnx_frontend._get_convert_map = lambda: table
     try:
         with warnings.catch_warnings():
             # The importer's checker flags the min/max attributes that relayq itself put on Clip.
@@ -97,48 +252,57 @@ def _relayq_converters():
         onnx_frontend._get_convert_map = original
 
 
-def from_onnx(model_or_path, shapes: dict | None = None):
-    """Import an ONNX model as ``(IRModule, params)``.
+def _import(model, shape_dict: dict, where):
+    """TVM's importer with relayq's converters; a failure names the ONNX node where it happened."""
+    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
 
-    ``shapes`` (input name -> shape) overrides or completes the shapes declared in the model.
+    _clip_bounds_to_attrs(model)
+    try:
+        # The importer prints the inputs of a failing converter: the error below says it better.
+        with _relayq_converters(), contextlib.redirect_stdout(io.StringIO()):
+            return tvm_from_onnx(model, shape_dict=shape_dict, keep_params_in_input=True)
+    except _NodeFailure as f:
+        msg = f"cannot import node {f.node!r} ({f.op}) of {where}: {_first_line(f.error)}"
+    except Exception as e:
+        msg = f"TVM's ONNX importer failed on {where}: {_first_line(e)}"
+    if importlib.util.find_spec("onnxruntime") is None:
+        msg += (" (relayq folds shape computations with onnxslim, which evaluates them with onnxruntime: "
+                "`pip install onnxruntime` may let this model import)")
+    raise FrontendError(msg)
+
+
+def _first_line(e) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0] if not text.startswith("Traceback") else text.splitlines()[-1]
+
+
+def _detach_params(mod):
+    """``(mod, params)``: ``main(inputs..., weights...)`` and the weights keyed by initializer name."""
+    from tvm import relax
+
+    mod, detached = relax.frontend.detach_params(mod)
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else 0
+    names = [p.name for p in func.params[num_input:]]
+    params = {n: v.numpy() for n, v in zip(names, detached.get("main", []))}
+    return mod, params
+
+
+def from_onnx(model_or_path, shapes: dict | None = None):
+    """Import an ONNX model (a path or an ``onnx.ModelProto``) as ``(IRModule, params)``.
+
+    ``shapes`` (input name -> shape) overrides or completes the shapes declared in the model. The
+    file's format is checked from its content, so the file may have any name.
 
     Example::
 
-        mod, params = from_onnx(onnx_model)
+        mod, params = from_onnx("model.onnx", shapes={"input": (8, 3, 224, 224)})
         print(mod)                      # main(input, <weights>...)
+        params["conv1.weight"].shape    # keyed by ONNX initializer name
     """
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
-
-    model = _load(model_or_path)
-    _clip_bounds_to_attrs(model)
-    init_names = {t.name for t in model.graph.initializer}
-    graph_inputs = [i.name for i in model.graph.input if i.name not in init_names]
-    shapes = dict(shapes or {})
-    for name in shapes:
-        if name not in graph_inputs:
-            raise FrontendError(f"shape given for {name!r}, which is not an input of the ONNX model "
-                                f"(inputs: {graph_inputs})")
-    shape_dict = {}
-    for inp in model.graph.input:
-        if inp.name in init_names:
-            continue
-        if inp.name in shapes:
-            shape_dict[inp.name] = list(shapes[inp.name])
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
-            raise FrontendError(f"ONNX input {inp.name!r} has a dynamic shape: pass shapes={{{inp.name!r}: (...)}}")
-        shape_dict[inp.name] = [d.dim_value for d in dims]
-    try:
-        with _relayq_converters():
-            mod = tvm_from_onnx(model, shape_dict=shape_dict, keep_params_in_input=True)
-    except Exception as e:
-        raise FrontendError(f"TVM's ONNX importer failed: {e}") from None
-    mod, detached = relax.frontend.detach_params(mod)
-    func = mod["main"]
-    values = detached.get("main", [])
-    num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(graph_inputs)
-    names = [p.name for p in func.params[num_input:]]
-    params = {n: v.numpy() for n, v in zip(names, values)}
-    return mod, params
+    model, where = _load(model_or_path)
+    shape_dict = _input_shapes(model, shapes, where)
+    model = _normalize(model, shape_dict, where)
+    _check_ops(model, where)
+    mod = _import(model, shape_dict, where)
+    return _detach_params(mod)
