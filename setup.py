@@ -26,10 +26,10 @@ setup(
         # torch trains the small CNNs of the end-to-end tests (2.13.0 is the CPU build on disk here;
         # never unpinned, which would pull several GB of CUDA packages).
         "test": ["pytest", "scikit-learn", "psutil", "cloudpickle", "torch==2.13.0", "onnxruntime", "pillow"],
-        # Peers and real-model data used by benchmarks and tutorials.
         # onnxslim evaluates folded shape computations with ONNX Runtime: without it, ONNX exports whose
         # Reshape/Pad/Expand sizes are computed from shapes may not import.
         "onnx": ["onnxruntime"],
+        # Peers and real-model data used by benchmarks and tutorials.
         "bench": ["onnxruntime", "pillow", "psutil", "cloudpickle"],
     },
     entry_points={"console_scripts": ["relayq=relayq.cli:main"]},

@@ -25,7 +25,7 @@ _TFLITE_MAGIC = b"TFL3"
 #: with the key byte of one of them (wire type 0 or 2).
 _ONNX_FIRST_KEYS = {0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42}
 
-SUPPORTED = "ONNX (.onnx protobuf) or an MXNet symbol (*-symbol.json)"
+SUPPORTED = "an ONNX model (protobuf) or an MXNet symbol (*-symbol.json)"
 
 
 def check_model_path(path) -> str:
@@ -34,7 +34,7 @@ def check_model_path(path) -> str:
     if not os.path.exists(s):
         raise FrontendError(f"model file not found: {s}")
     if os.path.isdir(s):
-        raise FrontendError(f"{s} is a directory, not a model file: pass the path of a {SUPPORTED}")
+        raise FrontendError(f"{s} is a directory, not a model file: pass the path of {SUPPORTED}")
     if os.path.getsize(s) == 0:
         raise FrontendError(f"model file {s} is empty (0 bytes)")
     return s

@@ -48,6 +48,9 @@ from .detect import check_model_path
 _SLIM_SKIPPED = ["graph_fusion", "subexpression_elimination", "weight_tying"]
 #: Ops that TVM's importer handles outside its converter table.
 _DIRECT_OPS = {"Constant", "If"}
+#: onnxslim's symbolic shape inference gives up (returns None) below this opset; older models are
+#: normalized without it.
+_SLIM_MIN_SHAPE_INFER_OPSET = 7
 #: Node names listed per unsupported op type before "...".
 _NAMES_SHOWN = 3
 
@@ -129,13 +132,18 @@ def _normalize(model, shape_dict: dict, where):
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            slim = onnxslim.slim(model, skip_optimizations=_SLIM_SKIPPED)
+            slim = onnxslim.slim(model, skip_optimizations=_SLIM_SKIPPED,
+                                 no_shape_infer=_opset(model) < _SLIM_MIN_SHAPE_INFER_OPSET)
     except Exception as e:  # a model onnxslim cannot handle may still import: TVM's importer decides
         warnings.warn(f"relayq: onnxslim could not normalize {where} ({type(e).__name__}: {e}); importing it as is")
         return model
     finally:
         log.setLevel(level)
     return slim if slim is not None else model
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _convert_map() -> dict:
