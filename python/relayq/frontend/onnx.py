@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import importlib.util
 import io
 import logging
 import os
@@ -273,10 +272,18 @@ def _import(model, shape_dict: dict, where):
         msg = f"cannot import node {f.node!r} ({f.op}) of {where}: {_first_line(f.error)}"
     except Exception as e:
         msg = f"TVM's ONNX importer failed on {where}: {_first_line(e)}"
-    if importlib.util.find_spec("onnxruntime") is None:
+    if not _has_onnxruntime():
         msg += (" (relayq folds shape computations with onnxslim, which evaluates them with onnxruntime: "
                 "`pip install onnxruntime` may let this model import)")
     raise FrontendError(msg)
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _first_line(e) -> str:
