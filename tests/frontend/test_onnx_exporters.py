@@ -15,6 +15,8 @@ torch = pytest.importorskip("torch", reason="the test models are exported from t
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is the float reference")
 nn, F = torch.nn, torch.nn.functional
+# torch 2.13 warns that dynamo=False is the legacy exporter: it is the one users' files come from.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 #: Float import against ONNX Runtime (both fp32; only summation order differs).
 RTOL, ATOL = 1e-4, 1e-5

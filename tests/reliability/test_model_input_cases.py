@@ -217,6 +217,14 @@ def _clip_runtime_bounds(tmp):
     return lambda: relayq.frontend.from_onnx(_model(nodes, inits)), ["'clip_dyn'", "Clip"]
 
 
+def _converter_cannot_import(tmp):
+    # Conv is in TVM's table, but not over 4 spatial dims: the converter's NotImplementedError names the node.
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1, 1, 1), "float32"), "w6")
+    m = _model([helper.make_node("Conv", ["x", "w6"], ["y"], name="conv4d")], [w], x_shape=[1, 1, 2, 2, 2, 2],
+               y_shape=[1, 1, 2, 2, 2, 2])
+    return lambda: relayq.frontend.from_onnx(m), ["'conv4d'", "(Conv)", "Ndim"]
+
+
 def _not_a_model_object(tmp):
     return _quantize(3.5), ["float"]
 
@@ -245,6 +253,7 @@ ERROR_CASES = [
     ("shapes_names_nonexistent_input", _shape_for_unknown_input, FrontendError),
     ("shapes_wrong_rank", _shape_wrong_rank, FrontendError),
     ("clip_bounds_computed_at_run_time", _clip_runtime_bounds, FrontendError),
+    ("converter_cannot_import_node", _converter_cannot_import, UnsupportedOpError),
     ("not_a_model_object", _not_a_model_object, ModelError),
     ("modelproto_without_graph", _empty_modelproto, FrontendError),
 ]

@@ -229,11 +229,9 @@ def _named(op_type, converter):
     class Named:
         @classmethod
         def get_converter(cls, opset):
-            impl = converter.get_converter(opset)
-
             def run(bb, inputs, attr, params):
                 try:
-                    return impl(bb, inputs, attr, params)
+                    return converter.get_converter(opset)(bb, inputs, attr, params)
                 except Exception as e:
                     raise _NodeFailure(op_type, attr.get("tvm_custom", {}).get("name", ""), e) from None
 
@@ -270,6 +268,8 @@ def _import(model, shape_dict: dict, where):
             return tvm_from_onnx(model, shape_dict=shape_dict, keep_params_in_input=True)
     except _NodeFailure as f:
         msg = f"cannot import node {f.node!r} ({f.op}) of {where}: {_first_line(f.error)}"
+        if isinstance(f.error, NotImplementedError):        # TVM's OpNotImplemented is one too
+            raise UnsupportedOpError(msg) from None
     except Exception as e:
         msg = f"TVM's ONNX importer failed on {where}: {_first_line(e)}"
     if not _has_onnxruntime():
