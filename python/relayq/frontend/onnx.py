@@ -125,9 +125,10 @@ def _normalize(model, shape_dict: dict, where):
     except ImportError:  # pragma: no cover - onnxslim is a core dependency
         warnings.warn("relayq: onnxslim is not installed; ONNX models are imported without normalization")
         return model
+    # onnxslim sets its logger's level for the call (a subgraph it cannot evaluate is logged, then left
+    # as it is): give the user's level back afterwards.
     log = logging.getLogger("onnxslim")
     level = log.level
-    log.setLevel(logging.CRITICAL)      # a subgraph it cannot evaluate is reported, then left as it is
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
