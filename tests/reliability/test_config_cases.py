@@ -192,10 +192,11 @@ def test_params_unknown_key(cnn):
     assert "'w9'" in str(e.value) and "'w1'" in str(e.value)
 
 
-def test_params_missing_weight(cnn):
+@pytest.mark.parametrize("missing", ["w1", "g", "fcb"])
+def test_params_missing_weight(cnn, missing):
     mod, params, data = cnn
-    with pytest.raises(ModelError, match="'w1'"):
-        _quantize(cnn, params={k: v for k, v in params.items() if k != "w1"})
+    with pytest.raises(ModelError, match=f"'{missing}'.*missing"):
+        _quantize(cnn, params={k: v for k, v in params.items() if k != missing})
 
 
 def test_params_of_wrong_type(cnn):

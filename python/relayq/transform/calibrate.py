@@ -113,6 +113,13 @@ def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
     elif isinstance(batch, (list, tuple)):
         if len(batch) != len(names):
             if len(names) == 1:
+                # Nested lists of numbers are an array literal: take them when they have the input's shape.
+                try:
+                    literal = np.asarray(batch)
+                except (ValueError, TypeError):
+                    literal = None
+                if literal is not None and literal.dtype.kind in "biuf" and literal.shape == tuple(specs[0][1]):
+                    return batch_to_arrays(literal, specs, where)
                 raise DatasetError(f"{where}: a {type(batch).__name__} of {len(batch)} items was given, but the model "
                                    f"has one input {names[0]!r}: pass the array itself (e.g. np.asarray(...)) or a "
                                    "1-tuple")
@@ -155,8 +162,8 @@ def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
             if bad.any():
                 raise DatasetError(f"{where}: input {name!r} contains NaN or Inf ({int(bad.sum())} of {a.size} "
                                    "values)")
-        # np.ascontiguousarray would turn a rank-0 array into shape (1,): copy only when needed.
-        out.append(a if a.flags.c_contiguous else a.copy(order="C"))
+        # np.ascontiguousarray would turn a rank-0 array into shape (1,).
+        out.append(np.require(a, requirements="C"))
     return out
 
 
