@@ -186,7 +186,8 @@ class QConfig:
         percentile: the percentile used by the ``"percentile"`` calibrator.
         op_overrides: op type -> :class:`LayerConfig`.
         layer_overrides: layer name or regex -> :class:`LayerConfig`.
-        skip_layers / skip_ops: layers (names or regexes) and op types kept in float.
+        skip_layers / skip_ops: layers (names or regexes) and op types kept in float; a bare string is
+            one name. :func:`check_layer_names` refuses (in ``quantize_model``) layer entries matching no layer.
         keep_first_last_bits: when set, the first and the last conv/dense layers use this many bits for
             weights and activations (they are the most sensitive ones), whatever the global setting.
         power_of_two_scale: round every scale up to a power of two, so that requantization is a pure
@@ -198,6 +199,9 @@ class QConfig:
             ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
             each conv / dense bias before it is quantized.
         show_progress: print calibration progress to stderr.
+
+    Every field is validated when built (a :class:`ConfigError` names the field and the value): bools
+    must be real booleans, bit widths ints, names members of their sets.
 
     >>> QConfig(weight_bits=4).weight_bits
     4

@@ -122,7 +122,8 @@ def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
                     return batch_to_arrays(literal, specs, where)
                 raise DatasetError(f"{where}: a {type(batch).__name__} of {len(batch)} items was given, but the model "
                                    f"has one input {names[0]!r}: pass the array itself (e.g. np.asarray(...)) or a "
-                                   "1-tuple")
+                                   "1-tuple" + (" (if these are (input, label) pairs, pass only the inputs)"
+                                                if len(batch) == 2 else ""))
             raise DatasetError(f"{where}: got {len(batch)} arrays, the model has {len(names)} inputs {names}")
         arrays = list(batch)
     else:
