@@ -24,8 +24,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .config import CALIBRATION_METHODS, QConfig
-from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning
+from .config import CALIBRATION_METHODS, QConfig, as_config, check_layer_names, closest
+from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning, RelayqError
 from .runtime import flatten_outputs, host_target
 from .transform.annotate import annotate, layers
 from .transform.calibrate import QPoint, batch_to_arrays, calibrate, input_specs
@@ -136,8 +136,146 @@ def _check_calibration(calibration) -> None:
     if isinstance(calibration, Calibrator):
         return
     if not isinstance(calibration, str) or calibration not in CALIBRATION_METHODS:
-        raise ConfigError(f"unknown calibration method {calibration!r}; known: {list(CALIBRATION_METHODS)} "
-                          "(or pass a relayq.calibration.Calibrator)")
+        # Exact lower-case names only ("KL" is refused with a suggestion): the name is recorded in the
+        # QuantizedModel and in reports, where one spelling per method keeps them comparable.
+        near = closest(calibration.lower(), CALIBRATION_METHODS) if isinstance(calibration, str) else []
+        raise ConfigError(f"unknown calibration method {calibration!r}"
+                          + (f"; did you mean {near[0]!r}?" if near else "")
+                          + f" known: {list(CALIBRATION_METHODS)} (or pass a relayq.calibration.Calibrator)")
+
+
+def _check_shapes(shapes) -> None:
+    """``shapes`` is None or a dict input name -> tuple of positive ints."""
+    if shapes is None:
+        return
+    if not isinstance(shapes, dict):
+        raise ConfigError(f"shapes must be a dict input name -> shape, got {shapes!r} ({type(shapes).__name__})")
+    for name, shape in shapes.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"shapes: input names must be strings, got {name!r}")
+        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+            raise ConfigError(f"shapes[{name!r}] must be a tuple of ints, got {shape!r}")
+        for d in shape:
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d <= 0:
+                raise ConfigError(f"shapes[{name!r}] must be a tuple of positive ints, got {tuple(shape)!r} "
+                                  f"(bad dimension {d!r})")
+
+
+def _check_module_shapes(mod, shapes) -> None:
+    """A Relax module's input shapes are fixed: ``shapes`` may only restate them."""
+    specs = {n: tuple(s) for n, s, _ in input_specs(mod)}
+    for name, shape in shapes.items():
+        if name not in specs:
+            raise ConfigError(f"shapes names {name!r}, which is not an input of the module (inputs: {list(specs)})")
+        if tuple(int(d) for d in shape) != specs[name]:
+            raise ConfigError(f"shapes[{name!r}] = {tuple(shape)} but the module's input {name!r} has shape "
+                              f"{specs[name]}: a Relax module's shapes are fixed when it is built")
+
+
+class _CheckedDataset:
+    """Iterates a dataset once, turning an error raised by the user's iterator into a DatasetError
+    naming the batch it was producing (the original error is chained)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        try:
+            it = iter(self.data)
+        except Exception as e:
+            raise DatasetError(f"cannot iterate the calibration dataset ({type(self.data).__name__}): {e}") from e
+        i = 0
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RelayqError:
+                raise
+            except Exception as e:
+                raise DatasetError(f"reading calibration batch {i} failed: {type(e).__name__}: {e}") from e
+            yield batch
+            i += 1
+
+
+class _SizedCheckedDataset(_CheckedDataset):
+    def __len__(self):
+        return len(self.data)
+
+
+def _check_dataset(dataset):
+    """The dataset as an iterable of batches, or a DatasetError saying what is wrong with it.
+
+    One array (numpy, torch) or one dict of arrays is ONE batch, as a user who passes a single batch
+    means (iterating an array would split it into samples, iterating a dict would give its keys); a
+    dict whose keys are not all input names (strings) is refused with a hint to pass a list.
+    """
+    if dataset is None:
+        raise DatasetError("a calibration dataset is required (an iterable of input batches)")
+    if isinstance(dataset, np.ndarray) or (hasattr(dataset, "shape") and hasattr(dataset, "numpy")):
+        return [dataset]
+    if isinstance(dataset, dict):
+        if not dataset or not all(isinstance(k, str) for k in dataset):
+            raise DatasetError(f"the dataset is a dict with keys {list(dataset)[:5]}: pass a list of batches, each "
+                               "an array, a tuple of arrays or a dict input name -> array")
+        return [dataset]
+    if isinstance(dataset, (str, bytes, os.PathLike)):
+        raise DatasetError(f"the dataset is a {type(dataset).__name__} ({str(dataset)[:60]!r}), not batches: load "
+                           "the data and pass a list of arrays (or dicts input name -> array)")
+    if not hasattr(dataset, "__iter__"):
+        raise DatasetError(f"the dataset must be an iterable of batches (a list, a generator, a DataLoader), got "
+                           f"{dataset!r} ({type(dataset).__name__})")
+    if hasattr(dataset, "__len__"):
+        try:
+            n = len(dataset)
+        except TypeError:
+            return _CheckedDataset(dataset)
+        if n == 0:
+            raise DatasetError("the calibration dataset is empty: pass at least one batch")
+        return _SizedCheckedDataset(dataset)
+    return _CheckedDataset(dataset)
+
+
+def _param_names(mod) -> list:
+    from .transform.common import main_function
+
+    return [p.name for p in main_function(mod).params]
+
+
+def _apply_param_overrides(mod, merged: dict, user: dict) -> dict:
+    """Check that every key of the user's ``params`` names a parameter of ``main``.
+
+    An ONNX initializer name is accepted too: TVM's importer drops the ``onnx::`` prefix that the
+    PyTorch exporter puts on folded weights (``onnx::Conv_21`` becomes the parameter ``Conv_21``).
+    """
+    names = _param_names(mod)
+    known = set(names)
+    out = dict(merged)
+    for key, value in user.items():
+        if key in known:
+            continue
+        alt = key.removeprefix("onnx::") if isinstance(key, str) else key
+        if alt in known:
+            out.pop(key, None)
+            out[alt] = value
+            continue
+        near = closest(alt, names)
+        raise ModelError(f"params entry {key!r} matches no parameter of the model"
+                         + (f"; closest: {near}" if near else f"; parameters: {names[:10]}")
+                         + (" (ONNX initializers are named without their 'onnx::' prefix)" if "::" in str(key) else ""))
+    return out
+
+
+def _all_layer_names(prepared, annotated, config: QConfig) -> set:
+    """Every layer name a skip/override entry may match: the layers of the model with nothing skipped."""
+    names = set(layers(annotated))
+    if config.skip_layers or config.skip_ops or any(lc.skip for lc in config.layer_overrides.values()) \
+            or any(lc.skip for lc in config.op_overrides.values()):
+        plain = config.replace(skip_layers=(), skip_ops=(), layer_overrides={}, op_overrides={})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names |= set(layers(annotate(prepared, plain)))
+    return names
 
 
 def quantize_model(sym, params=None, dataset=None, calibration="naive", config: QConfig | None = None, *,
@@ -159,20 +297,24 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
         qmodel = quantize_model(mod, params, dataset=[x[i:i + 8] for i in range(0, 64, 8)], calibration="kl")
         lib = build(qmodel)
     """
-    if config is None:
-        config = QConfig()
-    elif isinstance(config, dict):
-        config = QConfig(**config)
-    elif not isinstance(config, QConfig):
-        raise ConfigError(f"config must be a QConfig or dict, got {type(config).__name__}")
+    config = as_config(config)
     _check_calibration(calibration)
-    if dataset is None:
-        raise DatasetError("a calibration dataset is required (an iterable of input batches)")
-    if isinstance(dataset, np.ndarray):
-        dataset = [dataset]
+    _check_shapes(shapes)
+    dataset = _check_dataset(dataset)
+    user_params = None
+    if not _looks_like_mxnet(sym):
+        if params is not None and not isinstance(params, dict):
+            raise ModelError(f"params must be a dict name -> array, got {type(params).__name__}")
+        user_params = params
     mod, params = _import(sym, params, shapes)
+    if isinstance(sym, tvm.IRModule) and shapes:
+        _check_module_shapes(mod, shapes)
+    if user_params:
+        params = _apply_param_overrides(mod, params, user_params)
     prepared = prepare(mod, params)
     annotated = annotate(prepared, config)
+    if config.skip_layers or config.layer_overrides:
+        check_layer_names(config, _all_layer_names(prepared, annotated, config))
     start = time.perf_counter()
     simulated, qpoints = calibrate(annotated, dataset, calibration, config)
     seconds = time.perf_counter() - start

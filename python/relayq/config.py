@@ -17,10 +17,14 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -32,11 +36,102 @@ OP_TYPES = ("conv2d", "dense", "add", "concat", "max_pool2d", "avg_pool2d", "glo
 CALIBRATION_METHODS = ("naive", "kl", "percentile", "mse")
 #: Weight range setting methods.
 WEIGHT_METHODS = ("max", "mse")
+#: The percentile calibrator keeps the top (100 - p)% of |x| out of range: below the median it would
+#: clip most of the distribution, which is never what a user means (a fraction like 0.9999 is the
+#: usual mistake, caught here rather than silently clipping everything).
+MIN_PERCENTILE = 50.0
+
+
+#: How many closest names an error message suggests.
+_SUGGESTIONS = 3
+
+
+def closest(name, candidates, n: int = _SUGGESTIONS) -> list:
+    """The ``n`` candidates closest to ``name`` (difflib ratio), best first; [] when none is close.
+
+    >>> closest("conv2d_9", ["conv2d_0", "dense_0"])
+    ['conv2d_0']
+    """
+    import difflib
+
+    return difflib.get_close_matches(str(name), [str(c) for c in candidates], n=n, cutoff=0.5)
+
+
+def _suggest(name, candidates) -> str:
+    near = closest(name, candidates)
+    return f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
 
 
 def _check_bits(name: str, bits) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
         raise ConfigError(f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+
+
+def _check_bool(name: str, value, optional: bool = False):
+    """A real boolean (Python or numpy); the strings "False" / "0" and ints are refused, not guessed."""
+    if optional and value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}, got "
+                      f"{value!r} ({type(value).__name__})")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    """One of ``choices``, spelled exactly: names are lower case everywhere (reports, saved models), so
+    ``"MSE"`` is refused with a suggestion rather than silently folded."""
+    if not isinstance(value, str) or value not in choices:
+        hint = _suggest(value.lower(), choices) if isinstance(value, str) else ""
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}{hint}")
+
+
+def _name_tuple(name: str, value) -> tuple:
+    """A skip list as a tuple of non-empty strings.
+
+    A bare string is taken as ONE name (``skip_layers="conv2d_1"`` skips conv2d_1): iterating it as
+    characters never means anything, and a user who writes one name expects that name to be skipped.
+    A dict or a non-iterable is refused.
+    """
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list, set, frozenset)):
+        raise ConfigError(f"{name} must be a tuple of names, got {value!r} ({type(value).__name__})")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{name} must contain non-empty strings, got {item!r} in {name}={value!r}")
+    return tuple(value)
+
+
+def _layer_config(field_name: str, key, value) -> "LayerConfig":
+    if isinstance(value, LayerConfig):
+        return value
+    if isinstance(value, Mapping):
+        return LayerConfig.from_dict(value, where=f"{field_name}[{key!r}]")
+    raise ConfigError(f"{field_name}[{key!r}] must be a LayerConfig (or a dict of its fields), "
+                      f"got {value!r} ({type(value).__name__})")
+
+
+def _overrides(field_name: str, value) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{field_name} must be a dict name -> LayerConfig, got {value!r} ({type(value).__name__})")
+    out = {}
+    for key, lc in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{field_name} keys must be non-empty strings, got {key!r}")
+        out[key] = _layer_config(field_name, key, lc)
+    return out
+
+
+def _from_dict(cls, d, where: str):
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where} must be a dict of {cls.__name__} fields, got {type(d).__name__}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in fields:
+            raise ConfigError(f"unknown {cls.__name__} field {key!r} in {where}"
+                              + (_suggest(key, fields) if isinstance(key, str) else "")
+                              + f" (fields: {fields})")
+    return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -57,6 +152,17 @@ class LayerConfig:
             _check_bits("weight_bits", self.weight_bits)
         if self.act_bits is not None:
             _check_bits("act_bits", self.act_bits)
+        object.__setattr__(self, "per_channel", _check_bool("per_channel", self.per_channel, optional=True))
+        object.__setattr__(self, "skip", _check_bool("skip", self.skip, optional=True))
+
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "LayerConfig") -> "LayerConfig":
+        """Build from a dict of fields; an unknown key is a :class:`ConfigError` naming the closest fields.
+
+        >>> LayerConfig.from_dict({"weight_bits": 4}).weight_bits
+        4
+        """
+        return _from_dict(cls, d, where)
 
 
 @dataclass(frozen=True)
@@ -80,7 +186,8 @@ class QConfig:
         percentile: the percentile used by the ``"percentile"`` calibrator.
         op_overrides: op type -> :class:`LayerConfig`.
         layer_overrides: layer name or regex -> :class:`LayerConfig`.
-        skip_layers / skip_ops: layers (names or regexes) and op types kept in float.
+        skip_layers / skip_ops: layers (names or regexes) and op types kept in float; a bare string is
+            one name. :func:`check_layer_names` refuses (in ``quantize_model``) layer entries matching no layer.
         keep_first_last_bits: when set, the first and the last conv/dense layers use this many bits for
             weights and activations (they are the most sensitive ones), whatever the global setting.
         power_of_two_scale: round every scale up to a power of two, so that requantization is a pure
@@ -92,6 +199,9 @@ class QConfig:
             ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
             each conv / dense bias before it is quantized.
         show_progress: print calibration progress to stderr.
+
+    Every field is validated when built (a :class:`ConfigError` names the field and the value): bools
+    must be real booleans, bit widths ints, names members of their sets.
 
     >>> QConfig(weight_bits=4).weight_bits
     4
@@ -117,29 +227,52 @@ class QConfig:
         _check_bits("act_bits", self.act_bits)
         if self.keep_first_last_bits is not None:
             _check_bits("keep_first_last_bits", self.keep_first_last_bits)
-        if self.weight_method not in WEIGHT_METHODS:
-            raise ConfigError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
-        if not 0.0 < float(self.percentile) <= 100.0:
-            raise ConfigError(f"percentile must be in (0, 100], got {self.percentile!r}")
-        for op in tuple(self.op_overrides) + tuple(self.skip_ops):
-            if op not in OP_TYPES:
-                raise ConfigError(f"unknown op type {op!r} in op_overrides/skip_ops; known: {OP_TYPES}")
-        for key in tuple(self.layer_overrides) + tuple(self.skip_layers):
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise ConfigError(f"layer pattern {key!r} is not a valid regular expression: {e}") from None
-        for name, lc in list(self.op_overrides.items()) + list(self.layer_overrides.items()):
-            if not isinstance(lc, LayerConfig):
-                raise ConfigError(f"override for {name!r} must be a LayerConfig, got {type(lc).__name__}")
+        for name in ("per_channel", "power_of_two_scale", "act_symmetric", "bias_correction", "show_progress"):
+            object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
+        _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)) \
+                or not MIN_PERCENTILE < float(p) <= 100.0:
+            raise ConfigError(f"percentile must be a number in ({MIN_PERCENTILE}, 100], got {p!r} ({type(p).__name__})")
+        object.__setattr__(self, "percentile", float(p))
+        op_overrides = _overrides("op_overrides", self.op_overrides)
+        layer_overrides = _overrides("layer_overrides", self.layer_overrides)
+        skip_layers = _name_tuple("skip_layers", self.skip_layers)
+        skip_ops = _name_tuple("skip_ops", self.skip_ops)
+        for field_name, ops in (("op_overrides", tuple(op_overrides)), ("skip_ops", skip_ops)):
+            for op in ops:
+                if op not in OP_TYPES:
+                    raise ConfigError(f"unknown op type {op!r} in {field_name}{_suggest(op, OP_TYPES)} "
+                                      f"(known: {list(OP_TYPES)})")
+        for field_name, keys in (("layer_overrides", tuple(layer_overrides)), ("skip_layers", skip_layers)):
+            for key in keys:
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise ConfigError(f"{field_name}: layer pattern {key!r} is not a valid regular expression: "
+                                      f"{e}") from None
         # Freeze the mappings so that a QConfig really is immutable.
-        object.__setattr__(self, "op_overrides", MappingProxyType(dict(self.op_overrides)))
-        object.__setattr__(self, "layer_overrides", MappingProxyType(dict(self.layer_overrides)))
-        object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
-        object.__setattr__(self, "skip_ops", tuple(self.skip_ops))
+        object.__setattr__(self, "op_overrides", MappingProxyType(op_overrides))
+        object.__setattr__(self, "layer_overrides", MappingProxyType(layer_overrides))
+        object.__setattr__(self, "skip_layers", skip_layers)
+        object.__setattr__(self, "skip_ops", skip_ops)
+
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "config") -> "QConfig":
+        """Build from a dict of fields (overrides may be dicts too); an unknown key is a
+        :class:`ConfigError` naming it and the closest fields.
+
+        >>> QConfig.from_dict({"per_channel": True, "layer_overrides": {"dense_0": {"weight_bits": 4}}}).per_channel
+        True
+        """
+        return _from_dict(cls, d, where)
 
     def replace(self, **changes) -> "QConfig":
         """A copy with some fields changed. ``QConfig().replace(per_channel=True).per_channel`` is True."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        for key in changes:
+            if key not in fields:
+                raise ConfigError(f"unknown QConfig field {key!r}{_suggest(key, fields)}")
         return dataclasses.replace(self, **changes)
 
     def layer(self, name: str, op_type: str) -> ResolvedLayer:
@@ -164,3 +297,45 @@ class QConfig:
 
 def _matches(pattern: str, name: str) -> bool:
     return pattern == name or re.fullmatch(pattern, name) is not None
+
+
+def as_config(config) -> QConfig:
+    """``None`` -> the defaults, a dict -> :meth:`QConfig.from_dict`, a QConfig -> itself.
+
+    >>> as_config({"weight_bits": 4}).weight_bits
+    4
+    """
+    if config is None:
+        return QConfig()
+    if isinstance(config, QConfig):
+        return config
+    if isinstance(config, Mapping):
+        return QConfig.from_dict(config)
+    raise ConfigError(f"config must be a QConfig or a dict of its fields, got {config!r} ({type(config).__name__})")
+
+
+def check_layer_names(config: QConfig, layer_names: Iterable[str]) -> None:
+    """Every ``skip_layers`` / ``layer_overrides`` entry must match at least one of ``layer_names``.
+
+    ``layer_names`` is every name a layer may be matched by (relayq's ``conv2d_3`` and, where a
+    frontend supplies them, the source model's names). An entry that matches nothing -- an exact name
+    that does not exist or a regex that matches no layer -- is a :class:`ConfigError` naming the entry
+    and the closest existing names, instead of being silently ignored.
+
+    >>> check_layer_names(QConfig(skip_layers=("dense_.*",)), ["conv2d_0", "dense_0"])
+    >>> check_layer_names(QConfig(skip_layers=("conv2d_9",)), ["conv2d_0", "dense_0"])
+    Traceback (most recent call last):
+    ...
+    relayq.errors.ConfigError: skip_layers entry 'conv2d_9' matches no layer of the model; closest: ['conv2d_0'] ...
+    """
+    names = sorted(set(layer_names))
+    for field_name, keys in (("skip_layers", config.skip_layers), ("layer_overrides", tuple(config.layer_overrides))):
+        for key in keys:
+            if any(_matches(key, n) for n in names):
+                continue
+            near = closest(key, names)
+            shown = near if near else names[:10]
+            raise ConfigError(f"{field_name} entry {key!r} matches no layer of the model; "
+                              f"{'closest' if near else 'layers'}: {shown}"
+                              + ("" if near or len(names) <= 10 else f" (and {len(names) - 10} more)")
+                              + " (a layer name, or a regular expression matching whole names)")

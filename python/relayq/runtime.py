@@ -52,7 +52,7 @@ class HostFunction:
         self.vm = relax.VirtualMachine(executable, self.device)
 
     def __call__(self, *args):
-        out = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in args])
+        out = self.vm["main"](*[tvm.runtime.tensor(np.require(a, requirements="C"), self.device) for a in args])
         return flatten_outputs(out)
 
 

@@ -94,7 +94,7 @@ def bind_params(mod: tvm.IRModule, params: dict | None) -> tvm.IRModule:
         dtype = str(ty.dtype)
         if str(arr.dtype) != dtype:
             arr = arr.astype(dtype)
-        bound[name] = tvm.runtime.tensor(np.ascontiguousarray(arr))
+        bound[name] = tvm.runtime.tensor(np.require(arr, requirements="C"))
     if bound:
         mod = relax.transform.BindParams("main", bound)(mod)
     func = main_function(mod)
