@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 
 from ..errors import FrontendError
+from .source_names import with_onnx_source_names
 
 
 def _load(model_or_path):
@@ -135,6 +136,7 @@ def from_onnx(model_or_path, shapes: dict | None = None):
             mod = tvm_from_onnx(model, shape_dict=shape_dict, keep_params_in_input=True)
     except Exception as e:
         raise FrontendError(f"TVM's ONNX importer failed: {e}") from None
+    mod = with_onnx_source_names(model, mod)        # the user's node / initializer names, for every message
     mod, detached = relax.frontend.detach_params(mod)
     func = mod["main"]
     values = detached.get("main", [])
