@@ -78,10 +78,22 @@ class QuantizedModel:
 
         return save(self, path)
 
+    @property
+    def layer_sources(self) -> dict:
+        """Quantized layer name -> the user's names of it (``LayerSource``: ONNX node, weight, torch module)."""
+        from .transform.annotate import layer_sources
+
+        return layer_sources(self.annotated)
+
     def summary(self) -> str:
-        """A short text report: layers, points and calibration time."""
+        """A short text report: layers (with the source model's names), points and calibration time."""
+        from .utils.names import describe
+
         lines = [f"relayq quantized model: {len(self.layers)} quantized layers, {len(self.qpoints)} points, "
                  f"calibration {self.calibration!r} in {self.calibration_seconds:.2f} s"]
+        sources = self.layer_sources
+        for name, op in self.layers.items():
+            lines.append(f"  layer {describe(name, sources.get(name))}: {op}")
         for p in self.qpoints.values():
             lines.append(f"  {p!r}")
         return "\n".join(lines)
