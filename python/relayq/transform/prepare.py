@@ -243,7 +243,8 @@ def carry_source_names(record: dict, before: relax.Function, after: relax.Functi
         if weights:
             entry = entries.setdefault(b.var.name, [weights[0][1], weights[0][2], []])
             entry[2] += [w[0] for w in weights if w[0] not in entry[2]]
-        if op_name(b.value) in _COMPUTE_OPS and isinstance(read[1], relax.Var) and read[1].name in params:
+        w = source(b.value.args[1]) if op_name(b.value) in _COMPUTE_OPS else None
+        if isinstance(w, relax.Var) and w.name in params:
             compute_before.append(b.var.name)
     after_binds = bindings(after)
     compute_after = [b.var.name for b in after_binds if op_name(b.value) in _COMPUTE_OPS
