@@ -27,7 +27,7 @@ from tvm import relax
 from .config import CALIBRATION_METHODS, QConfig, as_config, check_layer_names, closest
 from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning, RelayqError
 from .runtime import flatten_outputs, host_target
-from .transform.annotate import annotate, layers
+from .transform.annotate import annotate, layer_aliases, layers
 from .transform.calibrate import QPoint, batch_to_arrays, calibrate, input_specs
 from .transform.prepare import prepare
 from .transform.realize import realize
@@ -78,10 +78,22 @@ class QuantizedModel:
 
         return save(self, path)
 
+    @property
+    def layer_sources(self) -> dict:
+        """Quantized layer name -> the user's names of it (``LayerSource``: ONNX node, weight, torch module)."""
+        from .transform.annotate import layer_sources
+
+        return layer_sources(self.annotated)
+
     def summary(self) -> str:
-        """A short text report: layers, points and calibration time."""
+        """A short text report: layers (with the source model's names), points and calibration time."""
+        from .utils.names import describe
+
         lines = [f"relayq quantized model: {len(self.layers)} quantized layers, {len(self.qpoints)} points, "
                  f"calibration {self.calibration!r} in {self.calibration_seconds:.2f} s"]
+        sources = self.layer_sources
+        for name, op in self.layers.items():
+            lines.append(f"  layer {describe(name, sources.get(name))}: {op}")
         for p in self.qpoints.values():
             lines.append(f"  {p!r}")
         return "\n".join(lines)
@@ -268,13 +280,16 @@ def _apply_param_overrides(mod, merged: dict, user: dict) -> dict:
 
 def _all_layer_names(prepared, annotated, config: QConfig) -> set:
     """Every layer name a skip/override entry may match: the layers of the model with nothing skipped."""
-    names = set(layers(annotated))
+    def with_aliases(mod) -> set:
+        return set(layers(mod)) | {a for names in layer_aliases(mod).values() for a in names}
+
+    names = with_aliases(annotated)
     if config.skip_layers or config.skip_ops or any(lc.skip for lc in config.layer_overrides.values()) \
             or any(lc.skip for lc in config.op_overrides.values()):
         plain = config.replace(skip_layers=(), skip_ops=(), layer_overrides={}, op_overrides={})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            names |= set(layers(annotate(prepared, plain)))
+            names |= with_aliases(annotate(prepared, plain))
     return names
 
 

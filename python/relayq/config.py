@@ -275,18 +275,23 @@ class QConfig:
                 raise ConfigError(f"unknown QConfig field {key!r}{_suggest(key, fields)}")
         return dataclasses.replace(self, **changes)
 
-    def layer(self, name: str, op_type: str) -> ResolvedLayer:
-        """Resolve the settings of layer ``name`` of type ``op_type`` (global -> op type -> name)."""
+    def layer(self, name: str, op_type: str, aliases=()) -> ResolvedLayer:
+        """Resolve the settings of layer ``name`` of type ``op_type`` (global -> op type -> name).
+
+        ``aliases`` are the user's names of the same layer (its ONNX node or weight initializer name,
+        its torch module path): ``skip_layers`` and ``layer_overrides`` entries may match any of them.
+        """
+        names = (name,) + tuple(aliases)
         vals = {"weight_bits": self.weight_bits, "act_bits": self.act_bits,
                 "per_channel": self.per_channel, "skip": op_type in self.skip_ops
-                or any(_matches(p, name) for p in self.skip_layers)}
+                or any(_matches(p, n) for p in self.skip_layers for n in names)}
         layers = []
         if op_type in self.op_overrides:
             layers.append(self.op_overrides[op_type])
-        # Exact names win over regexes: apply regex matches first, the exact entry last.
-        layers += [lc for key, lc in self.layer_overrides.items() if key != name and _matches(key, name)]
-        if name in self.layer_overrides:
-            layers.append(self.layer_overrides[name])
+        # Exact names win over regexes: apply regex matches first, the exact entries last.
+        layers += [lc for key, lc in self.layer_overrides.items()
+                   if key not in names and any(_matches(key, n) for n in names)]
+        layers += [self.layer_overrides[n] for n in names if n in self.layer_overrides]
         for lc in layers:
             for k in vals:
                 v = getattr(lc, k)

@@ -48,5 +48,9 @@ class FloatFallbackWarning(UserWarning):
     """Ops left in float (unsupported by the quantizer, or skipped by the QConfig), named in the message."""
 
 
+class BiasClampWarning(UserWarning):
+    """A layer's bias does not fit int32 at the accumulator scale s_x*s_w and was clamped; names the layer."""
+
+
 class NothingQuantizedWarning(UserWarning):
     """The model has no quantizable op: the float model is returned."""

@@ -212,6 +212,34 @@ def quantize_bias(bias, input_scale, weight_scale):
     return np.round(np.asarray(bias, dtype=np.float64) / s).astype(np.int64)
 
 
+#: The largest int32 value: accumulators (and the biases added to them) stay within +-INT32_MAX.
+INT32_MAX = (1 << 31) - 1
+
+
+def worst_accumulator(k: int, x_bits: int, x_signed: bool, w_bits: int) -> int:
+    """The largest |sum_k w x| of a conv2d / dense over ``k`` products of codes (before the bias).
+
+    >>> worst_accumulator(27, 8, True, 8)
+    435483
+    """
+    xlo, xhi = qrange(x_bits, x_signed)
+    return int(k) * max(abs(xlo), abs(xhi)) * qrange(w_bits)[1]
+
+
+def clamp_bias(bias_codes, worst_acc: int):
+    """Clamp int32 bias codes so that ``accumulator + bias`` cannot leave int32 (the rule for a bias too
+    large for the accumulator scale ``s_x * s_w``). Returns ``(clamped int64 codes, limit)``.
+
+    The realized graph adds the bias in int32, the reference and the simulated graph add it exactly:
+    the three agree bit for bit only if the sum cannot wrap, hence the limit ``INT32_MAX - worst_acc``.
+
+    >>> clamp_bias(np.array([5, -3_000_000_000]), 100)[0].tolist()
+    [5, -2147483547]
+    """
+    limit = max(INT32_MAX - int(worst_acc), 0)
+    return np.clip(np.asarray(bias_codes, dtype=np.int64), -limit, limit), limit
+
+
 def add_rescale_params(in_scale: float, out_scale: float):
     """Multiplier and shift that bring an operand of an add to ``out_scale / 2^ADD_EXTRA_BITS``."""
     return quantize_multiplier(float(in_scale) / float(out_scale) * (1 << ADD_EXTRA_BITS))

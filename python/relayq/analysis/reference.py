@@ -32,6 +32,7 @@ class _Q:
 class _Acc:
     def __init__(self, acc, scale, axis, wpoint=None):
         self.acc, self.scale, self.axis, self.wpoint = acc, np.asarray(scale, np.float64), axis, wpoint
+        self.worst, self.corr = 0, None          # worst-case |accumulator|, zero-point term (see realize)
         self.lo, self.hi = -np.inf, np.inf
 
 
@@ -154,13 +155,22 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
                                        [int(d) for d in a.dilation], int(a.groups))
             else:
                 acc = (x.codes.astype(np.int64) - x.zp) @ wq.astype(np.int64)
+            k = int(np.prod(wq.shape[1:])) if name == "relax.nn.conv2d" else int(wq.shape[0])
             vals[v] = _Acc(acc, scale, 1, wp)
+            vals[v].worst = qmath.worst_accumulator(k, x.bits, x.signed, wp.bits)
+            if x.zp:
+                sums = wq.reshape(wq.shape[0], -1).sum(axis=1) if name == "relax.nn.conv2d" else wq.sum(axis=0)
+                vals[v].corr = -np.int64(x.zp) * sums.astype(np.int64)
         elif name == "relax.add" and isinstance(args[0], _Acc) and is_const_expr(call.args[1]):
             acc = args[0]
             bias = const_value(call.args[1]).astype(np.float64)
             if acc.wpoint is not None and acc.wpoint.bias_corr is not None:
                 bias = bias - np.asarray(acc.wpoint.bias_corr, np.float64).reshape(bias.shape)
             bq = np.round(bias / (acc.scale.reshape(bias.shape) if acc.scale.ndim else acc.scale)).astype(np.int64)
+            # The realized graph adds the bias with the zero-point term folded in, clamped into int32
+            # (qmath.clamp_bias); here the zero-point term is already inside the accumulator.
+            corr = acc.corr.reshape(bq.shape) if acc.corr is not None else 0
+            bq = qmath.clamp_bias(bq + corr, acc.worst)[0] - corr
             acc.acc = acc.acc + bq
             vals[v] = acc
         elif name in ("relax.nn.relu", "relax.clip"):

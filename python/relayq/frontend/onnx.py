@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import FrontendError, UnsupportedOpError
 from .detect import check_model_path
+from .source_names import with_onnx_source_names
 
 #: onnxslim passes that stay off: fusion and CSE rename or merge the user's nodes, weight tying merges
 #: equal initializers (and so drops names that params are keyed by).
@@ -321,4 +322,5 @@ def from_onnx(model_or_path, shapes: dict | None = None):
     model = _normalize(model, shape_dict, where)
     _check_ops(model, where)
     mod = _import(model, shape_dict, where)
+    mod = with_onnx_source_names(model, mod)        # the user's node / initializer names, for every message
     return _detach_params(mod)

@@ -33,6 +33,10 @@ def from_torch(module, example_inputs):
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
     except Exception as e:
         raise FrontendError(f"torch export/import failed: {str(e).splitlines()[0]}") from None
+    from ..utils.names import attach
+    from .source_names import torch_source_names
+
+    mod = attach(mod, torch_source_names(ep, module, mod))      # module paths of the weights
     mod, detached = relax.frontend.detach_params(mod)
     func = mod["main"]
     n_in = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else len(example_inputs)

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections import Counter, defaultdict
 
@@ -34,6 +35,8 @@ from tvm import relax
 
 from ..config import QConfig
 from ..errors import FloatFallbackWarning
+from ..utils import names as source_names
+from ..utils.names import LayerSource, describe
 from .common import (SIMQ, bindings, dtype_of, is_const_expr, is_tensor, main_function, op_name, shape_of,
                      simq_info, substitute, vars_of)
 
@@ -41,6 +44,8 @@ from .common import (SIMQ, bindings, dtype_of, is_const_expr, is_tensor, main_fu
 QUANTIZED_ATTR = "relayq_quantized"
 #: Function attribute listing the layers as "name=op_type" (for reports and per-layer analysis).
 LAYERS_ATTR = "relayq_layers"
+#: Function attribute: JSON ``{layer: [framework, node, op_type, weight, bias]}``, the user's names of each layer.
+LAYER_SOURCES_ATTR = "relayq_layer_sources"
 
 # Layer kinds: "compute" layers requantize (conv2d, dense); "merge" layers combine several quantized
 # inputs into a new scale (add, concat); "pass" ops keep their input's scale (pools, reshapes, ReLU).
@@ -171,7 +176,22 @@ class _Plan:
         self.root = {}              # layer name -> root var (the conv2d / add ... itself)
         self.qdomain = set()        # vars whose value is quantized (or pending) in the realized graph
         self.resolved = {}          # layer name -> ResolvedLayer
+        record = source_names.read(func) or {}
+        self.framework = record.get("framework")
+        self.var_source = record.get("vars", {})   # binding name -> [node, op_type, [user weight names]]
+        self.sources = {}           # layer name -> LayerSource
         self._plan()
+
+    def source_of(self, v, bias_var=None):
+        """The :class:`LayerSource` of the op bound to ``v`` (None where the frontend recorded nothing)."""
+        entry = self.var_source.get(v.name)
+        if entry is None:
+            return None
+        bias = None
+        if bias_var is not None and bias_var.name in self.var_source:
+            inits = self.var_source[bias_var.name][2]
+            bias = inits[-1] if inits else None
+        return LayerSource(self.framework, entry[0], entry[1], entry[2][0] if entry[2] else None, bias)
 
     def _sole_user(self, v):
         us = self.users.get(v, [])
@@ -197,15 +217,19 @@ class _Plan:
                     continue          # a pass-through op only stays integer inside the quantized region
                 if op_type not in ("act", "reshape"):
                     layer = f"{op_type}_{counters[op_type]}"
-                    if self.config.layer(layer, op_type).skip:
+                    src = self.source_of(v)
+                    if self.config.layer(layer, op_type, src.names() if src else ()).skip:
                         continue
                     counters[op_type] += 1
                 else:
                     layer = f"{op_type}_{v.name}"
                 self._add_layer(layer, op_type, kind, [v])
+                if self.source_of(v) is not None and op_type not in ("act", "reshape"):
+                    self.sources[layer] = self.source_of(v)
                 continue
             layer = f"{op_type}_{counters[op_type]}"
-            resolved = self.config.layer(layer, op_type)
+            src = self.source_of(v)
+            resolved = self.config.layer(layer, op_type, src.names() if src else ())
             counters[op_type] += 1
             if resolved.skip:
                 continue
@@ -223,6 +247,10 @@ class _Plan:
                 group.append(nxt.var)
             self._add_layer(layer, op_type, kind, group)
             self.resolved[layer] = resolved
+            src = self.source_of(v, group[1] if len(group) > 1 and op_name(self.value[group[1]]) == "relax.add"
+                                 and kind == COMPUTE else None)
+            if src is not None:
+                self.sources[layer] = src
         kf = self.config.keep_first_last_bits
         compute = [n for n, k in self.layer_kind.items() if k == COMPUTE]
         if kf is not None and compute:
@@ -341,10 +369,20 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
         if plan.layer_kind[layer] != PASS or t not in ("act", "reshape"):
             layers_attr.append(f"{layer}={t}")
     new_func = new_func.with_attr(QUANTIZED_ATTR, quantized_vars).with_attr(LAYERS_ATTR, layers_attr)
+    if plan.sources:
+        new_func = new_func.with_attr(LAYER_SOURCES_ATTR, json.dumps(
+            {k: [s.framework, s.node, s.op_type, s.weight, s.bias] for k, s in plan.sources.items()}))
     result = tvm.IRModule({gv: (new_func if gv.name_hint == "main" else f) for gv, f in mod.functions_items()},
                           attrs=mod.attrs)
     _warn_float_ops(plan)
     return result
+
+
+def _float_name(b) -> str | None:
+    name = op_name(b.value)
+    if name == "relax.call_tir":
+        return f"call_tir({b.value.args[0].name_hint})"
+    return None if name is None else name.replace("relax.", "")
 
 
 def float_ops(plan_or_mod) -> Counter:
@@ -355,17 +393,46 @@ def float_ops(plan_or_mod) -> Counter:
         name = op_name(b.value)
         if name is None or b.var in plan.qdomain or name in _QUIET_FLOAT_OPS:
             continue
-        if name == "relax.call_tir":
-            name = f"call_tir({b.value.args[0].name_hint})"
-        left[name.replace("relax.", "")] += 1
+        left[_float_name(b)] += 1
     return left
 
 
+def float_groups(plan) -> list:
+    """The ops left in float, grouped by the source node they came from, in graph order.
+
+    Returns ``[(source or None, [op names])]``: one entry per source node (``(op_type, node name)``)
+    where the frontend recorded it, and one entry holding the ops of unknown origin.
+    """
+    groups, unknown = {}, []
+    for b in plan.binds:
+        name = op_name(b.value)
+        if name is None or b.var in plan.qdomain or name in _QUIET_FLOAT_OPS:
+            continue
+        entry = plan.var_source.get(b.var.name)
+        if entry is None:
+            unknown.append(_float_name(b))
+        else:
+            groups.setdefault((entry[1], entry[0]), []).append(_float_name(b))
+    out = list(groups.items())
+    if unknown:
+        out.append((None, unknown))
+    return out
+
+
 def _warn_float_ops(plan) -> None:
-    left = float_ops(plan)
-    if left:
-        names = ", ".join(f"{k} x{n}" for k, n in sorted(left.items()))
-        warnings.warn(f"relayq: ops left in float: {names}", FloatFallbackWarning, stacklevel=3)
+    groups = float_groups(plan)
+    if not groups:
+        return
+    parts = []
+    for src, ops in groups:
+        counts = Counter(ops)
+        if src is None:
+            parts.append(", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
+            continue
+        op_type, node = src
+        n = len(ops)
+        parts.append(f'{op_type} "{node}" ({n} op{"s" if n > 1 else ""}: {", ".join(sorted(counts))})')
+    warnings.warn(f"relayq: ops left in float: {'; '.join(parts)}", FloatFallbackWarning, stacklevel=3)
 
 
 def layers(mod: tvm.IRModule) -> dict:
@@ -385,3 +452,34 @@ def points(mod: tvm.IRModule) -> list:
         if info is not None:
             out.append(info[1:])
     return out
+
+
+def layer_sources(mod: tvm.IRModule) -> dict:
+    """The user's names of each quantized layer of an annotated module: name -> :class:`LayerSource`.
+
+    Empty where the model came without source names (a hand-built Relax module).
+
+    >>> # layer_sources(annotated)["conv2d_0"].node == "/features/features.0/Conv"
+    """
+    attr = main_function(mod).attrs.get(LAYER_SOURCES_ATTR)
+    if attr is None:
+        return {}
+    return {k: LayerSource(*v) for k, v in json.loads(str(attr)).items()}
+
+
+def layer_aliases(mod: tvm.IRModule) -> dict:
+    """relayq's layer name -> the user's names of it (ONNX node and weight names, torch module path).
+
+    Any of them may be used in ``QConfig(skip_layers=..., layer_overrides=...)``.
+
+    >>> # layer_aliases(annotated) == {"conv2d_0": ["/features/features.0/Conv", "onnx::Conv_20"], ...}
+    """
+    return {k: s.names() for k, s in layer_sources(mod).items()}
+
+
+def describe_layer(mod: tvm.IRModule, name: str) -> str:
+    """A layer or point (``"conv2d_3"``, ``"conv2d_3:w"``) named in relayq's and the user's terms.
+
+    >>> # describe_layer(annotated, "conv2d_0:w") == 'conv2d_0:w (ONNX node "/.../Conv", weight "w0")'
+    """
+    return describe(name, layer_sources(mod).get(name.split(":", 1)[0]))

@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -27,7 +28,7 @@ from tvm import relax
 
 from .. import qmath
 from ..config import QConfig
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, RelayqError
 from ..runtime import compile_host
 from ..utils.progress import Progress
 from .common import bindings, const_value, dtype_of, main_function, op_name, shape_of, simq_info, substitute
@@ -321,6 +322,8 @@ def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig) -
     """Calibrate one activation point: symmetric signed codes, or asymmetric unsigned ones with a zero point."""
     if config.act_symmetric:
         t = float(calibrator.threshold(name, bits, True))
+        if not np.isfinite(t):
+            raise ConfigError(f"calibrator {method!r} returned a non-finite threshold {t} for point {name!r}")
         scale = qmath.scale_from_threshold(t, bits)
         if config.power_of_two_scale:
             scale = qmath.power_of_two(scale)
@@ -333,6 +336,23 @@ def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig) -
         scale = qmath.power_of_two(scale)
         zp = int(np.clip(np.round(-min(lo, 0.0) / scale), 0, (1 << bits) - 1))
     return QPoint(name, "act", method, (lo, hi), scale, bits, False, -1, zp)
+
+
+@contextlib.contextmanager
+def _naming(annotated, point: str, method: str):
+    """Errors about ``point`` name it in the user's terms too (its layer's ONNX node, weight, module)."""
+    from .annotate import describe_layer
+
+    try:
+        yield
+    except RelayqError as e:
+        described = describe_layer(annotated, point)
+        if described == point or repr(point) not in str(e):
+            raise
+        raise type(e)(str(e).replace(repr(point), f"{point!r}{described[len(point):]}")) from None
+    except Exception as e:  # a user's Calibrator failing: say which point it failed on
+        raise ConfigError(f"calibrator {method!r} failed on point {describe_layer(annotated, point)}: "
+                          f"{type(e).__name__}: {e}") from e
 
 
 def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QConfig | None = None,
@@ -358,8 +378,9 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
         x, name, role, bits, axis = info
         if role == "weight":
             weights[name] = const_value(x)
-            points[name] = weight_qpoint(name, weights[name], bits, axis, config.weight_method,
-                                         config.power_of_two_scale)
+            with _naming(annotated, name, method):
+                points[name] = weight_qpoint(name, weights[name], bits, axis, config.weight_method,
+                                             config.power_of_two_scale)
         else:
             act_bits[name] = bits
     means = {} if config.bias_correction else None
@@ -368,7 +389,8 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
         for name, m in (means or {}).items():
             points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
         for name, bits in act_bits.items():
-            points[name] = act_qpoint(name, calibrator, method, bits, config)
+            with _naming(annotated, name, method):
+                points[name] = act_qpoint(name, calibrator, method, bits, config)
     else:
         # Nothing to observe, but the dataset must still be valid for the model.
         specs = input_specs(annotated)

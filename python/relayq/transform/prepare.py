@@ -19,7 +19,8 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
 from ..errors import ModelError
-from .common import const_value, main_function, map_functions
+from ..utils import names as source_names
+from .common import bindings, const_value, is_const_expr, main_function, map_functions, op_name, vars_of
 
 #: Ops whose second argument is a weight: a parameter missing from ``params`` there is a missing weight.
 WEIGHT_CONSUMERS = ("relax.nn.conv2d", "relax.matmul", "relax.nn.batch_norm")
@@ -199,6 +200,8 @@ def prepare(mod: tvm.IRModule, params: dict | None = None) -> tvm.IRModule:
     """
     if not isinstance(mod, tvm.IRModule):
         raise ModelError(f"expected a Relax IRModule, got {type(mod).__name__}")
+    before = main_function(mod)
+    record = source_names.read(before)
     mod = bind_params(mod, params)
     mod = relax.transform.Normalize()(mod)
     mod = fold_batch_norm(mod)
@@ -207,4 +210,47 @@ def prepare(mod: tvm.IRModule, params: dict | None = None) -> tvm.IRModule:
     mod = relax.transform.FoldConstant()(mod)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     mod = relax.transform.ConvertToDataflow()(mod)
+    if record:
+        mod = source_names.attach(mod, carry_source_names(record, before, main_function(mod)))
     return mod
+
+
+_LAYOUT_OPS = ("relax.permute_dims", "relax.reshape", "relax.astype")
+_COMPUTE_OPS = ("relax.nn.conv2d", "relax.matmul")
+
+
+def carry_source_names(record: dict, before: relax.Function, after: relax.Function) -> dict:
+    """Re-key a frontend's source-name record (see :mod:`relayq.utils.names`) from ``before`` to ``after``.
+
+    The weights' parameters disappear when they are bound, so each binding that reads one (through the
+    layout ops a frontend puts in between) takes the user's name of that weight. Bindings keep their
+    names through prepare except where BatchNorm folding rebuilt them; conv2d / matmul layers are then
+    matched by their order, which folding keeps.
+    """
+    params = record.get("params", {})
+    entries = {k: [v[0], v[1], list(v[2])] for k, v in record.get("vars", {}).items()}
+    producer = {b.var: b.value for b in bindings(before)}
+
+    def source(a):
+        while isinstance(a, relax.Var) and op_name(producer.get(a)) in _LAYOUT_OPS:
+            a = producer[a].args[0]
+        return a
+
+    compute_before = []
+    for b in bindings(before):
+        read = [source(a) for a in vars_of(b.value)]
+        weights = [params[a.name] for a in read if isinstance(a, relax.Var) and a.name in params]
+        if weights:
+            entry = entries.setdefault(b.var.name, [weights[0][1], weights[0][2], []])
+            entry[2] += [w[0] for w in weights if w[0] not in entry[2]]
+        w = source(b.value.args[1]) if op_name(b.value) in _COMPUTE_OPS else None
+        if isinstance(w, relax.Var) and w.name in params:
+            compute_before.append(b.var.name)
+    after_binds = bindings(after)
+    compute_after = [b.var.name for b in after_binds if op_name(b.value) in _COMPUTE_OPS
+                     and is_const_expr(b.value.args[1])]
+    if len(compute_before) == len(compute_after):
+        moved = {a: entries[b] for a, b in zip(compute_after, compute_before) if b in entries}
+        entries.update(moved)
+    alive = {b.var.name for b in after_binds}
+    return {"framework": record.get("framework"), "vars": {k: v for k, v in entries.items() if k in alive}}

@@ -30,12 +30,13 @@ import tvm
 from tvm import relax
 
 from .. import qmath
-from ..errors import ConfigError, FloatFallbackWarning, OverflowRiskError
-from .annotate import QUANTIZED_ATTR
+from ..errors import BiasClampWarning, ConfigError, FloatFallbackWarning, OverflowRiskError
+from ..utils.names import describe
+from .annotate import QUANTIZED_ATTR, layer_sources
 from .common import (bindings, const_value, is_const_expr, main_function, op_name, shape_of, simq_info, substitute,
                      vars_of)
 
-_INT32_MAX = (1 << 31) - 1
+_INT32_MAX = qmath.INT32_MAX
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Acc:
     bias_added: bool = False
     corr: Any = None              # int64 per-channel zero-point correction not yet added (folded into the bias)
     wpoint: Any = None            # the layer's weight QPoint (its bias correction applies to the bias)
+    worst: int = 0                # the largest |accumulator| before the bias (the bias clamp keeps the sum in int32)
 
 
 @dataclass
@@ -106,6 +108,11 @@ class Realizer:
         self.weights = {}          # marker var -> (float weight, QPoint)
         self.int_params = {}       # name -> integer constants (for reports / export size)
         self.dequantized = {}      # id of a Q value -> its float copy (emitted once)
+        self.sources = layer_sources(annotated)     # layer -> the user's names of it
+
+    def describe(self, layer: str) -> str:
+        """``conv2d_3 (ONNX node "...", weight "...")``: a layer in relayq's and the user's names."""
+        return describe(layer, self.sources.get(layer))
 
     # ---------------------------------------------------------------- helpers
     def emit(self, expr, name=None):
@@ -276,19 +283,20 @@ class Realizer:
 
     # ---------------------------------------------------------------- op rules
     def _weight_codes(self, v, call, x: Q):
-        """The layer's integer weights, their QPoint and the accumulator scale s_x * s_w (overflow-checked)."""
+        """The layer's integer weights, their QPoint, the accumulator scale s_x * s_w and the worst-case
+        accumulator (overflow-checked)."""
         w_float, wp = self.weights[call.args[1]]
         ax = None if wp.axis < 0 else wp.axis
         wq = qmath.quantize(w_float, wp.scale, wp.bits, axis=ax)
         self.int_params[f"{wp.name}"] = wq.astype(qmath.storage_dtype(wp.bits))
         acc_scale = np.float64(x.scale) * np.asarray(wp.scale, dtype=np.float64)
         k = int(np.prod(w_float.shape[1:])) if op_name(call) == "relax.nn.conv2d" else int(w_float.shape[0])
-        self._check_overflow(v.name, k, x, wp)
-        return wq, wp, (acc_scale if acc_scale.ndim else float(acc_scale))
+        worst = self._check_overflow(v.name, k, x, wp)
+        return wq, wp, (acc_scale if acc_scale.ndim else float(acc_scale)), worst
 
     def rule_compute(self, v, call, args):
         x = self.as_q(args[0], v.name)
-        wq, wp, acc_scale = self._weight_codes(v, call, x)
+        wq, wp, acc_scale, worst = self._weight_codes(v, call, x)
         wconst = relax.const(wq.astype(qmath.storage_dtype(wp.bits)))
         corr = None
         if x.zp:
@@ -307,18 +315,20 @@ class Realizer:
             e = self.emit(relax.op.nn.conv2d(xe, wconst, strides=a.strides, padding=padding,
                                              dilation=a.dilation, groups=a.groups, data_layout="NCHW",
                                              kernel_layout="OIHW", out_dtype="int32"), v.name)
-            return Acc(e, acc_scale, 1, 4, corr=corr, wpoint=wp)
+            return Acc(e, acc_scale, 1, 4, corr=corr, wpoint=wp, worst=worst)
         e = self.emit(relax.op.matmul(x.expr, wconst, out_dtype="int32"), v.name)
-        return Acc(e, acc_scale, 1, 2, corr=corr, wpoint=wp)
+        return Acc(e, acc_scale, 1, 2, corr=corr, wpoint=wp, worst=worst)
 
-    def _check_overflow(self, layer, k, x: Q, wp):
+    def _check_overflow(self, layer, k, x: Q, wp) -> int:
+        """The worst-case accumulator of the layer, or an OverflowRiskError naming it."""
         xmax = max(abs(x.lo), abs(x.hi))
         wmax = qmath.qrange(wp.bits)[1]
-        worst = k * xmax * wmax
+        worst = qmath.worst_accumulator(k, x.bits, x.signed, wp.bits)
         if worst > _INT32_MAX:
             raise OverflowRiskError(
-                f"layer {layer}: worst-case accumulator {k} x {xmax} x {wmax} = {worst} overflows int32; "
-                "lower act_bits/weight_bits for this layer")
+                f"layer {self.describe(layer)}: worst-case accumulator {k} x {xmax} x {wmax} = {worst} overflows "
+                "int32; lower act_bits/weight_bits for this layer")
+        return worst
 
     def _bias_codes(self, v, call, acc: Acc) -> np.ndarray:
         """The bias as int32 codes at the accumulator's scale, with any zero-point correction folded in."""
@@ -329,8 +339,19 @@ class Realizer:
         bq = np.round(b / (scale.reshape(b.shape) if scale.ndim else scale))
         if acc.corr is not None:
             bq = bq + acc.corr.reshape(bq.shape)       # annotate only fuses biases with one value per channel
-        if np.any(np.abs(bq) > _INT32_MAX):
-            raise OverflowRiskError(f"layer {v.name}: bias does not fit int32 at scale s_x*s_w")
+        clamped, limit = qmath.clamp_bias(bq, acc.worst)
+        if np.any(clamped != bq):
+            layer = acc.wpoint.name.split(":", 1)[0] if acc.wpoint is not None else v.name
+            src = self.sources.get(layer)
+            bias_name = f' "{src.bias}"' if src is not None and src.bias else ""
+            err = np.abs(bq - clamped) * (scale.reshape(bq.shape) if scale.ndim else scale)
+            worst_ch = int(np.argmax(err.reshape(-1)))
+            warnings.warn(
+                f"relayq: layer {self.describe(layer)}: bias{bias_name} does not fit int32 at the accumulator scale "
+                f"s_x*s_w; clamped {int(np.count_nonzero(clamped != bq))} of {bq.size} value(s) to +-{limit} codes "
+                f"(largest clamp error {float(err.reshape(-1)[worst_ch]):.4g} in real units, channel {worst_ch})",
+                BiasClampWarning, stacklevel=2)
+            bq = clamped.astype(np.float64)
         self.int_params[f"{v.name}:bias"] = bq.astype(np.int32)
         return bq
 
@@ -502,7 +523,7 @@ class Simulator(Realizer):
 
     def rule_compute(self, v, call, args):
         x = self.as_q(args[0], v.name)
-        wq, wp, acc_scale = self._weight_codes(v, call, x)
+        wq, wp, acc_scale, worst = self._weight_codes(v, call, x)
         # Dequantize in float64 from the exact codes (float32 products would lose the low bits).
         xf = self.emit(relax.op.astype(self.codes(x), "float64"))
         if x.zp:
@@ -514,10 +535,10 @@ class Simulator(Realizer):
             a = call.attrs
             e = self.emit(relax.op.nn.conv2d(xf, relax.const(wf, "float64"), strides=a.strides, padding=a.padding,
                                              dilation=a.dilation, groups=a.groups, out_dtype="float64"), v.name)
-            return Acc(e, acc_scale, 1, 4, wpoint=wp)
+            return Acc(e, acc_scale, 1, 4, wpoint=wp, worst=worst)
         wf = wq.astype(np.float64) * (ws.reshape(1, -1) if ws.ndim else ws)
         return Acc(self.emit(relax.op.matmul(xf, relax.const(wf, "float64"), out_dtype="float64"), v.name), acc_scale,
-                   1, 2, wpoint=wp)
+                   1, 2, wpoint=wp, worst=worst)
 
     def rule_bias(self, v, call, args):
         acc = args[0]
@@ -540,6 +561,7 @@ def simulate(annotated: tvm.IRModule, qpoints: dict) -> tvm.IRModule:
     r = Simulator(annotated, qpoints)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FloatFallbackWarning)
+        warnings.simplefilter("ignore", BiasClampWarning)     # realize names the clamped layer once
         mod = r.run()
     return relax.transform.DeadCodeElimination(["main"])(relax.transform.Normalize()(mod))
 

@@ -1,0 +1,96 @@
+"""The source model's names (ONNX node / initializer names) travel from import to every message and report."""
+import warnings
+
+import numpy as np
+import pytest
+
+import relayq
+from relayq.analysis.reference import reference_run
+from relayq.runtime import compile_host
+from relayq.transform.annotate import annotate, layer_aliases, layer_sources, layers
+from relayq.transform.prepare import prepare
+
+from onnx_nets import batches, hardswish_net, set_initializer
+
+pytest.importorskip("torch")
+CFG = relayq.QConfig(show_progress=False)
+HS = "/features/features.1/HardSwish"
+CONV1 = "/features/features.2/Conv"
+
+
+@pytest.fixture(scope="module")
+def net():
+    return hardswish_net()[0]
+
+
+def _annotate(model, config=CFG):
+    mod, params = relayq.frontend.from_onnx(model)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        annotated = annotate(prepare(mod, params), config)
+    return annotated, [w for w in rec if issubclass(w.category, relayq.FloatFallbackWarning)]
+
+
+def test_layers_carry_onnx_node_and_initializer_names(net):
+    annotated, _ = _annotate(net)
+    src = layer_sources(annotated)
+    assert src["conv2d_1"].node == CONV1 and src["conv2d_1"].weight == "features.2.weight"
+    assert src["conv2d_1"].bias == "features.2.bias"
+    assert src["dense_0"].node == "/fc/Gemm" and src["dense_0"].weight == "fc.weight"
+    assert layer_aliases(annotated)["conv2d_0"] == ["/features/features.0/Conv", "features.0.weight"]
+
+
+def test_fallback_warning_groups_ops_by_onnx_node(net):
+    _, warned = _annotate(net)
+    assert len(warned) == 1
+    assert f'HardSwish "{HS}" (4 ops: add, clip, divide, multiply)' in str(warned[0].message)
+
+
+def test_skip_layers_accepts_onnx_node_names(net):
+    annotated, warned = _annotate(net, CFG.replace(skip_layers=(CONV1,)))
+    assert sorted(layers(annotated)) == ["conv2d_0", "dense_0"]
+    assert f'Conv "{CONV1}" (2 ops: add, nn.conv2d)' in str(warned[0].message)
+
+
+def test_nan_initializer_error_names_the_initializer(net):
+    bad = set_initializer(net, "features.2.weight", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5,
+                                                                       np.nan, a))
+    with pytest.raises(relayq.DatasetError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            relayq.quantize_model(bad, None, batches(), "naive", CFG)
+    msg = str(e.value)
+    assert "conv2d_1:w" in msg and f'ONNX node "{CONV1}"' in msg and 'weight "features.2.weight"' in msg
+    assert "NaN" in msg
+
+
+def test_summary_shows_source_names(net):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(net, None, batches(), "naive", CFG)
+    text = q.summary()
+    assert f'conv2d_1 (ONNX node "{CONV1}", weight "features.2.weight")' in text
+    assert 'dense_0 (ONNX node "/fc/Gemm", weight "fc.weight")' in text
+
+
+def test_bias_too_large_for_int32_is_clamped_with_a_warning_and_stays_exact():
+    # A bias of 2000 at s_x*s_w ~ 1e-7 is ~2e10 codes: far beyond int32. relayq clamps it and says where.
+    # (ReLU instead of HardSwish: the numpy reference executes quantized graphs, not float HardSwish.)
+    big = set_initializer(hardswish_net(hardswish=False)[0], "features.2.bias", lambda a: np.where(np.arange(a.size) == 3, 2000.0, a))
+    big = set_initializer(big, "features.2.weight", lambda a: a * 1e-3)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        q = relayq.quantize_model(big, None, batches(), "naive", CFG)
+    clamps = [w for w in rec if issubclass(w.category, relayq.BiasClampWarning)]
+    assert len(clamps) == 1
+    msg = str(clamps[0].message)
+    assert f'conv2d_1 (ONNX node "{CONV1}", weight "features.2.weight")' in msg
+    assert 'bias "features.2.bias"' in msg and "clamped 1 of 8" in msg and "channel 3" in msg
+    lib = relayq.build(q)
+    sim = compile_host(q.simulated)
+    rng = np.random.RandomState(5)
+    for _ in range(2):
+        x = rng.randn(1, 3, 8, 8).astype("float32")
+        y = lib(x)
+        np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
+        np.testing.assert_array_equal(sim(x)[0], y)
