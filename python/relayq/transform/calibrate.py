@@ -118,8 +118,9 @@ def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
 def tap_module(annotated: tvm.IRModule, input_means: bool = False):
     """The annotated module with markers removed and every activation point's input as an output.
 
-    Returns ``(module, names)``: the module's ``main`` returns ``(original output, tap_0, tap_1, ...)``.
-    With ``input_means`` it also returns the per-channel mean of every conv2d / dense input, named after
+    Returns ``(module, names)``: the module's ``main`` returns ``(tap_0, tap_1, ..., original output)``,
+    so ``names[i]`` is output ``i`` however many tensors the model itself returns (a tuple output is
+    flattened by the runtime into several). With ``input_means`` it also returns the per-channel mean of every conv2d / dense input, named after
     the layer's weight point (``"conv2d_0:w"``), for bias correction.
     """
     func = main_function(annotated)
@@ -149,7 +150,7 @@ def tap_module(annotated: tvm.IRModule, input_means: bool = False):
                     taps.append(bb.emit(relax.op.mean(x, axis=axes)))
                     names.append(weight_of[b.value.args[1]])
                 remap[b.var] = bb.emit(substitute(b.value, remap), b.var.name)
-            out = bb.emit_output(relax.Tuple([substitute(func.body.body, remap), *taps]))
+            out = bb.emit_output(relax.Tuple([*taps, substitute(func.body.body, remap)]))
         bb.emit_func_output(out)
     mod = bb.get()
     for gv, f in annotated.functions_items():
@@ -207,7 +208,8 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
         for i, batch in enumerate(dataset):
             arrays = batch_to_arrays(batch, specs, where=f"calibration batch {i}")
             outs = fn(*arrays)
-            for name, value in zip(names, outs[1:]):
+            # The taps come first: the model's own outputs (one tensor or a tuple of any size) follow.
+            for name, value in zip(names, outs[:len(names)]):
                 if name.endswith(":w"):
                     sums[name] = sums.get(name, 0.0) + value.astype(np.float64)
                 else:
