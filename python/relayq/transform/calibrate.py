@@ -228,7 +228,7 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
                 lo, hi = float(value.min()), float(value.max())
                 old = lo_hi.get(name)
                 lo_hi[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
-                _call_calibrator(method, name, calibrator.observe, name, value)
+                _call_calibrator(calibrator, method, name, "observe", name, value)
             if record is not None:
                 record(arrays, taps, outs[len(names):])
             seen += 1
@@ -259,21 +259,30 @@ def _warn_degenerate(lo_hi: dict, batches: int) -> None:
                   "calibration data and the layers before them", CalibrationWarning, stacklevel=3)
 
 
-def _call_calibrator(method: str, name: str, fn, *args):
-    """Call a calibrator method; an error from a user's calibrator is re-raised naming the point.
+def _who(calibrator, method: str) -> str:
+    """How messages name a calibrator: its method name, and its class when it is a user's."""
+    from ..calibration.methods import HistogramCalibrator
+
+    cls = type(calibrator).__name__
+    return f"{method!r}" if type(calibrator) is HistogramCalibrator or cls == method else f"{method!r} ({cls})"
+
+
+def _call_calibrator(calibrator, method: str, name: str, what: str, *args):
+    """Call ``calibrator.<what>(*args)``; an error from a user's calibrator is re-raised naming the point.
 
     relayq's own calibrators are called as they are: an error inside them is a relayq bug, not bad input.
     """
     from ..calibration.methods import HistogramCalibrator
 
-    if type(getattr(fn, "__self__", None)) is HistogramCalibrator:
+    fn = getattr(calibrator, what)
+    if type(calibrator) is HistogramCalibrator:
         return fn(*args)
     try:
         return fn(*args)
     except RelayqError:
         raise
     except Exception as e:
-        raise ConfigError(f"calibrator {method!r} failed on point {name!r} in {fn.__name__}: "
+        raise ConfigError(f"calibrator {_who(calibrator, method)} failed on point {name!r} in {what}(): "
                           f"{type(e).__name__}: {e}") from e
 
 
@@ -320,14 +329,14 @@ def weight_qpoint(name: str, w: np.ndarray, bits: int, axis: int, method: str, p
     return QPoint(name, "weight", method, t, scale, bits, True, axis)
 
 
-def _finite_float(v, method: str, name: str, what: str) -> float:
+def _finite_float(v, who: str, name: str, what: str) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise ConfigError(f"calibrator {method!r} returned {v!r} as the {what} of point {name!r}: "
+        raise ConfigError(f"calibrator {who} returned {v!r} as the {what} of point {name!r}: "
                           "expected a number") from None
     if not np.isfinite(f):
-        raise ConfigError(f"calibrator {method!r} returned a non-finite {what} ({f}) for point {name!r}")
+        raise ConfigError(f"calibrator {who} returned a non-finite {what} ({f}) for point {name!r}")
     return f
 
 
@@ -338,28 +347,29 @@ def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig, s
     raises :class:`ConfigError` naming the point and the calibrator. ``seen`` is the point's observed
     ``(min, max)``: a zero threshold for a point that was not all zero gets a CalibrationWarning.
     """
+    who = _who(calibrator, method)
     if config.act_symmetric:
-        t = _finite_float(_call_calibrator(method, name, calibrator.threshold, name, bits, True),
-                          method, name, "threshold")
+        t = _finite_float(_call_calibrator(calibrator, method, name, "threshold", name, bits, True),
+                          who, name, "threshold")
         if t < 0:
-            raise ConfigError(f"calibrator {method!r} returned a negative threshold ({t}) for point {name!r}")
+            raise ConfigError(f"calibrator {who} returned a negative threshold ({t}) for point {name!r}")
         if t == 0 and seen is not None and seen != (0.0, 0.0):
-            warnings.warn(f"relayq: calibrator {method!r} returned threshold 0 for point {name!r}, whose values "
+            warnings.warn(f"relayq: calibrator {who} returned threshold 0 for point {name!r}, whose values "
                           f"range over [{seen[0]:.6g}, {seen[1]:.6g}]: the point is quantized with scale 1.0",
                           CalibrationWarning, stacklevel=3)
         scale = qmath.scale_from_threshold(t, bits)
         if config.power_of_two_scale:
             scale = qmath.power_of_two(scale)
         return QPoint(name, "act", method, t, scale, bits, True, -1)
-    rng = _call_calibrator(method, name, calibrator.range, name, bits)
+    rng = _call_calibrator(calibrator, method, name, "range", name, bits)
     try:
         lo, hi = rng
     except (TypeError, ValueError):
-        raise ConfigError(f"calibrator {method!r} returned {rng!r} as the range of point {name!r}: "
+        raise ConfigError(f"calibrator {who} returned {rng!r} as the range of point {name!r}: "
                           "expected (lo, hi)") from None
-    lo, hi = _finite_float(lo, method, name, "range"), _finite_float(hi, method, name, "range")
+    lo, hi = _finite_float(lo, who, name, "range"), _finite_float(hi, who, name, "range")
     if lo > hi:
-        raise ConfigError(f"calibrator {method!r} returned an empty range ({lo}, {hi}) for point {name!r}: "
+        raise ConfigError(f"calibrator {who} returned an empty range ({lo}, {hi}) for point {name!r}: "
                           "lo must not exceed hi")
     scale, zp = qmath.asymmetric_params(lo, hi, bits)
     if config.power_of_two_scale:
