@@ -121,8 +121,9 @@ def tap_module(annotated: tvm.IRModule, input_means: bool = False):
 
     Returns ``(module, names)``: the module's ``main`` returns ``(tap_0, tap_1, ..., original output)``,
     so ``names[i]`` is output ``i`` however many tensors the model itself returns (a tuple output is
-    flattened by the runtime into several). With ``input_means`` it also returns the per-channel mean of every conv2d / dense input, named after
-    the layer's weight point (``"conv2d_0:w"``), for bias correction.
+    flattened by the runtime into several). With ``input_means`` it also returns the per-channel mean
+    of every conv2d / dense input, named after the layer's weight point (``"conv2d_0:w"``), for bias
+    correction.
     """
     func = main_function(annotated)
     bb = relax.BlockBuilder()
