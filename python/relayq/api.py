@@ -24,6 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .analysis.check import HeldBatches, check_accuracy
 from .config import CALIBRATION_METHODS, QConfig, as_config, check_layer_names, closest
 from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning, RelayqError
 from .runtime import flatten_outputs, host_target
@@ -43,6 +44,9 @@ class QuantizedModel:
         prepared / annotated / simulated: the modules after each earlier stage.
         qpoints: point name -> :class:`~relayq.transform.calibrate.QPoint`.
         calibration: the method's name; calibration_seconds: the time calibration took.
+        accuracy: the quantized model against the float model on the last calibration batches (output
+            cosine, top-1 agreement, per-point SQNR: see :mod:`relayq.analysis.check`), or None when
+            ``QConfig.check_accuracy`` is off.
     """
 
     realized: tvm.IRModule
@@ -55,6 +59,7 @@ class QuantizedModel:
     config: QConfig
     calibration_seconds: float = 0.0
     quantized: bool = True
+    accuracy: dict | None = None
 
     @property
     def thresholds(self) -> list:
@@ -91,6 +96,10 @@ class QuantizedModel:
 
         lines = [f"relayq quantized model: {len(self.layers)} quantized layers, {len(self.qpoints)} points, "
                  f"calibration {self.calibration!r} in {self.calibration_seconds:.2f} s"]
+        if self.accuracy:
+            from .analysis.check import describe as describe_check
+
+            lines.append(f"  check: {describe_check(self.accuracy)}")
         sources = self.layer_sources
         for name, op in self.layers.items():
             lines.append(f"  layer {describe(name, sources.get(name))}: {op}")
@@ -331,7 +340,8 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
     if config.skip_layers or config.layer_overrides:
         check_layer_names(config, _all_layer_names(prepared, annotated, config))
     start = time.perf_counter()
-    simulated, qpoints = calibrate(annotated, dataset, calibration, config)
+    held = HeldBatches() if config.check_accuracy else None
+    simulated, qpoints = calibrate(annotated, dataset, calibration, config, record=held)
     seconds = time.perf_counter() - start
     method = calibration if isinstance(calibration, str) else type(calibration).__name__
     if not layers(annotated):
@@ -339,7 +349,11 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
                       NothingQuantizedWarning, stacklevel=2)
         return QuantizedModel(prepared, {}, prepared, annotated, simulated, {}, method, config, seconds, False)
     realized, int_params = realize(annotated, qpoints, return_params=True)
-    return QuantizedModel(realized, int_params, prepared, annotated, simulated, qpoints, method, config, seconds)
+    qmodel = QuantizedModel(realized, int_params, prepared, annotated, simulated, qpoints, method, config, seconds)
+    if held is not None:
+        # The check runs the host build; build(qmodel) for the host reuses it (see _host_build).
+        qmodel.accuracy = check_accuracy(annotated, realized, qpoints, held, lambda: build(qmodel))
+    return qmodel
 
 
 class CompiledModel:
@@ -425,6 +439,10 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
         lib = build(qmodel)                      # int8 model for this CPU
         fp32 = build(mod, params=params)          # the float model, for comparison
     """
+    host_build = getattr(model, "_host_build", None)     # (realized, executable) kept by an earlier host build
+    if isinstance(model, QuantizedModel) and target is None and lower and not tune_trials:
+        if host_build is not None and host_build[0] is model.realized:
+            return CompiledModel(host_build[1], input_specs(model.realized), host_target())
     if isinstance(model, QuantizedModel):
         mod = model.realized
     elif isinstance(model, tvm.IRModule):
@@ -452,6 +470,8 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
         from .backend import presets
 
         return presets.compiled_model(ex, specs, tgt)       # a GPU, or compile-only where none exists
+    if isinstance(model, QuantizedModel) and target is None and lower and not tune_trials:
+        model._host_build = (model.realized, ex)
     return CompiledModel(ex, specs, tgt)
 
 

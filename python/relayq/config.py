@@ -199,6 +199,9 @@ class QConfig:
             ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
             each conv / dense bias before it is quantized.
         show_progress: print calibration progress to stderr.
+        check_accuracy: after calibration, compare the quantized model with the float model on the
+            last calibration batches (:mod:`relayq.analysis.check`), store the result as
+            ``QuantizedModel.accuracy`` and warn (``AccuracyCollapseWarning``) when it collapses.
 
     Every field is validated when built (a :class:`ConfigError` names the field and the value): bools
     must be real booleans, bit widths ints, names members of their sets.
@@ -221,6 +224,7 @@ class QConfig:
     act_symmetric: bool = True
     bias_correction: bool = True
     show_progress: bool = True
+    check_accuracy: bool = True
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)

@@ -54,3 +54,12 @@ class BiasClampWarning(UserWarning):
 
 class NothingQuantizedWarning(UserWarning):
     """The model has no quantizable op: the float model is returned."""
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration saw degenerate data at a point (all zero, or one constant value), named in the message."""
+
+
+class AccuracyCollapseWarning(UserWarning):
+    """The quantized model disagrees badly with the float model on the check batches (see
+    :mod:`relayq.analysis.check`); the message names the points with the worst quantization noise."""

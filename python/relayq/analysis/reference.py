@@ -122,7 +122,10 @@ def _float_op(call, args):
 
 
 def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes: bool = False):
-    """Execute ``annotated`` with integer semantics in numpy; returns the float output (and codes)."""
+    """Execute ``annotated`` with integer semantics in numpy; returns the float output (and codes).
+
+    A model with a tuple result returns a list of arrays, flattened as the compiled model returns them.
+    """
     func = main_function(annotated)
     quantized = set(func.attrs[QUANTIZED_ATTR]) if QUANTIZED_ATTR in func.attrs else set()
     vals = {p: np.asarray(x, dtype=np.float32) for p, x in zip(func.params, inputs)}
@@ -138,6 +141,9 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             else:
                 vals[v] = _finalize(vals[info[0]], float(p.scale), p.bits, p.zero_point, p.signed)
                 codes[p.name] = vals[v].codes
+            continue
+        if isinstance(call, (relax.Tuple, relax.TupleGetItem)):
+            vals[v] = _tuple_value(call, vals)         # a multi-output model's result tuple
             continue
         name = op_name(call)
         args = [vals.get(a) for a in call.args if isinstance(a, relax.Var)]
@@ -215,5 +221,25 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             else:
                 raise NotImplementedError(f"reference executor: quantized op {name}")
             vals[v] = q.like(out)
-    out = _to_float(vals[func.body.body])
+    out = _outputs(_tuple_value(func.body.body, vals))
+    out = out[0] if len(out) == 1 else out
     return (out, codes) if return_codes else out
+
+
+def _tuple_value(e, vals):
+    """The value of a variable, tuple or tuple item: tuples are Python tuples of values."""
+    if isinstance(e, relax.Tuple):
+        return tuple(_tuple_value(f, vals) for f in e.fields)
+    if isinstance(e, relax.TupleGetItem):
+        t = _tuple_value(e.tuple_value, vals)
+        if not isinstance(t, tuple):           # an op returning a tuple (split ...) is not supported
+            raise NotImplementedError("reference executor: tuple item of a non-tuple value")
+        return t[int(e.index)]
+    return vals[e]
+
+
+def _outputs(val) -> list:
+    """Float outputs, flattened like the compiled model's (a tuple result gives one array per tensor)."""
+    if isinstance(val, tuple):
+        return [o for v in val for o in _outputs(v)]
+    return [_to_float(val)]

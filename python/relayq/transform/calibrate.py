@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from tvm import relax
 
 from .. import qmath
 from ..config import QConfig
-from ..errors import ConfigError, DatasetError, RelayqError
+from ..errors import CalibrationWarning, ConfigError, DatasetError, RelayqError
 from ..runtime import compile_host
 from ..utils.progress import Progress
 from .common import bindings, const_value, dtype_of, main_function, op_name, shape_of, simq_info, substitute
@@ -172,9 +173,11 @@ def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
 def tap_module(annotated: tvm.IRModule, input_means: bool = False):
     """The annotated module with markers removed and every activation point's input as an output.
 
-    Returns ``(module, names)``: the module's ``main`` returns ``(original output, tap_0, tap_1, ...)``.
-    With ``input_means`` it also returns the per-channel mean of every conv2d / dense input, named after
-    the layer's weight point (``"conv2d_0:w"``), for bias correction.
+    Returns ``(module, names)``: the module's ``main`` returns ``(tap_0, tap_1, ..., original output)``,
+    so ``names[i]`` is output ``i`` however many tensors the model itself returns (a tuple output is
+    flattened by the runtime into several). With ``input_means`` it also returns the per-channel mean
+    of every conv2d / dense input, named after the layer's weight point (``"conv2d_0:w"``), for bias
+    correction.
     """
     func = main_function(annotated)
     bb = relax.BlockBuilder()
@@ -203,7 +206,7 @@ def tap_module(annotated: tvm.IRModule, input_means: bool = False):
                     taps.append(bb.emit(relax.op.mean(x, axis=axes)))
                     names.append(weight_of[b.value.args[1]])
                 remap[b.var] = bb.emit(substitute(b.value, remap), b.var.name)
-            out = bb.emit_output(relax.Tuple([substitute(func.body.body, remap), *taps]))
+            out = bb.emit_output(relax.Tuple([*taps, substitute(func.body.body, remap)]))
         bb.emit_func_output(out)
     mod = bb.get()
     for gv, f in annotated.functions_items():
@@ -245,34 +248,97 @@ def _fast_float(mod: tvm.IRModule, target=None) -> tvm.IRModule:
 
 
 def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = True, target=None,
-            means: dict | None = None) -> list:
+            means: dict | None = None, ranges: dict | None = None, record=None) -> list:
     """Run ``dataset`` through the tap module, feeding every activation point to ``calibrator``.
 
     Returns the names of the activation points observed. When a ``means`` dict is given, it receives
-    the per-channel mean input of every conv2d / dense layer, keyed by weight point.
+    the per-channel mean input of every conv2d / dense layer, keyed by weight point. ``ranges``
+    receives ``(min, max)`` of every activation point over the whole dataset. ``record``, when given,
+    is called after each batch as ``record(arrays, taps, outputs)``: the input arrays, a dict point
+    name -> float value, and the float model's own outputs (a list), e.g. to keep the last batches for
+    :mod:`relayq.analysis.check`.
+
+    A point that was constant over the whole dataset (all zero: a dead ReLU, a zeroed input) gets a
+    :class:`~relayq.errors.CalibrationWarning` naming it: its scale says nothing about real data.
     """
     tmod, names = tap_module(annotated, input_means=means is not None)
     sums, batches = {}, 0
+    lo_hi = {}
     specs = input_specs(annotated)
     fn = compile_host(_fast_float(tmod, target), target)
     total = len(dataset) if hasattr(dataset, "__len__") else None
+    method = getattr(calibrator, "name", type(calibrator).__name__)
     seen = 0
     with Progress("calibrating, batch", total=total, enabled=show_progress) as prog:
         for i, batch in enumerate(dataset):
             arrays = batch_to_arrays(batch, specs, where=f"calibration batch {i}")
             outs = fn(*arrays)
-            for name, value in zip(names, outs[1:]):
+            # The taps come first: the model's own outputs (one tensor or a tuple of any size) follow.
+            taps = {}
+            for name, value in zip(names, outs[:len(names)]):
                 if name.endswith(":w"):
                     sums[name] = sums.get(name, 0.0) + value.astype(np.float64)
-                else:
-                    calibrator.observe(name, value)
+                    continue
+                taps[name] = value
+                lo, hi = float(value.min()), float(value.max())
+                old = lo_hi.get(name)
+                lo_hi[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+                _call_calibrator(calibrator, method, name, "observe", name, value)
+            if record is not None:
+                record(arrays, taps, outs[len(names):])
             seen += 1
             prog.step()
     if seen == 0:
         raise DatasetError("the calibration dataset is empty: pass at least one batch")
     if means is not None:
         means.update({k: v / seen for k, v in sums.items()})     # every batch has the same shape
+    if ranges is not None:
+        ranges.update(lo_hi)
+    _warn_degenerate(lo_hi, seen)
     return [n for n in names if not n.endswith(":w")]
+
+
+def _warn_degenerate(lo_hi: dict, batches: int) -> None:
+    """One :class:`CalibrationWarning` naming every point that saw a single value over the dataset."""
+    zero = [n for n, (lo, hi) in lo_hi.items() if lo == hi == 0.0]
+    const = [f"{n} (always {lo:.6g})" for n, (lo, hi) in lo_hi.items() if lo == hi != 0.0]
+    if not zero and not const:
+        return
+    parts = []
+    if zero:
+        parts.append(f"all zero at {', '.join(zero)} (a dead ReLU, a zeroed input: the scale falls back to 1.0)")
+    if const:
+        parts.append(f"constant at {', '.join(const)}")
+    warnings.warn(f"relayq: degenerate calibration over {batches} batch(es): the data was "
+                  + "; ".join(parts) + ". The scales of these points say nothing about real inputs: check the "
+                  "calibration data and the layers before them", CalibrationWarning, stacklevel=3)
+
+
+def _who(calibrator, method: str) -> str:
+    """How messages name a calibrator: its method name, and its class when it is a user's."""
+    from ..calibration.methods import HistogramCalibrator
+
+    cls = type(calibrator).__name__
+    return f"{method!r}" if type(calibrator) is HistogramCalibrator or cls == method else f"{method!r} ({cls})"
+
+
+def _call_calibrator(calibrator, method: str, name: str, what: str, *args):
+    """Call ``calibrator.<what>(*args)``; an error from a user's calibrator is re-raised naming the point.
+
+    relayq's own calibrators are called as they are: an error inside them is a relayq bug, not bad input.
+    """
+    from ..calibration.methods import HistogramCalibrator
+
+    fn = getattr(calibrator, what)
+    if type(calibrator) is HistogramCalibrator:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except RelayqError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"calibrator {_who(calibrator, method)} failed on point {name!r} in {what}(): "
+                          f"{type(e).__name__}: {e}") from e
 
 
 def bias_correction(w: np.ndarray, p: QPoint, mean_in: np.ndarray) -> np.ndarray:
@@ -318,19 +384,48 @@ def weight_qpoint(name: str, w: np.ndarray, bits: int, axis: int, method: str, p
     return QPoint(name, "weight", method, t, scale, bits, True, axis)
 
 
-def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig) -> QPoint:
-    """Calibrate one activation point: symmetric signed codes, or asymmetric unsigned ones with a zero point."""
+def _finite_float(v, who: str, name: str, what: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"calibrator {who} returned {v!r} as the {what} of point {name!r}: "
+                          "expected a number") from None
+    if not np.isfinite(f):
+        raise ConfigError(f"calibrator {who} returned a non-finite {what} ({f}) for point {name!r}")
+    return f
+
+
+def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig, seen: tuple | None = None) -> QPoint:
+    """Calibrate one activation point: symmetric signed codes, or asymmetric unsigned ones with a zero point.
+
+    The calibrator's answer is validated: a NaN, infinite or negative threshold (a ``lo > hi`` range)
+    raises :class:`ConfigError` naming the point and the calibrator. ``seen`` is the point's observed
+    ``(min, max)``: a zero threshold for a point that was not all zero gets a CalibrationWarning.
+    """
+    who = _who(calibrator, method)
     if config.act_symmetric:
-        t = float(calibrator.threshold(name, bits, True))
-        if not np.isfinite(t):
-            raise ConfigError(f"calibrator {method!r} returned a non-finite threshold {t} for point {name!r}")
+        t = _finite_float(_call_calibrator(calibrator, method, name, "threshold", name, bits, True),
+                          who, name, "threshold")
+        if t < 0:
+            raise ConfigError(f"calibrator {who} returned a negative threshold ({t}) for point {name!r}")
+        if t == 0 and seen is not None and seen != (0.0, 0.0):
+            warnings.warn(f"relayq: calibrator {who} returned threshold 0 for point {name!r}, whose values "
+                          f"range over [{seen[0]:.6g}, {seen[1]:.6g}]: the point is quantized with scale 1.0",
+                          CalibrationWarning, stacklevel=3)
         scale = qmath.scale_from_threshold(t, bits)
         if config.power_of_two_scale:
             scale = qmath.power_of_two(scale)
         return QPoint(name, "act", method, t, scale, bits, True, -1)
-    lo, hi = (float(v) for v in calibrator.range(name, bits))
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ConfigError(f"calibrator {method!r} returned a non-finite range ({lo}, {hi}) for point {name!r}")
+    rng = _call_calibrator(calibrator, method, name, "range", name, bits)
+    try:
+        lo, hi = rng
+    except (TypeError, ValueError):
+        raise ConfigError(f"calibrator {who} returned {rng!r} as the range of point {name!r}: "
+                          "expected (lo, hi)") from None
+    lo, hi = _finite_float(lo, who, name, "range"), _finite_float(hi, who, name, "range")
+    if lo > hi:
+        raise ConfigError(f"calibrator {who} returned an empty range ({lo}, {hi}) for point {name!r}: "
+                          "lo must not exceed hi")
     scale, zp = qmath.asymmetric_params(lo, hi, bits)
     if config.power_of_two_scale:
         scale = qmath.power_of_two(scale)
@@ -356,10 +451,11 @@ def _naming(annotated, point: str, method: str):
 
 
 def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QConfig | None = None,
-              target=None):
+              target=None, record=None):
     """Calibrate every quantization point of ``annotated``.
 
     Returns ``(simulated_module, qpoints)`` with ``qpoints`` a dict name -> :class:`QPoint`.
+    ``record`` is handed to :func:`observe` (called with every batch's inputs, taps and float outputs).
 
     Example::
 
@@ -385,12 +481,13 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
             act_bits[name] = bits
     means = {} if config.bias_correction else None
     if act_bits:
-        observe(annotated, dataset, calibrator, config.show_progress, target, means)
+        ranges = {}
+        observe(annotated, dataset, calibrator, config.show_progress, target, means, ranges, record)
         for name, m in (means or {}).items():
             points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
         for name, bits in act_bits.items():
             with _naming(annotated, name, method):
-                points[name] = act_qpoint(name, calibrator, method, bits, config)
+                points[name] = act_qpoint(name, calibrator, method, bits, config, ranges.get(name))
     else:
         # Nothing to observe, but the dataset must still be valid for the model.
         specs = input_specs(annotated)
