@@ -151,7 +151,7 @@ class _Recurrent(_Converter):
         ys, finals = [], []
         for d in range(num_dir):
             reverse = direction == "reverse" or d == 1
-            init = [None if s is None else bb.emit(_take(s, d, num_dir)) for s in states0]
+            init = [None if s is None else bb.emit(_take(s, d)) for s in states0]
             hs, last = cls._direction(bb, x, w, r, bias, d, hidden, steps, batch, in_size, reverse, init, attr)
             ys.append(bb.emit(relax.op.stack(hs, axis=0)))                 # [T, B, H]
             finals.append(last)
@@ -208,8 +208,8 @@ class _Recurrent(_Converter):
         return bb.emit(relax.op.reshape(proj, (steps, batch, num_gates_rows)))
 
 
-def _take(t, d, num):
-    """``t[d]`` of a ``[D, ...]`` tensor (an identity when D == 1 would still need the squeeze)."""
+def _take(t, d):
+    """``t[d]`` of a ``[D, ...]`` tensor."""
     from tvm import relax
 
     shape = [int(s) for s in t.ty.shape.values]
@@ -228,7 +228,7 @@ def _rows(t, d, start, end):
 
 def _step_input(bb, proj, t):
     """``proj[t]``: ``[B, G*H]`` from ``[T, B, G*H]``."""
-    return bb.emit(_take(proj, t, None))
+    return bb.emit(_take(proj, t))
 
 
 class LSTMToRelax(_Recurrent):
