@@ -25,10 +25,15 @@ setup(
         # What the test suite needs beyond the core: real data (digits) and progress of tuning.
         # torch trains the small CNNs of the end-to-end tests (2.13.0 is the CPU build on disk here;
         # never unpinned, which would pull several GB of CUDA packages).
-        "test": ["pytest", "scikit-learn", "psutil", "cloudpickle", "torch==2.13.0", "onnxruntime", "pillow"],
+        "test": ["pytest", "scikit-learn", "psutil", "cloudpickle", "torch==2.13.0", "onnxruntime", "pillow",
+                 "tflite==2.18.0"],
         # onnxslim evaluates folded shape computations with ONNX Runtime: without it, ONNX exports whose
         # Reshape/Pad/Expand sizes are computed from shapes may not import.
         "onnx": ["onnxruntime"],
+        # relayq.frontend.from_tflite: TVM's TFLite importer reads the flatbuffer through the generated
+        # schema package (pure Python, 150 kB; needs flatbuffers and numpy). Pinned: the schema's
+        # builtin-op codes and options are what the importer and relayq's op check read.
+        "tflite": ["tflite==2.18.0"],
         # Peers and real-model data used by benchmarks and tutorials.
         "bench": ["onnxruntime", "pillow", "psutil", "cloudpickle"],
     },

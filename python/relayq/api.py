@@ -140,6 +140,13 @@ def _import(sym, params, shapes):
         if params:
             p = {**p, **params}
         return mod, p
+    if fmt is None and isinstance(sym, (bytes, bytearray)) and bytes(sym[4:8]) == b"TFL3":
+        fmt = "tflite"
+    if fmt == "tflite":
+        from .frontend.tflite import from_tflite
+
+        mod, p = from_tflite(sym, shapes)
+        return mod, {**p, **(params or {})}
     if fmt == "mxnet" or _looks_like_mxnet(sym):
         from .frontend.mxnet import from_mxnet
 
@@ -307,14 +314,14 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
     """Quantize a float model with post-training calibration.
 
     Args:
-        sym: a Relax ``IRModule``, an ONNX ``ModelProto`` or ``.onnx`` path, or an MXNet symbol (JSON path
-            or string, or ``mxnet.sym.Symbol``).
+        sym: a Relax ``IRModule``, an ONNX ``ModelProto`` or ``.onnx`` path, a float32 ``.tflite`` path
+            (or its bytes), or an MXNet symbol (JSON path or string, or ``mxnet.sym.Symbol``).
         params: weights by name (dict of numpy arrays); for MXNet a ``.params`` path, a dict, or
             ``(arg_params, aux_params)``.
         dataset: an iterable of input batches (numpy arrays, tuples, or dicts name -> array).
         calibration: ``"naive"``, ``"kl"``, ``"percentile"``, ``"mse"``, or a Calibrator object.
         config: a :class:`~relayq.config.QConfig` (or a dict of its fields).
-        shapes: input shapes for frontends that need them (MXNet, dynamic ONNX inputs).
+        shapes: input shapes for frontends that need them (MXNet, dynamic ONNX inputs, TFLite overrides).
 
     Example::
 

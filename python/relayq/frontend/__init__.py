@@ -9,6 +9,13 @@ def from_mxnet(symbol, arg_params=None, aux_params=None, shapes=None):
     return _impl(symbol, arg_params, aux_params, shapes)
 
 
+def from_tflite(path_or_bytes, shapes=None, layout="NCHW"):
+    """Import a float32 TFLite model (needs the ``tflite`` extra); see :mod:`relayq.frontend.tflite`."""
+    from .tflite import from_tflite as _impl
+
+    return _impl(path_or_bytes, shapes, layout)
+
+
 def from_torch(module, example_inputs):
     """Export a torch module and import it; see :mod:`relayq.frontend.torch`."""
     from .torch import from_torch as _impl
@@ -16,4 +23,4 @@ def from_torch(module, example_inputs):
     return _impl(module, example_inputs)
 
 
-__all__ = ["from_onnx", "from_mxnet", "from_torch"]
+__all__ = ["from_onnx", "from_mxnet", "from_tflite", "from_torch"]

@@ -8,6 +8,7 @@ Example::
 
     detect_format("mobilenet_v2.onnx")          # "onnx"
     detect_format("resnet-symbol.json")         # "mxnet"
+    detect_format("model.tflite")               # "tflite"
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ _TFLITE_MAGIC = b"TFL3"
 #: with the key byte of one of them (wire type 0 or 2).
 _ONNX_FIRST_KEYS = {0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42}
 
-SUPPORTED = "an ONNX model (protobuf) or an MXNet symbol (*-symbol.json)"
+SUPPORTED = "an ONNX model (protobuf), a TFLite flatbuffer or an MXNet symbol (*-symbol.json)"
 
 
 def check_model_path(path) -> str:
@@ -41,17 +42,15 @@ def check_model_path(path) -> str:
 
 
 def detect_format(path) -> str:
-    """``"onnx"`` or ``"mxnet"`` for a model file, judged from its first bytes.
+    """``"onnx"``, ``"tflite"`` or ``"mxnet"`` for a model file, judged from its first bytes.
 
-    TFLite flatbuffers are recognised and refused (no TFLite importer yet); anything else raises a
-    FrontendError naming the path.
+    Anything else raises a FrontendError naming the path.
     """
     s = check_model_path(path)
     with open(s, "rb") as f:
         head = f.read(_HEAD_BYTES)
     if head[4:8] == _TFLITE_MAGIC:
-        raise FrontendError(f"{s} is a TFLite flatbuffer; relayq cannot import TFLite models yet "
-                            "(convert it to ONNX, e.g. with tf2onnx)")
+        return "tflite"
     if head.lstrip()[:1] == b"{":
         try:
             with open(s, encoding="utf-8") as f:

@@ -11,9 +11,10 @@ One pipeline, one step per function:
    and weight tying are off, since they rename nodes or merge weights);
 3. **check ops**: every op type that neither TVM's importer nor relayq can convert is named, with its
    count, in one :class:`~relayq.errors.UnsupportedOpError`;
-4. **import** with TVM's importer plus relayq's converters: TVM imports ``Clip`` as two opaque
-   ``call_tir`` kernels that no quantizer can see through, so relayq imports a ``Clip`` with constant
-   bounds as a single ``relax.op.clip`` (ReLU6 stays one op);
+4. **import** with TVM's importer plus relayq's converters (:mod:`relayq.frontend.onnx_ops`): TVM
+   imports ``Clip`` and constant ``Pad`` as opaque ``call_tir`` kernels that no quantizer can see
+   through, so relayq imports them as ``relax.op.clip`` (ReLU6 stays one op) and ``relax.op.nn.pad``;
+   ``LSTM`` and ``GRU``, which TVM lacks, are unrolled over time into matmul / sigmoid / tanh;
 5. **detach params**: the weights come back as a ``params`` dict keyed by ONNX initializer name.
 
 Folding evaluates the constant subgraphs with ONNX Runtime when it is installed (``pip install
@@ -41,6 +42,7 @@ import numpy as np
 
 from ..errors import FrontendError, UnsupportedOpError
 from .detect import check_model_path
+from .onnx_ops import CONVERTERS
 from .source_names import with_onnx_source_names
 
 #: onnxslim passes that stay off: fusion and CSE rename or merge the user's nodes, weight tying merges
@@ -175,7 +177,7 @@ def _check_ops(model, where) -> None:
 def _clip_bounds_to_attrs(model) -> None:
     """Move constant Clip bounds from initializer inputs into ``min``/``max`` attributes, in place.
 
-    The result is only fed to TVM's importer (with :class:`_ClipToRelax` installed), never saved.
+    The result is only fed to TVM's importer (with relayq's Clip converter installed), never saved.
     """
     from onnx import helper, numpy_helper
 
@@ -185,7 +187,7 @@ def _clip_bounds_to_attrs(model) -> None:
             continue
         bounds = list(node.input[1:]) + [""] * (3 - len(node.input))
         if any(b and b not in inits for b in bounds[:2]):
-            continue               # computed bounds: _ClipToRelax names the node
+            continue               # computed bounds: the Clip converter names the node
         values = [float(numpy_helper.to_array(inits[b]).reshape(-1)[0]) if b else None for b in bounds[:2]]
         del node.input[1:]
         for attr, val in zip(("min", "max"), values):
@@ -193,28 +195,8 @@ def _clip_bounds_to_attrs(model) -> None:
                 node.attribute.append(helper.make_attribute(attr, val))
 
 
-class _ClipToRelax:
-    """Converter that imports Clip with attribute bounds as ``relax.op.clip`` (one visible op)."""
-
-    @classmethod
-    def get_converter(cls, opset):
-        return cls._impl
-
-    @staticmethod
-    def _impl(bb, inputs, attr, params):
-        from tvm import relax
-
-        if len(inputs) > 1 and any(i is not None for i in inputs[1:]):
-            raise FrontendError("its min/max bounds are computed at run time; relayq needs constant "
-                                "Clip bounds")
-        # An absent bound stays infinite: the quantizer and the backend treat the clip as open there.
-        lo = float(attr.get("min", -np.inf))
-        hi = float(attr.get("max", np.inf))
-        return relax.op.clip(inputs[0], lo, hi)
-
-
 #: relayq's converters, installed over TVM's for one import: op type -> converter class.
-_RELAYQ_CONVERTERS = {"Clip": _ClipToRelax}
+_RELAYQ_CONVERTERS = CONVERTERS
 
 
 class _NodeFailure(Exception):
@@ -294,14 +276,26 @@ def _first_line(e) -> str:
 
 
 def _detach_params(mod):
-    """``(mod, params)``: ``main(inputs..., weights...)`` and the weights keyed by initializer name."""
+    """``(mod, params)``: ``main(inputs..., weights...)`` and the weights keyed by initializer name.
+
+    Weights that no binding reads are dropped from both: after folding, initializers such as a
+    Reshape's target shape (``/Concat_3_output_0``) or Pad's pads are read at import time only (the
+    importer turns them into attributes). Graph inputs are always kept, used or not (they are the
+    calling convention).
+    """
     from tvm import relax
 
     mod, detached = relax.frontend.detach_params(mod)
     func = mod["main"]
     num_input = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else 0
-    names = [p.name for p in func.params[num_input:]]
-    params = {n: v.numpy() for n, v in zip(names, detached.get("main", []))}
+    weights = list(zip(func.params[num_input:], detached.get("main", [])))
+    used = set(relax.analysis.free_vars(func.body))
+    kept = [(var, value) for var, value in weights if var in used]
+    if len(kept) < len(weights):
+        func = relax.Function(list(func.params[:num_input]) + [var for var, _ in kept], func.body,
+                              func.ret_ty, func.is_pure, func.attrs, func.span)
+        mod["main"] = func          # detach_params returned a module of our own
+    params = {var.name: value.numpy() for var, value in kept}
     return mod, params
 
 
