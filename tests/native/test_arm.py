@@ -25,6 +25,7 @@ BUILD_DIR = os.path.join(ROOT, "build", "test-aarch64")
 CXX, QEMU, OBJDUMP = "aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-linux-gnu-objdump"
 SYSROOT = "/usr/aarch64-linux-gnu"
 DOT = re.compile(r"\t[su]dot\t")
+FUNC = re.compile(r"^[0-9a-f]+ <(.*)>:$")
 
 
 def test_arm_presets():
@@ -84,9 +85,17 @@ def run_arm(runner, so, x, out_dir):
     return np.load(os.path.join(out_dir, "out", "output_0.npy"))
 
 
-def dot_instructions(so):
+def dot_instructions(so) -> dict:
+    """{function name: number of sdot/udot instructions} from the library's disassembly."""
     asm = subprocess.run([OBJDUMP, "-d", so], capture_output=True, text=True, check=True).stdout
-    return len(DOT.findall(asm))
+    counts, fn = {}, None
+    for line in asm.splitlines():
+        m = FUNC.match(line)
+        if m:
+            fn = m.group(1)
+        elif DOT.search(line):
+            counts[fn] = counts.get(fn, 0) + 1
+    return counts
 
 
 @pytest.mark.parametrize("preset", ["arm-dotprod", "arm-neon"])
@@ -99,12 +108,19 @@ def test_int8_bit_exact_under_qemu(arm_runner, tiny, tmp_path, preset):
     want = reference_run(q.annotated, q.qpoints, x)
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
     assert got.tobytes() == relayq.build(q)(x).tobytes()          # the x86 build computes the same
-    n_dot = dot_instructions(so)
-    assert (n_dot > 0) == (preset == "arm-dotprod"), f"{n_dot} sdot/udot instructions for {preset}"
+    dots = dot_instructions(so)
+    if preset == "arm-dotprod":
+        # relayq's tensorized kernels: every int8 conv (groups=1) and the dense, fused with their requant
+        kernels = {f for f in dots if "_sdot" in f}
+        assert any("qconv2d_sdot" in f for f in kernels) and any("qdense" in f for f in kernels), dots
+        assert all(not re.search(r"q(dw)?conv2d|qdense", f) or "_sdot" in f for f in dots)
+    else:
+        assert not dots, f"sdot/udot in an arm-neon build: {dots}"
 
 
-def test_fp32_baseline_under_qemu(arm_runner, tiny, tmp_path):
+@pytest.mark.parametrize("preset", ["arm-dotprod", "arm-neon"])
+def test_fp32_baseline_under_qemu(arm_runner, tiny, tmp_path, preset):
     _, mod, params, x = tiny
-    lib = relayq.build(mod, params=params, target="arm-neon")
+    lib = relayq.build(mod, params=params, target=preset)
     got = run_arm(arm_runner, lib.export(str(tmp_path / "fp32.so")), x, str(tmp_path))
     np.testing.assert_allclose(got, relayq.build(mod, params=params)(x), rtol=1e-5, atol=1e-5)

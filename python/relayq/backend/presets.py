@@ -24,11 +24,9 @@ from ..errors import ConfigError
 from ..runtime import host_cpu_flags
 
 PRESETS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "arm-dotprod", "arm-neon", "generic")
-#: The kernel family (``relayq.backend.lower`` target kind) of presets that have none of their own. The
-#: ARM presets use the portable kernels: LLVM turns their int8 multiply-accumulate reductions into
-#: sdot/udot when the target has +dotprod (checked in tests/native/test_arm.py), into smull/sadalp
-#: otherwise.
-KERNEL_FAMILY = {"arm-dotprod": "generic", "arm-neon": "generic"}
+#: The kernel family (``relayq.backend.lower`` target kind) of presets that have none of their own:
+#: arm-neon uses the portable kernels (arm-dotprod has relayq's sdot-tensorized ones).
+KERNEL_FAMILY = {"arm-neon": "generic"}
 #: The target triple of the ARM presets, and the cross compiler that links their libraries.
 AARCH64_TRIPLE = "aarch64-linux-gnu"
 AARCH64_CXX = "aarch64-linux-gnu-g++"
