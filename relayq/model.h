@@ -36,7 +36,8 @@ struct InputSpec {
 };
 
 /*!
- * \brief Set the number of worker threads of TVM's CPU thread pool (0: all cores).
+ * \brief Set the number of worker threads of TVM's CPU thread pool (0: TVM's default, i.e.
+ * OMP_NUM_THREADS or, on x86, half the logical cores).
  * TVM reads TVM_NUM_THREADS when its pool starts, so call this before the first model runs.
  */
 void SetNumThreads(int num_threads);

@@ -28,7 +28,8 @@ const char kUsage[] =
     "  --output-dir  where output_<i>.npy are written (default: no files)\n"
     "  --repeat      timed runs; the median latency is printed (default 10; 0: no timing)\n"
     "  --warmup      untimed runs before timing (default 1)\n"
-    "  --threads     worker threads of TVM's thread pool (default: TVM_NUM_THREADS or all cores)\n";
+    "  --threads     worker threads of TVM's thread pool (default: TVM_NUM_THREADS, else\n"
+    "                OMP_NUM_THREADS, else TVM's default: half the logical cores on x86)\n";
 
 struct UsageError {
   std::string message;
