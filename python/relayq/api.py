@@ -410,11 +410,24 @@ class CompiledModel:
         return {"median_ms": float(np.median(results)), "mean_ms": float(results.mean()),
                 "min_ms": float(results.min())}
 
-    def export(self, path: str) -> str:
-        """Write a shared library (and ``path + '.json'`` with the input specs)."""
+    def export(self, path: str, cross_compile=None) -> str:
+        """Write a shared library (and ``path + '.json'`` with the input specs).
+
+        ``cross_compile``: the compiler (a name such as ``"aarch64-linux-gnu-g++"``, or a TVM
+        ``fcompile`` function) that links the library; by default the host's, or for a model built
+        for another architecture (``target="arm-dotprod"``) that architecture's cross compiler.
+        """
+        from .backend import presets
+
         path = str(path)
+        if cross_compile is None:
+            cross_compile = presets.default_cross_compile(self.target)
+        if isinstance(cross_compile, str):
+            from tvm.support import cc
+
+            cross_compile = cc.cross_compiler(cross_compile)
         try:
-            self.executable.export_library(path)
+            self.executable.export_library(path, fcompile=cross_compile)
         except Exception as e:
             raise BuildError(f"export to {path} failed: {e}") from None
         with open(path + ".json", "w") as f:
@@ -439,7 +452,7 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
     """Compile a :class:`QuantizedModel` (or a float IRModule, for baselines) for ``target``.
 
     ``target``: ``None`` (the host CPU's best preset), a preset name (``"x86-avx2"``, ``"x86-vnni"``,
-    ``"cuda-dp4a"``, ``"generic"``) or a ``tvm.target.Target``.
+    ``"cuda-dp4a"``, ``"arm-dotprod"``, ``"arm-neon"``, ``"generic"``) or a ``tvm.target.Target``.
 
     Example::
 
@@ -473,10 +486,10 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
         raise
     except Exception as e:
         raise BuildError(f"compiling for {tgt} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    if tgt.kind.name != "llvm":
-        from .backend import presets
+    from .backend import presets
 
-        return presets.compiled_model(ex, specs, tgt)       # a GPU, or compile-only where none exists
+    if tgt.kind.name != "llvm" or presets.is_cross(tgt):
+        return presets.compiled_model(ex, specs, tgt)       # a GPU / ARM, or compile-only where none exists
     if isinstance(model, QuantizedModel) and target is None and lower and not tune_trials:
         model._host_build = (model.realized, ex)
     return CompiledModel(ex, specs, tgt)

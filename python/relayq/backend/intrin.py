@@ -1,4 +1,4 @@
-"""Tensor intrinsics of relayq's integer kernels (x86 AVX2, AVX-512 VNNI, CUDA DP4A).
+"""Tensor intrinsics of relayq's integer kernels (x86 AVX2, AVX-512 VNNI, AArch64 sdot, CUDA DP4A).
 
 Every intrinsic computes a small int8 dot-product block ``C[i] += sum_k A[k] * B[i, k]`` (A is one
 group of ``k`` input values broadcast to every lane ``i``, B holds ``lanes x k`` weights, C the int32
@@ -19,6 +19,8 @@ Exactness scheme (mandatory: every kernel must equal :func:`relayq.qmath.requant
   intermediate saturation, so it is exact for the full uint8 range. Possibly negative inputs are
   shifted to uint8 by ``+128`` (padding with 128) and ``128 * sum(W)`` is subtracted through the
   bias, which is again exact (see :mod:`relayq.backend.x86`).
+* ``sdot`` (AArch64 +dotprod, :data:`ARM_SDOT`) sums four s8 x s8 products into int32 with no
+  intermediate saturation: exact for any int8 input, no offset needed.
 * DP4A (CUDA) has signed x signed and unsigned x signed forms that accumulate exactly into int32.
 
 Registration is idempotent: :func:`register_all` (run on import) skips names already registered, so
@@ -50,17 +52,18 @@ AVX2_S8S8 = "relayq_dot_8x2_i16_s8s8s32_avx2"
 # The first s8 x s8 form: int8 operands sign-extended inside every call (kept registered; slower).
 AVX2_S8S8_BYTES = "relayq_dot_8x2_s8s8s32_avx2"
 VNNI_U8S8 = "relayq_dot_16x4_u8s8s32_vnni"
+ARM_SDOT = "relayq_dot_4x4_s8s8s32_sdot"
 
 # Output lanes of one intrinsic call: a ymm register holds 8 int32, a zmm register 16.
-LANES = {AVX2_U8S8: 8, AVX2_S8S8: 8, AVX2_S8S8_BYTES: 8, VNNI_U8S8: 16}
+LANES = {AVX2_U8S8: 8, AVX2_S8S8: 8, AVX2_S8S8_BYTES: 8, VNNI_U8S8: 16, ARM_SDOT: 4}
 # Input values reduced per lane by one call: pmaddubsw+pmaddwd and vpdpbusd sum 4 bytes per int32
 # lane; the exact s8s8 path sign-extends to int16 and vpmaddwd sums 2 of them.
-KPACK = {AVX2_U8S8: 4, AVX2_S8S8: 2, AVX2_S8S8_BYTES: 2, VNNI_U8S8: 4}
+KPACK = {AVX2_U8S8: 4, AVX2_S8S8: 2, AVX2_S8S8_BYTES: 2, VNNI_U8S8: 4, ARM_SDOT: 4}
 # dtype of the activation / weight operand each intrinsic expects. The exact s8 x s8 AVX2 path keeps
 # int8 values in int16 storage (sign-extended once, by the packing stage and in numpy), so that the
 # inner loop is one 32-bit broadcast, one vpmaddwd and one add per 16 products.
-A_DTYPE = {AVX2_U8S8: "uint8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8", VNNI_U8S8: "uint8"}
-W_DTYPE = {AVX2_U8S8: "int8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8", VNNI_U8S8: "int8"}
+A_DTYPE = {AVX2_U8S8: "uint8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8", VNNI_U8S8: "uint8", ARM_SDOT: "int8"}
+W_DTYPE = {AVX2_U8S8: "int8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8", VNNI_U8S8: "int8", ARM_SDOT: "int8"}
 
 
 # ----------------------------------------------------------------------------- AVX2 u8 x s8
@@ -184,16 +187,47 @@ def _u8s8_16x4_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
             C.vload([0], dtype="int32x16"), a_u8x64, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
 
+# ----------------------------------------------------------------------------- AArch64 sdot
+@T.prim_func(s_tir=True)
+def _s8s8_4x4_desc(A: T.Buffer((4,), "int8", offset_factor=1),
+                   B: T.Buffer((4, 4), "int8", offset_factor=1),
+                   C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        for i in T.serial(0, 4):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _s8s8_4x4_sdot(A: T.Buffer((4,), "int8", offset_factor=1),
+                   B: T.Buffer((4, 4), "int8", offset_factor=1),
+                   C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        # sdot sums four s8 x s8 products into each int32 lane with no intermediate saturation: exact.
+        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        a_s8x16 = T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C.vload([0], dtype="int32x4"), B.vload([0, 0], dtype="int8x16"), a_s8x16, dtype="int32x4")
+
+
 _TABLE = {
     AVX2_U8S8: (_u8s8_8x4_desc, _u8s8_8x4_avx2),
     AVX2_S8S8: (_i16_8x2_desc, _i16_8x2_avx2),
     AVX2_S8S8_BYTES: (_s8s8_8x2_desc, _s8s8_8x2_avx2),
     VNNI_U8S8: (_u8s8_16x4_desc, _u8s8_16x4_vnni),
+    ARM_SDOT: (_s8s8_4x4_desc, _s8s8_4x4_sdot),
 }
 
 
 def register_all() -> list:
-    """Register relayq's x86 intrinsics with ``tvm.s_tir.TensorIntrin`` (idempotent).
+    """Register relayq's CPU intrinsics with ``tvm.s_tir.TensorIntrin`` (idempotent).
 
     Returns the names registered by this call (empty when they already were).
 

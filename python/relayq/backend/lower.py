@@ -23,6 +23,7 @@ The kernel family comes from the target kind:
 * ``"x86-avx2"``: :mod:`relayq.backend.x86` with the AVX2 intrinsics,
 * ``"x86-vnni"``: :mod:`relayq.backend.x86` with AVX-512 VNNI,
 * ``"cuda-dp4a"``: :mod:`relayq.backend.cuda` (DP4A; fp32 chains are left to TVM's dlight),
+* ``"arm-dotprod"``: :mod:`relayq.backend.x86`'s tiling with the AArch64 ``sdot`` intrinsic,
 * ``"generic"``: :mod:`relayq.backend.generic` (portable schedules, no intrinsics).
 
 Whether an int8 input is non-negative (which allows the fast u8 x s8 AVX2 path, see
@@ -51,12 +52,13 @@ from . import generic
 from .generic import Requant
 from .presets import best_host_preset, target_from_preset  # noqa: F401  (re-exported API)
 
-TARGET_KINDS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "generic")
+TARGET_KINDS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "arm-dotprod", "generic")
 # How realized integer adds (residual connections) are lowered: "fuse" into the epilogue of the x86 int8
 # conv producing one operand (when that conv output has no other user; else, and on the generic
 # preset, as "standalone"), "standalone" (generic.add_int8, parallel + vectorized), or None (left to TVM).
 RESIDUAL_ADD = "fuse"
-_X86_ISA = {"x86-avx2": "avx2", "x86-vnni": "vnni"}
+# The tensorized CPU kernels of relayq.backend.x86 serve AArch64 +dotprod too (isa "sdot").
+_X86_ISA = {"x86-avx2": "avx2", "x86-vnni": "vnni", "arm-dotprod": "sdot"}
 # Ops through which a non-negative value stays non-negative (they only move or select elements).
 _SIGN_PRESERVING = ("relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
                     "relax.squeeze", "relax.expand_dims", "relax.astype", "relax.nn.relu")

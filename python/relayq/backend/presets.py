@@ -1,7 +1,11 @@
 """Target presets of :func:`relayq.build` and the lowering of realized graphs onto relayq's kernels.
 
 Presets: ``"x86-avx2"`` (Haswell/Zen class), ``"x86-vnni"`` (avx512 vpdpbusd: Cascade Lake and newer),
-``"cuda-dp4a"`` (sm_61 and newer), ``"generic"`` (any LLVM CPU, no intrinsics).
+``"cuda-dp4a"`` (sm_61 and newer), ``"arm-dotprod"`` (AArch64 with sdot/udot: Cortex-A55/A76 and newer),
+``"arm-neon"`` (any AArch64), ``"generic"`` (any LLVM CPU, no intrinsics).
+
+The ARM presets cross-compile from an x86 host: the build is exportable (``lib.export(path)`` links
+it with ``aarch64-linux-gnu-g++``) and runs on the device with ``relayq_run`` (see README).
 
 Example::
 
@@ -11,13 +15,21 @@ Example::
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 
 import tvm
 
 from ..errors import ConfigError
 from ..runtime import host_cpu_flags
 
-PRESETS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "generic")
+PRESETS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "arm-dotprod", "arm-neon", "generic")
+#: The kernel family (``relayq.backend.lower`` target kind) of presets that have none of their own:
+#: arm-neon uses the portable kernels (arm-dotprod has relayq's sdot-tensorized ones).
+KERNEL_FAMILY = {"arm-neon": "generic"}
+#: The target triple of the ARM presets, and the cross compiler that links their libraries.
+AARCH64_TRIPLE = "aarch64-linux-gnu"
+AARCH64_CXX = "aarch64-linux-gnu-g++"
 
 
 def best_host_preset() -> str:
@@ -39,6 +51,9 @@ def target_from_preset(name: str) -> tvm.target.Target:
         return tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": cores})
     if name == "cuda-dp4a":
         return tvm.target.Target({"kind": "cuda", "arch": "sm_61"}, host={"kind": "llvm"})
+    if name in ("arm-dotprod", "arm-neon"):
+        mattr = ["+neon", "+dotprod"] if name == "arm-dotprod" else ["+neon"]
+        return tvm.target.Target({"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": mattr})
     if name == "generic":
         return tvm.target.Target({"kind": "llvm", "num-cores": cores})
     raise ConfigError(f"unknown target preset {name!r}; known: {list(PRESETS)} (or pass a tvm.target.Target)")
@@ -48,6 +63,8 @@ def preset_of(target: tvm.target.Target) -> str:
     """Which kernel family serves ``target``."""
     if target.kind.name == "cuda":
         return "cuda-dp4a"
+    if _triple(target).startswith("aarch64"):
+        return "arm-dotprod" if "+dotprod" in [str(a) for a in target.attrs.get("mattr", [])] else "arm-neon"
     mcpu = str(target.attrs.get("mcpu", "")) if hasattr(target, "attrs") else ""
     if mcpu in ("cascadelake", "icelake-server", "sapphirerapids", "cooperlake", "tigerlake", "icelake-client"):
         return "x86-vnni"
@@ -66,7 +83,42 @@ def lower_for(mod: tvm.IRModule, target: tvm.target.Target, preset: str | None =
     except ImportError:
         return mod
     kind = preset if preset in PRESETS else preset_of(target)
-    return _lower.lower_quantized(mod, kind)
+    return _lower.lower_quantized(mod, KERNEL_FAMILY.get(kind, kind))
+
+
+def _triple(target: tvm.target.Target) -> str:
+    return str(target.attrs.get("mtriple", "")) if hasattr(target, "attrs") else ""
+
+
+def is_cross(target: tvm.target.Target) -> bool:
+    """Whether ``target`` is an LLVM CPU target of another architecture than this machine's
+    (its code can be exported, not run here).
+
+    >>> is_cross(target_from_preset("arm-dotprod")) == (platform.machine() not in ("aarch64", "arm64"))
+    True
+    """
+    if target.kind.name != "llvm":
+        return False
+    arch = _triple(target).split("-")[0]
+    if not arch:
+        return False
+    host = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    return arch != host
+
+
+def default_cross_compile(target: tvm.target.Target):
+    """The ``fcompile`` that links an exported library for ``target``: None for this machine's own
+    code (TVM's default), the AArch64 cross compiler for an ARM target built elsewhere."""
+    if not isinstance(target, tvm.target.Target) or not is_cross(target):
+        return None
+    from ..errors import BuildError
+
+    if _triple(target).startswith("aarch64"):
+        if shutil.which(AARCH64_CXX) is None:
+            raise BuildError(f"exporting an aarch64 library needs {AARCH64_CXX} (apt-get install "
+                             "g++-aarch64-linux-gnu), or pass cross_compile= to export")
+        return AARCH64_CXX
+    raise BuildError(f"no default cross compiler for {_triple(target)}: pass cross_compile= to export")
 
 
 def _device_of(target: tvm.target.Target):
@@ -83,7 +135,7 @@ def compiled_model(executable, specs, target: tvm.target.Target):
     :class:`CrossCompiledModel` (inspectable and exportable, not callable)."""
     from ..api import CompiledModel
 
-    if target.kind.name == "llvm":
+    if target.kind.name == "llvm" and not is_cross(target):
         return CompiledModel(executable, specs, target)
     dev = _device_of(target)
     if dev is not None:
@@ -92,12 +144,15 @@ def compiled_model(executable, specs, target: tvm.target.Target):
 
 
 class CrossCompiledModel:
-    """A model compiled for a device this machine lacks (e.g. ``cuda-dp4a`` without a GPU).
+    """A model compiled for a device this machine lacks (e.g. ``cuda-dp4a`` without a GPU, or an ARM
+    preset on an x86 machine).
 
-    It carries the executable and the device source (:meth:`device_source`, :meth:`ptx`); calling it
-    raises :class:`relayq.errors.BuildError`.
+    It carries the executable and the device source (:meth:`device_source`, :meth:`ptx`, :meth:`asm`)
+    and exports like a :class:`relayq.api.CompiledModel`; calling it raises
+    :class:`relayq.errors.BuildError`.
 
     >>> # m = relayq.build(qmodel, target="cuda-dp4a"); "dp4a" in m.ptx()
+    >>> # m = relayq.build(qmodel, target="arm-dotprod"); m.export("model_arm64.so")
     """
 
     def __init__(self, executable, specs, target):
@@ -110,10 +165,24 @@ class CrossCompiledModel:
     def _no_device(self, *args, **kw):
         from ..errors import BuildError
 
+        if is_cross(self.target):
+            raise BuildError(f"this machine cannot run {_triple(self.target)} code: export the model "
+                             "(lib.export(path)) and run it on the device with relayq_run")
         raise BuildError(f"this machine has no {self.target.kind.name} device: the model was compiled "
                          "only (inspect it with device_source()/ptx(), or build it where the device exists)")
 
     __call__ = benchmark = _no_device
+
+    def export(self, path: str, cross_compile=None) -> str:
+        """Write a shared library for the target (and ``path + '.json'``), as CompiledModel.export."""
+        from ..api import CompiledModel
+
+        return CompiledModel.export(self, path, cross_compile=cross_compile)
+
+    def asm(self) -> str:
+        """The assembly of the CPU kernels (for an LLVM target: e.g. look for ``sdot``)."""
+        mod = self.executable.mod
+        return "\n".join(m.inspect_source("asm") for m in [mod, *mod.imports] if m.kind == "llvm")
 
     def device_source(self) -> str:
         """The generated device code (CUDA C for cuda targets)."""

@@ -22,6 +22,7 @@ isa                   input >= 0              input may be negative
 ``"avx2"``            u8s8 pmaddubsw (kp=4)   s8s8 in int16 storage + pmaddwd (kp=2)
 ``"vnni"``            u8s8 vpdpbusd (kp=4)    vpdpbusd on ``x + 128`` (padding 128), with
                                               ``128 * sum(W[o])`` subtracted through the bias
+``"sdot"`` (AArch64)  s8s8 sdot (kp=4)        s8s8 sdot (kp=4)
 ====================  ======================  =========================================================
 
 The fp32 kernels (the fair baseline) use the same tiling with FMA on ``L`` fp32 lanes (8 for AVX2,
@@ -46,16 +47,18 @@ from tvm import s_tir, te, tirx
 from . import generic, intrin
 from .generic import Kernel, Requant, act_expr, conv_out_hw, requant_expr
 
-ISAS = ("avx2", "vnni")
-# fp32 lanes of one vector register: ymm (AVX2) / zmm (AVX-512, present on every VNNI CPU).
-FP32_LANES = {"avx2": 8, "vnni": 16}
-# Register budget: AVX2 has 16 ymm registers, AVX-512 32 zmm. A tile of reg_o x reg_w accumulators
-# must leave room for the weight vectors (reg_o), the broadcast input and a temporary or two.
-MAX_ACC_REGS = {"avx2": 12, "vnni": 24}
+# "sdot" is AArch64 with +dotprod: the same tiling serves it (4 int32 / fp32 lanes per q register).
+ISAS = ("avx2", "vnni", "sdot")
+# fp32 lanes of one vector register: ymm (AVX2) / zmm (AVX-512, present on every VNNI CPU) / NEON q.
+FP32_LANES = {"avx2": 8, "vnni": 16, "sdot": 4}
+# Register budget: AVX2 has 16 ymm registers, AVX-512 32 zmm, AArch64 32 q registers. A tile of
+# reg_o x reg_w accumulators must leave room for the weight vectors (reg_o), the broadcast input and a
+# temporary or two.
+MAX_ACC_REGS = {"avx2": 12, "vnni": 24, "sdot": 24}
 # The int8 conv tile may go a little further on AVX2: a 16-channel x 7-column tile (14 accumulators)
 # measured ~9 % faster than 8 x 8 on ResNet-18's 3x3 layers (LLVM keeps the hot part in registers).
 # The fp32 kernels keep 12 (their FMA tile spills beyond it); each side gets its own best tile.
-INT8_CONV_ACC_REGS = {"avx2": 14, "vnni": 24}
+INT8_CONV_ACC_REGS = {"avx2": 14, "vnni": 24, "sdot": 24}
 # Candidate register-tile widths (output columns). 7 divides every ResNet row width (56/28/14/7).
 TILE_W_CANDIDATES = (8, 7, 6, 5, 4)
 # Output columns per depthwise accumulator vector (2 ymm of int32 / 1 zmm).
@@ -96,6 +99,8 @@ def select_intrin(isa: str, nonneg: bool) -> tuple[str, bool]:
         return (intrin.AVX2_U8S8 if nonneg else intrin.AVX2_S8S8), False
     if isa == "vnni":
         return intrin.VNNI_U8S8, not nonneg
+    if isa == "sdot":
+        return intrin.ARM_SDOT, False
     raise ValueError(f"unknown isa {isa!r}; known: {ISAS}")
 
 
