@@ -342,7 +342,7 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
         _check_module_shapes(mod, shapes)
     if user_params:
         params = _apply_param_overrides(mod, params, user_params)
-    prepared = prepare(mod, params)
+    prepared = prepare(mod, params, config)
     annotated = annotate(prepared, config)
     if config.skip_layers or config.layer_overrides:
         check_layer_names(config, _all_layer_names(prepared, annotated, config))

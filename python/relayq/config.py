@@ -198,6 +198,25 @@ class QConfig:
         bias_correction: subtract the expected output shift that weight quantization causes,
             ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
             each conv / dense bias before it is quantized.
+        cross_layer_equalization: rescale the channels of every conv2d -> (ReLU | identity) -> conv2d
+            chain (depthwise included) so that each channel's weight range is the same in both layers
+            (Nagel et al. 2021, section 4.3), in ``prepare``. The float function is unchanged up to
+            float rounding. ReLU6 (and any other clip) is not positive homogeneous: such chains are
+            left alone unless ``cle_replace_relu6`` is set.
+        cle_replace_relu6: with cross-layer equalization, replace ``clip(x, 0, 6)`` by ``relu`` in the
+            chains it equalizes, as the white paper does for MobileNetV2. This CHANGES the float model
+            (activations above 6 are no longer clipped), hence off by default.
+        high_bias_absorption: with cross-layer equalization, move the part of a layer's bias that is
+            (almost) always positive, ``max(0, beta - 3 * |gamma|)`` from the BatchNorm statistics
+            folded into it, through the ReLU into the next layer's bias (section 4.3.2). Only where the
+            BatchNorm statistics are known and the next conv has no padding (otherwise it is inexact at
+            the borders); the float output changes only where an activation was below ``beta - 3 gamma``.
+        adaround: learn the rounding of every conv / dense weight (up or down) by minimizing the layer's
+            output error on calibration data (AdaRound, section 4.4), instead of rounding to nearest.
+            Uses torch when installed (much faster), else numpy.
+        adaround_iterations: optimization steps per layer.
+        adaround_samples: calibration samples per layer (output pixels for a conv, rows for a dense),
+            drawn at random from the dataset.
         show_progress: print calibration progress to stderr.
         check_accuracy: after calibration, compare the quantized model with the float model on the
             last calibration batches (:mod:`relayq.analysis.check`), store the result as
@@ -223,6 +242,12 @@ class QConfig:
     power_of_two_scale: bool = False
     act_symmetric: bool = True
     bias_correction: bool = True
+    cross_layer_equalization: bool = False
+    cle_replace_relu6: bool = False
+    high_bias_absorption: bool = False
+    adaround: bool = False
+    adaround_iterations: int = 1000
+    adaround_samples: int = 1024
     show_progress: bool = True
     check_accuracy: bool = True
 
@@ -231,8 +256,14 @@ class QConfig:
         _check_bits("act_bits", self.act_bits)
         if self.keep_first_last_bits is not None:
             _check_bits("keep_first_last_bits", self.keep_first_last_bits)
-        for name in ("per_channel", "power_of_two_scale", "act_symmetric", "bias_correction", "show_progress"):
+        for name in ("per_channel", "power_of_two_scale", "act_symmetric", "bias_correction", "show_progress",
+                     "cross_layer_equalization", "cle_replace_relu6", "high_bias_absorption", "adaround"):
             object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
+        for name in ("adaround_iterations", "adaround_samples"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_)) or v < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {v!r} ({type(v).__name__})")
+            object.__setattr__(self, name, int(v))
         _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)) \

@@ -137,7 +137,7 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             p = qpoints[info[1]]
             if p.role == "weight":
                 w = const_value(info[0])
-                weights[v] = (qmath.quantize(w, p.scale, p.bits, axis=None if p.axis < 0 else p.axis), p)
+                weights[v] = (p.weight_codes(w), p)
             else:
                 vals[v] = _finalize(vals[info[0]], float(p.scale), p.bits, p.zero_point, p.signed)
                 codes[p.name] = vals[v].codes

@@ -54,6 +54,20 @@ class QPoint:
     #: Weight points with bias correction: the expected output shift (E[(W_q - W) x], real units, one
     #: value per output channel) that realize subtracts from the layer's float bias before quantizing it.
     bias_corr: Any = None
+    #: Weight points with learned rounding (AdaRound): the integer codes, in the weight's shape. Every
+    #: consumer of weight codes (realize, the simulated module, the reference, bias correction) reads
+    #: them through :meth:`weight_codes`, so that all of them use the same integers.
+    codes: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def weight_codes(self, w: np.ndarray) -> np.ndarray:
+        """The integer codes of weight ``w`` at this point: the learned ones when set, else round to nearest.
+
+        >>> QPoint("w", "weight", "max", 1.0, 0.5, 4).weight_codes(np.array([0.7, -3.0])).tolist()
+        [1, -6]
+        """
+        if self.codes is not None:
+            return np.asarray(self.codes, dtype=np.int64)
+        return qmath.quantize(w, self.scale, self.bits, axis=None if self.axis < 0 else self.axis)
 
     @property
     def qmin(self) -> int:
@@ -170,14 +184,15 @@ def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
     return out
 
 
-def tap_module(annotated: tvm.IRModule, input_means: bool = False):
+def tap_module(annotated: tvm.IRModule, input_means: bool = False, layer_inputs: bool = False):
     """The annotated module with markers removed and every activation point's input as an output.
 
     Returns ``(module, names)``: the module's ``main`` returns ``(tap_0, tap_1, ..., original output)``,
     so ``names[i]`` is output ``i`` however many tensors the model itself returns (a tuple output is
     flattened by the runtime into several). With ``input_means`` it also returns the per-channel mean
     of every conv2d / dense input, named after the layer's weight point (``"conv2d_0:w"``), for bias
-    correction.
+    correction; with ``layer_inputs`` the float input itself of every conv2d / dense, named
+    ``"conv2d_0:w:in"`` (for AdaRound).
     """
     func = main_function(annotated)
     bb = relax.BlockBuilder()
@@ -205,6 +220,11 @@ def tap_module(annotated: tvm.IRModule, input_means: bool = False):
                     axes = [0, 2, 3] if op_name(b.value) == "relax.nn.conv2d" else [0]
                     taps.append(bb.emit(relax.op.mean(x, axis=axes)))
                     names.append(weight_of[b.value.args[1]])
+                if layer_inputs and op_name(b.value) in ("relax.nn.conv2d", "relax.matmul") \
+                        and b.value.args[1] in weight_of:
+                    x = substitute(b.value.args[0], remap)
+                    taps.append(x if isinstance(x, relax.Var) else bb.emit(x))
+                    names.append(weight_of[b.value.args[1]] + ":in")
                 remap[b.var] = bb.emit(substitute(b.value, remap), b.var.name)
             out = bb.emit_output(relax.Tuple([*taps, substitute(func.body.body, remap)]))
         bb.emit_func_output(out)
@@ -248,7 +268,8 @@ def _fast_float(mod: tvm.IRModule, target=None) -> tvm.IRModule:
 
 
 def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = True, target=None,
-            means: dict | None = None, ranges: dict | None = None, record=None) -> list:
+            means: dict | None = None, ranges: dict | None = None, record=None,
+            samplers: dict | None = None) -> list:
     """Run ``dataset`` through the tap module, feeding every activation point to ``calibrator``.
 
     Returns the names of the activation points observed. When a ``means`` dict is given, it receives
@@ -256,12 +277,13 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     receives ``(min, max)`` of every activation point over the whole dataset. ``record``, when given,
     is called after each batch as ``record(arrays, taps, outputs)``: the input arrays, a dict point
     name -> float value, and the float model's own outputs (a list), e.g. to keep the last batches for
-    :mod:`relayq.analysis.check`.
+    :mod:`relayq.analysis.check`. ``samplers`` (weight point -> callable) receive every batch's float
+    input of their layer (AdaRound).
 
     A point that was constant over the whole dataset (all zero: a dead ReLU, a zeroed input) gets a
     :class:`~relayq.errors.CalibrationWarning` naming it: its scale says nothing about real data.
     """
-    tmod, names = tap_module(annotated, input_means=means is not None)
+    tmod, names = tap_module(annotated, input_means=means is not None, layer_inputs=bool(samplers))
     sums, batches = {}, 0
     lo_hi = {}
     specs = input_specs(annotated)
@@ -276,6 +298,10 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
             # The taps come first: the model's own outputs (one tensor or a tuple of any size) follow.
             taps = {}
             for name, value in zip(names, outs[:len(names)]):
+                if name.endswith(":w:in"):
+                    if name[:-3] in samplers:
+                        samplers[name[:-3]](value)
+                    continue
                 if name.endswith(":w"):
                     sums[name] = sums.get(name, 0.0) + value.astype(np.float64)
                     continue
@@ -295,7 +321,7 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     if ranges is not None:
         ranges.update(lo_hi)
     _warn_degenerate(lo_hi, seen)
-    return [n for n in names if not n.endswith(":w")]
+    return [n for n in names if not n.endswith(":w") and not n.endswith(":w:in")]
 
 
 def _warn_degenerate(lo_hi: dict, batches: int) -> None:
@@ -349,7 +375,7 @@ def bias_correction(w: np.ndarray, p: QPoint, mean_in: np.ndarray) -> np.ndarray
     """
     ax = None if p.axis < 0 else p.axis
     scale = _bcast(p.scale, w.ndim, ax)
-    err = qmath.dequantize(qmath.quantize(w, p.scale, p.bits, axis=ax), scale).astype(np.float64) - w
+    err = qmath.dequantize(p.weight_codes(w), scale).astype(np.float64) - w
     if w.ndim == 4:
         o, cg = w.shape[:2]
         groups = mean_in.size // cg
@@ -482,12 +508,20 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
     means = {} if config.bias_correction else None
     if act_bits:
         ranges = {}
-        observe(annotated, dataset, calibrator, config.show_progress, target, means, ranges, record)
-        for name, m in (means or {}).items():
-            points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
+        samplers = None
+        if config.adaround:
+            from . import rounding as adaround
+            samplers = adaround.samplers(annotated, weights, config.adaround_samples,
+                                         len(dataset) if hasattr(dataset, "__len__") else None)
+        observe(annotated, dataset, calibrator, config.show_progress, target, means, ranges, record, samplers)
         for name, bits in act_bits.items():
             with _naming(annotated, name, method):
                 points[name] = act_qpoint(name, calibrator, method, bits, config, ranges.get(name))
+        if samplers:
+            # Learned rounding before bias correction: the correction measures the codes' actual error.
+            points.update(adaround.learn_rounding(annotated, weights, points, samplers, config))
+        for name, m in (means or {}).items():
+            points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
     else:
         # Nothing to observe, but the dataset must still be valid for the model.
         specs = input_specs(annotated)

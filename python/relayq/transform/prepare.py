@@ -105,7 +105,7 @@ def bind_params(mod: tvm.IRModule, params: dict | None) -> tvm.IRModule:
     return mod
 
 
-def _fold_bn_rewriter():
+def _fold_bn_rewriter(stats: dict | None = None):
     x, w, b = wildcard(), is_const(), is_const()
     g, beta, mean, var = is_const(), is_const(), is_const(), is_const()
     conv = is_op("relax.nn.conv2d")(x, w)
@@ -124,6 +124,10 @@ def _fold_bn_rewriter():
         bias = const_value(m[b]).astype(np.float64).reshape(-1) if b in m else 0.0
         weight = const_value(m[w]).astype(np.float64) * scale[:, None, None, None]
         new_bias = (bias - mu) * scale + bet
+        if stats is not None:
+            # The folded conv's output has mean ~beta and std ~|gamma| per channel (high-bias absorption).
+            from .equalize import weight_key
+            stats[weight_key(weight.astype("float32"))] = (bet.copy(), np.abs(gamma))
         y = relax.op.nn.conv2d(
             m[x], relax.const(weight.astype("float32")), strides=call.attrs.strides, padding=call.attrs.padding,
             dilation=call.attrs.dilation, groups=call.attrs.groups, data_layout="NCHW", kernel_layout="OIHW",
@@ -171,13 +175,15 @@ def _clip_rewriters():
     return [(both, rw_both), (mx, rw_max), (const_first, rw_swap)]
 
 
-def fold_batch_norm(mod: tvm.IRModule) -> tvm.IRModule:
+def fold_batch_norm(mod: tvm.IRModule, stats: dict | None = None) -> tvm.IRModule:
     """Fold ``batch_norm(conv2d(x, W) [+ b])`` (inference mode, constant statistics) into conv2d + add.
 
-    Remaining batch norms (not after a conv) are decomposed into elementwise float ops.
+    Remaining batch norms (not after a conv) are decomposed into elementwise float ops. A ``stats``
+    dict receives, per folded weight (:func:`~relayq.transform.equalize.weight_key`), the BatchNorm's
+    ``(beta, |gamma|)``.
     """
     mod = relax.transform.FoldConstant()(mod)
-    pattern, rw = _fold_bn_rewriter()
+    pattern, rw = _fold_bn_rewriter(stats)
     mod = map_functions(mod, lambda f: rewrite_call(pattern, rw, f))
     mod = relax.transform.DecomposeOpsForInference()(mod)
     return mod
@@ -190,8 +196,12 @@ def canonicalize(mod: tvm.IRModule) -> tvm.IRModule:
     return mod
 
 
-def prepare(mod: tvm.IRModule, params: dict | None = None) -> tvm.IRModule:
+def prepare(mod: tvm.IRModule, params: dict | None = None, config=None) -> tvm.IRModule:
     """Run the whole prepare stage: bind, fold BatchNorm, canonicalize, fold constants, clean up.
+
+    With ``config.cross_layer_equalization`` (a :class:`~relayq.config.QConfig`) conv chains are then
+    equalized (and biases absorbed with ``config.high_bias_absorption``), see
+    :mod:`relayq.transform.equalize`.
 
     Example::
 
@@ -204,12 +214,24 @@ def prepare(mod: tvm.IRModule, params: dict | None = None) -> tvm.IRModule:
     record = source_names.read(before)
     mod = bind_params(mod, params)
     mod = relax.transform.Normalize()(mod)
-    mod = fold_batch_norm(mod)
+    cle = config is not None and config.cross_layer_equalization
+    bn_stats = {} if cle and config.high_bias_absorption else None
+    mod = fold_batch_norm(mod, bn_stats)
     mod = relax.transform.FoldConstant()(mod)
     mod = canonicalize(mod)
     mod = relax.transform.FoldConstant()(mod)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     mod = relax.transform.ConvertToDataflow()(mod)
+    if cle:
+        from .equalize import equalize
+
+        mod, report = equalize(mod, config.cle_replace_relu6, config.high_bias_absorption, bn_stats)
+        if config.show_progress:
+            import sys
+            skipped = f", {len(report['skipped'])} ReLU6 chains left alone" if report["skipped"] else ""
+            absorbed = f", biases absorbed in {report['absorbed']}" if config.high_bias_absorption else ""
+            sys.stderr.write(f"relayq: cross-layer equalization: {report['chains']} conv chains in "
+                             f"{report['sweeps']} sweeps{skipped}{absorbed}\n")
     if record:
         mod = source_names.attach(mod, carry_source_names(record, before, main_function(mod)))
     return mod

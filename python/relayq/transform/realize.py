@@ -286,8 +286,7 @@ class Realizer:
         """The layer's integer weights, their QPoint, the accumulator scale s_x * s_w and the worst-case
         accumulator (overflow-checked)."""
         w_float, wp = self.weights[call.args[1]]
-        ax = None if wp.axis < 0 else wp.axis
-        wq = qmath.quantize(w_float, wp.scale, wp.bits, axis=ax)
+        wq = wp.weight_codes(w_float)
         self.int_params[f"{wp.name}"] = wq.astype(qmath.storage_dtype(wp.bits))
         acc_scale = np.float64(x.scale) * np.asarray(wp.scale, dtype=np.float64)
         k = int(np.prod(w_float.shape[1:])) if op_name(call) == "relax.nn.conv2d" else int(w_float.shape[0])
