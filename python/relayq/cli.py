@@ -15,6 +15,7 @@ other failures exit with 1. ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -445,14 +446,17 @@ def cmd_report(args, log) -> int:
 COMMANDS = {"quantize": cmd_quantize, "build": cmd_build, "run": cmd_run, "report": cmd_report}
 
 
-def _setup_logging(args):
+@contextlib.contextmanager
+def _logging_for(args):
+    """The relayq logger's level from --debug / --quiet, and warnings as one log line each, for one command
+    (restored afterwards: ``main`` may be called in a process that goes on, e.g. a test)."""
     import logging
     import warnings
 
     from .utils.log import get_logger
 
-    log = get_logger("cli")
     root = get_logger()
+    level, showwarning = root.level, warnings.showwarning
     root.setLevel(logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO)
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -461,7 +465,11 @@ def _setup_logging(args):
 
     if not args.debug:
         warnings.showwarning = show
-    return log
+    try:
+        yield get_logger("cli")
+    finally:
+        root.setLevel(level)
+        warnings.showwarning = showwarning
 
 
 def main(argv=None) -> int:
@@ -472,11 +480,11 @@ def main(argv=None) -> int:
         main(["quantize", "model.onnx", "--calib", "calib.npy", "-o", "model.rqz"])
     """
     args = _parser().parse_args(argv)
-    log = _setup_logging(args)
     from .errors import BuildError, RelayqError
 
     try:
-        return COMMANDS[args.command](args, log)
+        with _logging_for(args) as log:
+            return COMMANDS[args.command](args, log)
     except KeyboardInterrupt:
         print("relayq: interrupted", file=sys.stderr)
         return 130

@@ -60,7 +60,7 @@ def load_image(path: str, height: int, width: int, channels: int = 3, resize: in
 
     The short side is resized (bilinear) to ``resize`` (default ``max(height, width) / 0.875``, i.e.
     256 for 224), then the centre ``height x width`` is cropped, pixels scaled to [0, 1] and
-    normalized per channel.
+    normalized per channel: torchvision's ``Resize(256), CenterCrop(224), ToTensor(), Normalize``.
     """
     try:
         from PIL import Image, UnidentifiedImageError
@@ -72,10 +72,14 @@ def load_image(path: str, height: int, width: int, channels: int = 3, resize: in
         with Image.open(path) as img:
             img = img.convert("RGB" if channels == 3 else "L")
             w, h = img.size
-            scale = resize / min(w, h)
-            nw, nh = max(width, int(w * scale)), max(height, int(h * scale))
-            img = img.resize((nw, nh), Image.BILINEAR)
-            top, left = (nh - height) // 2, (nw - width) // 2
+            # torchvision's Resize(int) and CenterCrop: the long side truncated, the offsets rounded.
+            nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), Image.BILINEAR)
+            if nw < width or nh < height:
+                raise DatasetError(f"{path}: resized to {nw}x{nh}, smaller than the {width}x{height} crop "
+                                   "(raise --resize)")
+            top, left = int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0))
             img = img.crop((left, top, left + width, top + height))
             x = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError) as e:
