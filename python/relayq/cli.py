@@ -343,7 +343,7 @@ def _run_cpp(args, log) -> int:
     for v in args.input:
         cmd += ["--input", v]
     if args.output_dir:
-        cmd += ["--output-dir", args.output_dir]
+        cmd += ["--output-dir", os.path.normpath(args.output_dir)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     log.debug("running %s", " ".join(cmd))
