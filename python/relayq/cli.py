@@ -260,18 +260,15 @@ def _calibration_data(args, specs):
         return images.image_batches(args.calib, shape, args.num_calib, args.resize,
                                     args.mean or images.IMAGENET_MEAN, args.std or images.IMAGENET_STD,
                                     args.layout)
-    if not os.path.exists(args.calib):
-        raise DatasetError(f"calibration data not found: {args.calib} (a folder of images or a .npy file)")
     return images.npy_batches(args.calib, shape, dtype, args.num_calib)
 
 
 def cmd_quantize(args, log) -> int:
     import relayq
 
+    from .errors import DatasetError
     from .transform.calibrate import input_specs
     from .utils.progress import stage
-
-    from .errors import DatasetError
 
     if not os.path.exists(args.calib):       # before the import, which takes seconds
         raise DatasetError(f"calibration data not found: {args.calib} (a folder of images or a .npy file)")

@@ -45,7 +45,12 @@ def image_layout(shape) -> str:
 
 
 def list_images(folder: str) -> list:
-    """The image files directly in ``folder``, sorted by name; a DatasetError names a folder without any."""
+    """The image files directly in ``folder``, sorted by name; a DatasetError names a folder without any.
+
+    Example::
+
+        list_images("calib_images/")            # ['calib_images/0.jpg', 'calib_images/1.jpg', ...]
+    """
     if not os.path.isdir(folder):
         raise DatasetError(f"calibration folder not found: {folder}")
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -61,6 +66,10 @@ def load_image(path: str, height: int, width: int, channels: int = 3, resize: in
     The short side is resized (bilinear) to ``resize`` (default ``max(height, width) / 0.875``, i.e.
     256 for 224), then the centre ``height x width`` is cropped, pixels scaled to [0, 1] and
     normalized per channel: torchvision's ``Resize(256), CenterCrop(224), ToTensor(), Normalize``.
+
+    Example::
+
+        x = load_image("cat.jpg", 224, 224)     # (224, 224, 3) float32
     """
     try:
         from PIL import Image, UnidentifiedImageError
@@ -110,6 +119,11 @@ def image_batches(folder: str, shape, limit: int | None = None, resize: int | No
     """Batches of ``shape`` (batch size ``shape[0]``) from the images in ``folder``, loaded lazily.
 
     ``limit`` caps the number of images; images that do not fill a last batch are left out.
+
+    Example::
+
+        data = image_batches("calib_images/", (1, 3, 224, 224), limit=100)
+        qmodel = relayq.quantize_model("model.onnx", dataset=data, calibration="kl")
     """
     shape = tuple(int(d) for d in shape)
     layout = layout or image_layout(shape)
@@ -131,6 +145,10 @@ def npy_batches(path: str, shape, dtype: str = "float32", limit: int | None = No
 
     The array may be exactly one batch (``shape``), samples (``(k,) + shape[1:]``, cut into batches of
     ``shape[0]``) or stacked batches (``(k,) + shape``). ``limit`` caps the number of samples.
+
+    Example::
+
+        data = npy_batches("calib.npy", (8, 3, 224, 224))        # calib.npy: (256, 3, 224, 224) -> 32 batches
     """
     shape = tuple(int(d) for d in shape)
     if not os.path.isfile(path):

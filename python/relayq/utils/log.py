@@ -101,7 +101,11 @@ def is_tvm_chatter(line: str) -> bool:
 
 
 def filter_tvm_chatter(text: str) -> str:
-    """``text`` without the lines :func:`is_tvm_chatter` matches (e.g. the stderr of ``relayq_run``)."""
+    """``text`` without the lines :func:`is_tvm_chatter` matches (e.g. the stderr of ``relayq_run``).
+
+    >>> filter_tvm_chatter("[08:22:03] src/runtime/vm/executable.cc:340: Warning: Scope Loaded:global\\nreal error\\n")
+    'real error\\n'
+    """
     return "".join(line for line in text.splitlines(keepends=True) if not is_tvm_chatter(line))
 
 
