@@ -32,6 +32,8 @@ from .transform.annotate import annotate, layer_aliases, layers
 from .transform.calibrate import QPoint, batch_to_arrays, calibrate, input_specs
 from .transform.prepare import prepare
 from .transform.realize import realize
+from .utils.log import tvm_chatter_filtered
+from .utils.progress import stage
 
 
 @dataclasses.dataclass
@@ -427,7 +429,8 @@ class CompiledModel:
 
             cross_compile = cc.cross_compiler(cross_compile)
         try:
-            self.executable.export_library(path, fcompile=cross_compile)
+            with stage(f"exporting {path}"), tvm_chatter_filtered():
+                self.executable.export_library(path, fcompile=cross_compile)
         except Exception as e:
             raise BuildError(f"export to {path} failed: {e}") from None
         with open(path + ".json", "w") as f:
@@ -471,17 +474,20 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
         raise ConfigError(f"build expects a QuantizedModel or an IRModule, got {type(model).__name__}")
     tgt, preset = _resolve_target(target)
     specs = input_specs(mod)
-    if lower:
-        from .backend import presets
+    from .backend import presets
 
-        mod = presets.lower_for(mod, tgt, preset)
+    label = presets.preset_of(tgt) if tgt.kind.name == "llvm" else str(tgt.kind.name)
+    if lower:
+        with stage(f"lowering for {label}"):
+            mod = presets.lower_for(mod, tgt, preset)
     try:
         if tune_trials:
             from .backend import tune
 
             ex = tune.tune_and_compile(mod, tgt, tune_trials, tuning_log)
         else:
-            ex = tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+            with stage(f"compiling for {label}"):
+                ex = tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
     except ConfigError:
         raise
     except Exception as e:
@@ -523,7 +529,9 @@ def load(path: str) -> CompiledModel:
     with open(meta_path) as f:
         meta = json.load(f)
     specs = [(n, tuple(s), d) for n, s, d in meta["inputs"]]
-    return CompiledModel(tvm.runtime.load_module(path), specs, meta.get("target"))
+    with tvm_chatter_filtered():
+        lib = tvm.runtime.load_module(path)
+    return CompiledModel(lib, specs, meta.get("target"))
 
 
 __all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QPoint"]

@@ -33,7 +33,10 @@ import tvm
 from tvm import relax
 
 from ..errors import ConfigError
-from ..utils.progress import Progress
+from ..utils.log import get_logger
+from ..utils.progress import Progress, stage
+
+_log = get_logger("tune")
 
 #: Per-candidate limits of the builder and runner (seconds).
 BUILD_TIMEOUT = 60
@@ -153,8 +156,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, log_dir: str
     report = {"tasks": len(tasks), "tuned": len(todo), "reused": len(tasks) - len(todo), "trials": 0,
               "log_dir": log_dir}
     if verbose:
-        print(f"relayq: tuning {len(todo)} of {len(tasks)} tasks ({len(tasks) - len(todo)} reuse records in "
-              f"{log_dir}), {trials} trials, cost model {_cost_model()}", flush=True)
+        _log.info("tuning %d of %d tasks (%d reuse records in %s), %d trials, cost model %s", len(todo), len(tasks),
+                  len(tasks) - len(todo), log_dir, trials, _cost_model())
     if not todo or trials <= 0:
         return report
     trials = max(int(trials), len(todo))
@@ -202,8 +205,9 @@ def tune_and_compile(mod: tvm.IRModule, target: tvm.target.Target, trials: int, 
         log_dir = tmp.name
     try:
         report = tune(mod, target, trials, str(log_dir), seed=seed, verbose=verbose)
-        tuned = apply_records(mod, target, str(log_dir))
-        ex = tvm.compile(tuned, target=target)
+        with stage("compiling with the tuned schedules", enabled=verbose):
+            tuned = apply_records(mod, target, str(log_dir))
+            ex = tvm.compile(tuned, target=target)
     finally:
         if tmp is not None:
             tmp.cleanup()
