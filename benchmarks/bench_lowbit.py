@@ -45,7 +45,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--method", default="kl")
+    ap.add_argument("--method", default="kl", help="activation calibration method(s), comma separated")
+    ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
+    ap.add_argument("--extra", default="{}", help="QConfig fields (JSON) added to every row, e.g. '{\"weight_method\": \"mse\"}'")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "lowbit.json"))
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch threads for AdaRound (1 is fastest for these small problems on a shared box)")
     args = ap.parse_args()
@@ -79,27 +82,30 @@ def main() -> None:
         ("W4A8 per-channel", dict(weight_bits=4, per_channel=True)),
         ("W4A8 per-channel + AdaRound", dict(weight_bits=4, per_channel=True, **ada)),
     ]
+    if args.only:
+        schemes = [(label, f) for label, f in schemes if args.only in label]
     rows = []
-    for label, fields in schemes:
+    for (label, fields), method in [(sc, m) for sc in schemes for m in args.method.split(",")]:
         t0 = time.perf_counter()
+        fields = {**fields, **json.loads(args.extra)}
         cfg = relayq.QConfig(show_progress=True, **fields)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = relayq.quantize_model(mod, params, calib, args.method, cfg)
+            q = relayq.quantize_model(mod, params, calib, method, cfg)
             lib = relayq.build(q)
         quantize_s = time.perf_counter() - t0
         pred = np.array([int(lib(everything[i:i + 1]).argmax()) for i in range(len(everything))])
-        row = {"scheme": label, "config": fields, "method": args.method,
+        row = {"scheme": label, "config": fields, "method": method,
                "agreement": float((pred == fp32).mean()), "top1_labelled20": float((pred[-20:] == labels).mean()),
                "quantize_and_build_seconds": round(quantize_s, 1)}
         rows.append(row)
-        print(f"{label:58s} agreement {row['agreement'] * 100:5.1f}%  top-1(20) {row['top1_labelled20'] * 100:3.0f}%"
+        print(f"{label:58s} {method:10s} agreement {row['agreement'] * 100:5.1f}%  top-1(20) {row['top1_labelled20'] * 100:3.0f}%"
               f"  ({row['quantize_and_build_seconds']} s)", flush=True)
     res = {"model": "MobileNetV2 (torchvision ImageNet weights)", "cpu": cpu(), "args": vars(args),
            "fp32_top1_labelled20": float((fp32[-20:] == labels).mean()), "rows": rows,
            "adaround_backend": "torch" if _torch() else "numpy"}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "lowbit.json"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res["cpu"]))
 
