@@ -6,13 +6,16 @@
 """
 from . import frontend, qmath, transform
 from .api import CompiledModel, QuantizedModel, build, load, load_quantized, quantize_model
+from .backend.rpc import RemoteResult, remote
 from .config import LayerConfig, QConfig
 from .errors import (AccuracyCollapseWarning, BiasClampWarning, BuildError, CalibrationWarning, ConfigError,
-                     DatasetError, FloatFallbackWarning, FrontendError, ModelError, NothingQuantizedWarning,
-                     OverflowRiskError, RelayqError, UnsupportedOpError)
+                     DatasetError, FloatFallbackWarning, FrontendError, ModelError, NoFreeDeviceError,
+                     NothingQuantizedWarning, OverflowRiskError, RelayqError, RemoteError, TrackerUnreachableError,
+                     UnsupportedOpError)
 
 __version__ = "0.1.0"
-__all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
+__all__ = ["quantize_model", "build", "load", "load_quantized", "remote", "RemoteResult", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
            "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
            "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
-           "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning"]
+           "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning",
+           "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError"]
