@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import struct
 import tempfile
@@ -60,6 +61,9 @@ class TrackerAddress:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+_RPC_ADDRESS = re.compile(r"^(?:\[(?P<v6>[^\]\s]+)\]|(?P<host>[^:\s\[\]]+))(?::(?P<port>\d+))?$")
+
+
 def parse_rpc(rpc) -> TrackerAddress:
     """The tracker address of an ``rpc`` argument: ``"host:port"``, ``"host"`` (port 9190),
     ``"[::1]:9190"``, a ``(host, port)`` pair or a :class:`TrackerAddress`.
@@ -72,18 +76,10 @@ def parse_rpc(rpc) -> TrackerAddress:
     if isinstance(rpc, (tuple, list)) and len(rpc) == 2:
         host, port = rpc
     elif isinstance(rpc, str):
-        text = rpc.strip()
-        if text.startswith("["):                       # IPv6 literal: [addr]:port
-            host, _, rest = text[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else (rest or DEFAULT_TRACKER_PORT)
-            if rest and not rest.startswith(":"):
-                host = ""
-        elif text.count(":") == 1:
-            host, port = text.split(":")
-        elif ":" not in text:
-            host, port = text, DEFAULT_TRACKER_PORT
-        else:
-            host, port = "", None
+        # "host", "host:port", "[v6 address]" or "[v6 address]:port"
+        m = _RPC_ADDRESS.match(rpc.strip())
+        host = (m.group("v6") or m.group("host")) if m else ""
+        port = (m.group("port") or DEFAULT_TRACKER_PORT) if m else None
     else:
         raise ConfigError(f"rpc must be a 'host:port' string (the RPC tracker's address), got "
                           f"{type(rpc).__name__} {rpc!r}")
