@@ -17,10 +17,12 @@ _LAZY = {
     **{name: "api" for name in ("CompiledModel", "QuantizedModel", "build", "load", "load_quantized",
                                 "quantize_model")},
     **{name: "config" for name in ("LayerConfig", "QConfig")},
+    **{name: "backend.rpc" for name in ("RemoteResult", "remote")},
     **{name: "errors" for name in ("AccuracyCollapseWarning", "BiasClampWarning", "BuildError", "CalibrationWarning",
                                    "ConfigError", "DatasetError", "FloatFallbackWarning", "FrontendError",
                                    "ModelError", "NothingQuantizedWarning", "OverflowRiskError", "RelayqError",
-                                   "UnsupportedOpError")},
+                                   "UnsupportedOpError", "RemoteError", "TrackerUnreachableError",
+                                   "NoFreeDeviceError")},
 }
 #: Subpackages and modules reachable as attributes (``relayq.frontend.from_onnx``) without an explicit import.
 _SUBMODULES = ("analysis", "api", "artefact", "backend", "calibration", "cli", "config", "errors", "frontend",
@@ -41,7 +43,8 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
+__all__ = ["quantize_model", "build", "load", "load_quantized", "remote", "RemoteResult", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
            "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
            "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
-           "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning"]
+           "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning",
+           "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError"]

@@ -451,17 +451,23 @@ def _resolve_target(target):
 
 
 def build(model, target=None, *, params: dict | None = None, tune_trials: int = 0, tuning_log: str | None = None,
-          lower: bool = True) -> CompiledModel:
+          lower: bool = True, rpc: str | None = None, device_key: str | None = None) -> CompiledModel:
     """Compile a :class:`QuantizedModel` (or a float IRModule, for baselines) for ``target``.
 
     ``target``: ``None`` (the host CPU's best preset), a preset name (``"x86-avx2"``, ``"x86-vnni"``,
     ``"cuda-dp4a"``, ``"arm-dotprod"``, ``"arm-neon"``, ``"generic"``) or a ``tvm.target.Target``.
+    ``rpc="host:port"`` and ``device_key``: with ``tune_trials``, measure the tuning candidates on the
+    devices of that key behind that TVM RPC tracker (see :mod:`relayq.backend.rpc`).
 
     Example::
 
         lib = build(qmodel)                      # int8 model for this CPU
         fp32 = build(mod, params=params)          # the float model, for comparison
+        arm = build(qmodel, target="arm-dotprod", tune_trials=64, rpc="10.0.0.5:9190", device_key="rk3588")
     """
+    if (rpc is not None or device_key is not None) and not tune_trials:
+        raise ConfigError("rpc= and device_key= choose where tuning candidates are measured: pass tune_trials=N "
+                          "too (to run a built model on a device, use relayq.remote)")
     host_build = getattr(model, "_host_build", None)     # (realized, executable) kept by an earlier host build
     if isinstance(model, QuantizedModel) and target is None and lower and not tune_trials:
         if host_build is not None and host_build[0] is model.realized:
@@ -484,11 +490,11 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
         if tune_trials:
             from .backend import tune
 
-            ex = tune.tune_and_compile(mod, tgt, tune_trials, tuning_log)
+            ex = tune.tune_and_compile(mod, tgt, tune_trials, tuning_log, rpc=rpc, device_key=device_key)
         else:
             with stage(f"compiling for {label}"):
                 ex = tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
-    except ConfigError:
+    except RelayqError:
         raise
     except Exception as e:
         raise BuildError(f"compiling for {tgt} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
