@@ -7,12 +7,12 @@
 from . import frontend, qmath, transform
 from .api import CompiledModel, QuantizedModel, build, load, load_quantized, quantize_model
 from .config import LayerConfig, QConfig
-from .errors import (AccuracyCollapseWarning, BiasClampWarning, BuildError, CalibrationWarning, ConfigError,
+from .errors import (AccuracyCollapseWarning, ArtefactError, BiasClampWarning, BuildError, CalibrationWarning, ConfigError,
                      DatasetError, FloatFallbackWarning, FrontendError, ModelError, NothingQuantizedWarning,
-                     OverflowRiskError, RelayqError, UnsupportedOpError)
+                     OverflowRiskError, RelayqError, UnsupportedCPUError, UnsupportedOpError)
 
 __version__ = "0.1.0"
 __all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
            "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
            "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
-           "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning"]
+           "NothingQuantizedWarning", "BiasClampWarning", "ArtefactError", "UnsupportedCPUError", "CalibrationWarning", "AccuracyCollapseWarning"]
