@@ -381,7 +381,8 @@ def test_export_to_unwritable_path(lib, tmp_path, target):
     with pytest.raises(ArtefactError) as e:
         lib.export(path)
     assert path in str(e.value)
-    assert not os.path.exists(os.path.join(os.path.dirname(path), "no"))
+    if path.startswith(str(tmp_path)):
+        assert os.listdir(tmp_path) == []                 # nothing created, no temporary left
 
 
 class _FailingExecutable:
@@ -645,13 +646,11 @@ def test_per_sample_models_split(fn):
 
 def test_fixed_batch_model_names_its_batch():
     mod = _compile(lambda bb, x: bb.emit(relax.op.nn.softmax(x, axis=0)), {"x": (2, 4)})
-    target = runtime.host_target()
     m = relayq.build(mod)
     assert m.batch is None
-    with pytest.raises(DatasetError, match="built for batch size 2"):
+    with pytest.raises(DatasetError, match="'x' has shape \\(3, 4\\).*built for batch size 2"):
         m(np.ones((3, 4), "float32"))
-    assert m(np.ones((2, 4), "float32")).shape == (2, 4)
-    assert isinstance(target, tvm.target.Target)
+    np.testing.assert_allclose(m(np.ones((2, 4), "float32")), np.full((2, 4), 0.5), rtol=1e-6)
 
 
 def test_loaded_model_keeps_dynamic_batch(exported, lib):
