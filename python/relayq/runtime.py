@@ -146,7 +146,8 @@ def describe_isa(isa: dict) -> str:
 def check_host_isa(isa: dict | None, what: str) -> None:
     """Raise :class:`UnsupportedCPUError` when this machine lacks the architecture or a feature of ``isa``.
 
-    ``what`` names the model (its file, or "the model built for <target>") in the message.
+    ``what`` names the model (its file, or "the model built for <target>") in the message. Where the
+    host's CPU flags cannot be read (no ``/proc/cpuinfo``) only the architecture is checked.
 
     >>> check_host_isa({"arch": host_arch(), "features": []}, "model.so")
     """
@@ -160,6 +161,10 @@ def check_host_isa(isa: dict | None, what: str) -> None:
     if arch and arch != here:
         raise UnsupportedCPUError(f"{what} was built for {describe_isa(isa)}; this host is {has}. Run it on an "
                                   f"{arch} machine (relayq_run), or build it for this one (target=None)")
+    if not flags:
+        # No /proc/cpuinfo (macOS, some containers): the features cannot be known, and refusing every
+        # SIMD build there would refuse working models. The architecture was checked above.
+        return
     missing = [f for f in needed if f not in flags]
     if missing:
         raise UnsupportedCPUError(f"{what} needs a CPU with {', '.join(missing)} (it was built for "

@@ -238,6 +238,16 @@ def test_load_of_other_architecture_is_refused(copy, monkeypatch):
     assert so in str(e.value) and "x86_64" in str(e.value) and "aarch64" in str(e.value)
 
 
+def test_unknown_host_flags_check_only_the_architecture(monkeypatch):
+    """No /proc/cpuinfo (macOS, some containers): features unknown, so not refused; the arch still is."""
+    isa = {"arch": "x86_64", "features": ["avx2", "avx512_vnni"]}
+    _fake_host(monkeypatch, frozenset(), "x86_64")
+    assert runtime.check_host_isa(isa, "m.so") is None
+    _fake_host(monkeypatch, frozenset(), "aarch64")
+    with pytest.raises(UnsupportedCPUError, match="m.so was built for x86_64"):
+        runtime.check_host_isa(isa, "m.so")
+
+
 def test_model_runs_where_isa_is_present(vnni_lib, lib):
     if not {"avx512f", "avx512_vnni"} <= runtime.host_cpu_flags():
         pytest.skip("this host has no AVX-512 VNNI")
