@@ -322,6 +322,9 @@ def test_load_missing_json(copy):
     (b'{"format": 2}', "not a valid relayq model description"),
     (b'{"inputs": [["data", [4, 3, 8, 8], "float32"]], "target": "llvm"}', "no format version"),
     (b'{"format": 99, "inputs": []}', "format version 99"),
+    (b'{"format": 2, "inputs": [], "library": {"sha256": "0", "bytes": 1}, "batch": -3}', "bad batch -3"),
+    (b'{"format": 2, "inputs": [["x", "abc", "float32"]], "library": {"sha256": "0", "bytes": 1}}',
+     "not a valid relayq model description"),
 ])
 def test_load_bad_json(copy, content, words):
     so, js = copy
@@ -488,6 +491,19 @@ def test_rqz_missing_member(saved, tmp_path, member, words):
     with pytest.raises(ArtefactError, match=words) as e:
         relayq.load_quantized(bad)
     assert bad in str(e.value)
+
+
+def test_rqz_garbage_meta(saved, tmp_path):
+    bad = str(tmp_path / "bad.rqz")
+    _rewrite(saved, bad, lambda n, d: b"{{{" if n == "meta.json" else d)
+    with pytest.raises(ArtefactError, match="not a relayq artefact") as e:
+        relayq.load_quantized(bad)
+    assert bad in str(e.value)
+
+
+def test_rqz_load_directory(tmp_path):
+    with pytest.raises(ArtefactError, match="is a directory"):
+        relayq.load_quantized(str(tmp_path))
 
 
 def test_rqz_unknown_format_version(saved, tmp_path):
