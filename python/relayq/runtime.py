@@ -486,6 +486,12 @@ class CompiledModel:
     def input_names(self) -> list:
         return [s[0] for s in self.specs]
 
+    def __repr__(self):
+        inputs = ", ".join(f"{n} {tuple(s)} {d}" for n, s, d in self.specs)
+        batch = f"any batch (compiled {self.batch})" if self.batch is not None else "fixed shapes"
+        isa = describe_isa(self.isa) if self.isa else "unknown CPU"
+        return f"CompiledModel(inputs: {inputs}; {batch}; needs {isa})"
+
     @property
     def vm(self):
         """This thread's ``relax.VirtualMachine`` (each thread has its own)."""

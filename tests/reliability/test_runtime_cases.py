@@ -284,6 +284,11 @@ def test_arm_model_exports_with_its_isa(qmodel, tmp_path):
 # exported libraries
 
 
+def test_repr_says_inputs_batch_and_isa(lib):
+    text = repr(lib)
+    assert "data (4, 3, 8, 8) float32" in text and "compiled 4" in text and lib.isa["arch"] in text
+
+
 def test_export_writes_checked_metadata(exported, lib):
     meta = json.load(open(exported + ".json"))
     assert meta["format"] == runtime.EXPORT_FORMAT
