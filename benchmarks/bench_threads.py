@@ -139,14 +139,15 @@ def main(argv=None):
         r["ratio_vs_1_thread"] = r["calls_per_s_median"] / base["calls_per_s_median"]
 
     print(f"\n{name} INT8, batch 1, {cores} cores ({cpu_name()}), preset {args.preset or 'host'}; "
-          f"{args.calls} calls per thread, median of {args.repeats} runs")
+          f"{args.calls} calls per thread, median of {args.repeats} runs; load average "
+          f"{os.getloadavg()[0]:.1f} (other processes share the cores)")
     print(f"{'threads':>8} {'pool/thread':>11} {'calls/s':>9} {'ms/call':>8} {'vs 1 thread':>11}")
     for r in rows:
         note = "  (reference: one core)" if r["threads"] == 1 and r["pool_threads"] == 1 and cores > 1 else ""
         note += "  (more threads than cores)" if r["oversubscribed"] else ""
         print(f"{r['threads']:>8} {r['pool_threads']:>11} {r['calls_per_s_median']:>9.1f} "
               f"{1e3 / r['calls_per_s_median'] * r['threads']:>8.1f} {r['ratio_vs_1_thread']:>10.2f}x{note}")
-    result = {"model": name, "batch": 1, "preset": args.preset or "host", "target": str(lib.target),
+    result = {"load_average_1_5_15_min": list(os.getloadavg()), "round_robin": True, "model": name, "batch": 1, "preset": args.preset or "host", "target": str(lib.target),
               "cpu": cpu_name(), "cores": cores, "calls_per_thread": args.calls, "repeats": args.repeats,
               "tvm_bind_threads": os.environ.get("TVM_BIND_THREADS"),
               "pool_rule": "each request thread's TVM pool: max(1, cores // threads) threads", "rows": rows}
