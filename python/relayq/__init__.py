@@ -22,7 +22,7 @@ _LAZY = {
                                    "ConfigError", "DatasetError", "FloatFallbackWarning", "FrontendError",
                                    "ModelError", "NothingQuantizedWarning", "OverflowRiskError", "RelayqError",
                                    "UnsupportedOpError", "RemoteError", "TrackerUnreachableError",
-                                   "NoFreeDeviceError")},
+                                   "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError")},
 }
 #: Subpackages and modules reachable as attributes (``relayq.frontend.from_onnx``) without an explicit import.
 _SUBMODULES = ("analysis", "api", "artefact", "backend", "calibration", "cli", "config", "errors", "frontend",
@@ -47,4 +47,4 @@ __all__ = ["quantize_model", "build", "load", "load_quantized", "remote", "Remot
            "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
            "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
            "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning",
-           "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError"]
+           "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError"]
