@@ -17,7 +17,6 @@ import dataclasses
 import os
 import time
 import warnings
-from typing import Any
 
 import numpy as np
 import tvm
@@ -32,7 +31,6 @@ from .transform.annotate import annotate, layer_aliases, layers
 from .transform.calibrate import QPoint, calibrate, input_specs
 from .transform.prepare import prepare
 from .transform.realize import realize
-from .utils.log import tvm_chatter_filtered
 from .utils.progress import stage
 
 

@@ -198,7 +198,7 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     """
     start = time.perf_counter()
     tmod, names = tap_module(annotated, input_means=means is not None, layer_inputs=bool(samplers))
-    sums, batches = {}, 0
+    sums = {}
     lo_hi = {}
     specs = input_specs(annotated)
     fn = compile_host(_fast_float(tmod, target), target)
