@@ -210,9 +210,19 @@ def _grow(binds, users, excluded):
         out_shape = shape_of(v)
         tensors, consts = [], []
         ok = True
-        for a in call.args:
+        for k, a in enumerate(call.args):
             if isinstance(a, relax.Var):
                 tensors.append(a)
+            elif name == "relax.nn.prelu" and k == 1 and is_const_expr(a):
+                # the slope is a vector along attrs.axis, not numpy-broadcast from the right
+                n, ax = const_value(a).size, int(call.attrs.axis) % len(out_shape)
+                if n == 1:
+                    consts.append(("scalar", None))
+                elif n == out_shape[ax]:
+                    consts.append(("channel", ax))
+                else:
+                    ok = False
+                    break
             else:
                 cc = _const_class(a, out_shape)
                 if cc is None:
