@@ -364,3 +364,56 @@ def test_onnx_exported_activations_do_not_fall_back(module):
     assert cos >= 0.99, cos
     kinds = {v for v in q.layers.values()}
     assert kinds & {"elementwise", "affine"}, q.layers
+
+
+def _densenet_net():
+    import torch
+    import torch.nn as nn
+
+    class DenseBlock(nn.Module):
+        """DenseNet's BatchNorm -> ReLU -> conv on concatenations (no conv before the BN), then BN -> PReLU."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn1, self.c1 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn2, self.c2 = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1, bias=False)
+            self.bn3, self.prelu = nn.BatchNorm2d(24), nn.PReLU(24)
+            self.fc = nn.Linear(24, 5)
+
+        def forward(self, x):
+            x = self.stem(x)
+            y = torch.cat([x, self.c1(torch.relu(self.bn1(x)))], 1)
+            y = torch.cat([y, self.c2(torch.relu(self.bn2(y)))], 1)
+            return self.fc(self.prelu(self.bn3(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = DenseBlock()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("frontend", ["onnx", pytest.param("torch", marks=pytest.mark.slow)])
+def test_batchnorm_before_conv_and_prelu_are_integer_affines(frontend):
+    import torch
+
+    shape = (1, 3, 8, 8)
+    net = _densenet_net()
+    if frontend == "onnx":
+        mod, params = _onnx(net, shape)
+    else:
+        mod, params = relayq.frontend.from_torch(net, (torch.randn(*shape),))
+    q, fallback, cos = _end_to_end(mod, params, shape)
+    assert not fallback, fallback
+    assert cos >= 0.99, cos
+    # bn1 follows the stem conv (prepare folds it into a copy of the conv); bn2 and bn3 are standalone, and
+    # bn3's PReLU is a second affine on its output
+    assert sum(t == "affine" for t in q.layers.values()) == 3, q.layers
+    realized_ops = {op_name(b.value) for b in bindings(q.realized["main"])}
+    assert not realized_ops & {"relax.divide", "relax.nn.prelu", "relax.where", "relax.take"}, realized_ops

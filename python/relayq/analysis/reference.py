@@ -284,6 +284,8 @@ def _tuple_value(e, vals):
         if not isinstance(t, tuple):           # an op returning a tuple (split ...) is not supported
             raise NotImplementedError("reference executor: tuple item of a non-tuple value")
         return t[int(e.index)]
+    if is_const_expr(e):
+        return const_value(e)                  # a constant field (the unused statistics of a decomposed BatchNorm)
     return vals[e]
 
 

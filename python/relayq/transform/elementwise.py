@@ -247,6 +247,12 @@ def _grow(binds, users, excluded):
         ins = [info.get(a, _Info(root, LIN)) for a in tensors]
         chan = [ax for k, ax in consts if k == "channel"]
         new = _combine(kind, name, call, root, tensors, ins, chan, value, info, users, out_shape)
+        if new is None and len({id(t) for t in tensors}) == 1 and tensors[0] in info \
+                and str(tensors[0].ty.dtype) == "float32" and shape_of(tensors[0]) == out_shape:
+            # It cannot join its operand's region (a PReLU after a standalone BatchNorm): it starts a new
+            # region on that operand, which becomes the first region's output (with its own scale).
+            a = tensors[0]
+            new = _combine(kind, name, call, a, [a], [_Info(a, LIN)], chan, value, info, users, out_shape)
         if new is not None:
             info[v] = new
     return info
