@@ -443,11 +443,3 @@ def root_of(member_bindings):
     if len(roots) != 1:
         raise ValueError(f"an elementwise region must read one tensor, got {[r.name for r in roots]}")
     return roots[0]
-
-
-def describe_ops(ops) -> str:
-    """A short name for a region's function from its ops (for layer names in reports)."""
-    short = [o.replace("relax.nn.", "").replace("relax.", "") for o in ops]
-    return "+".join(dict.fromkeys(short))
-
-
