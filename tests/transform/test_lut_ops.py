@@ -177,24 +177,28 @@ _RNG = np.random.RandomState(3)
 _MEAN, _STD = _RNG.randn(C, 1, 1).astype("float32"), _RNG.uniform(0.5, 2, (C, 1, 1)).astype("float32")
 _GAMMA, _BETA = _RNG.uniform(-2, 2, (C, 1, 1)).astype("float32"), _RNG.randn(C, 1, 1).astype("float32")
 _ALPHA = np.array([0.25, -0.5, 0.0, 1.5], "float32")
+_ALPHA2 = np.array([0.1, 2.0, -0.3, 0.0], "float32")
 
 
-def _bn(bb, x):
+def _bn(bb, x, gamma=_GAMMA):
     t = bb.emit(R.divide(bb.emit(R.subtract(x, relax.const(_MEAN))), relax.const(_STD)))
-    return R.add(bb.emit(R.multiply(t, relax.const(_GAMMA))), relax.const(_BETA))
+    return R.add(bb.emit(R.multiply(t, relax.const(gamma))), relax.const(_BETA))
+
+
+# (distinct constants per function: identical subgraphs would be merged into one by prepare's rewrites)
 
 
 AFFINE = {
     # a BatchNorm that follows no conv, as DecomposeOpsForInference leaves it (DenseNet)
     "batchnorm": (_bn, lambda x: (x - _MEAN) / _STD * _GAMMA + _BETA),
-    "batchnorm_relu": (lambda bb, x: R.nn.relu(bb.emit(_bn(bb, x))),
-                       lambda x: np.maximum((x - _MEAN) / _STD * _GAMMA + _BETA, 0)),
+    "batchnorm_relu": (lambda bb, x: R.nn.relu(bb.emit(_bn(bb, x, -_GAMMA))),
+                       lambda x: np.maximum((x - _MEAN) / _STD * -_GAMMA + _BETA, 0)),
     # ONNX PRelu -> R.nn.prelu; torch.export's PReLU -> where(x > 0, x, x * alpha)
     "prelu": (lambda bb, x: R.nn.prelu(x, relax.const(_ALPHA), axis=1),
               lambda x: np.where(x >= 0, x, _ALPHA.reshape(C, 1, 1) * x)),
     "prelu_where": (lambda bb, x: R.where(bb.emit(R.greater(x, _c(0.0))), x,
-                                          bb.emit(R.multiply(x, relax.const(_ALPHA.reshape(C, 1, 1))))),
-                    lambda x: np.where(x >= 0, x, _ALPHA.reshape(C, 1, 1) * x)),
+                                          bb.emit(R.multiply(x, relax.const(_ALPHA2.reshape(C, 1, 1))))),
+                    lambda x: np.where(x >= 0, x, _ALPHA2.reshape(C, 1, 1) * x)),
 }
 
 
@@ -271,7 +275,11 @@ def _se_net(act="hardswish", gate="hardsigmoid"):
     return net
 
 
-def _end_to_end(mod, params, shape, n=2):
+def _end_to_end(mod, params, shape, net, n=2):
+    """Quantize, build and run; bit-exact against the reference and the simulated module; cosine with the
+    torch ``net`` (the float model itself, which the imports match to ~1e-6)."""
+    import torch
+
     rng = np.random.RandomState(0)
     data = [rng.randn(*shape).astype("float32") for _ in range(8)]
     with warnings.catch_warnings(record=True) as caught:
@@ -280,14 +288,14 @@ def _end_to_end(mod, params, shape, n=2):
     fallback = [str(w.message) for w in caught if issubclass(w.category, relayq.FloatFallbackWarning)]
     lib = relayq.build(q, target="generic")
     sim = compile_host(q.simulated)
-    fp = relayq.build(mod, params=params, target="generic")
     cos = []
     for _ in range(n):
         x = rng.randn(*shape).astype("float32")
         y = lib(x)
         np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
         np.testing.assert_array_equal(sim(x)[0], y)
-        f = fp(x)
+        with torch.no_grad():
+            f = net(torch.from_numpy(x)).numpy()
         cos.append(float(np.dot(y.ravel(), f.ravel()) / np.linalg.norm(y) / np.linalg.norm(f)))
     return q, fallback, min(cos)
 
@@ -297,8 +305,9 @@ def _end_to_end(mod, params, shape, n=2):
 def test_squeeze_excitation_block_quantizes_end_to_end(act, gate):
     """MobileNetV3's (hardswish / hardsigmoid) and EfficientNet's (SiLU / sigmoid) SE blocks from torch via ONNX."""
     shape = (1, 8, 8, 8)
-    mod, params = _onnx(_se_net(act, gate), shape)
-    q, fallback, cos = _end_to_end(mod, params, shape)
+    net = _se_net(act, gate)
+    mod, params = _onnx(net, shape)
+    q, fallback, cos = _end_to_end(mod, params, shape, net)
     assert not fallback, fallback
     types = sorted(set(q.layers.values()))
     assert types == ["add", "conv2d", "elementwise", "global_avg_pool", "multiply"], types
@@ -341,8 +350,9 @@ def test_onnx_exported_activations_in_one_network_do_not_fall_back():
 
     torch.manual_seed(0)
     shape = (1, 3, 6, 6)
-    mod, params = _onnx(Branches(), shape)
-    q, fallback, cos = _end_to_end(mod, params, shape, n=1)
+    net = Branches().eval()
+    mod, params = _onnx(net, shape)
+    q, fallback, cos = _end_to_end(mod, params, shape, net, n=1)
     assert not fallback, fallback
     assert cos >= 0.99, cos
     kinds = [v for v in q.layers.values() if v in ("elementwise", "affine")]
@@ -356,10 +366,10 @@ def test_onnx_exported_activations_do_not_fall_back(module):
     """What torch.onnx.export + relayq.frontend.from_onnx make of each activation is quantized."""
     import torch.nn as nn
 
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _activation(module), nn.Conv2d(6, 4, 1))
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _activation(module), nn.Conv2d(6, 4, 1)).eval()
     shape = (1, 3, 6, 6)
     mod, params = _onnx(net, shape)
-    q, fallback, cos = _end_to_end(mod, params, shape, n=1)
+    q, fallback, cos = _end_to_end(mod, params, shape, net, n=1)
     assert not fallback, fallback
     assert cos >= 0.99, cos
     kinds = {v for v in q.layers.values()}
@@ -409,7 +419,7 @@ def test_batchnorm_before_conv_and_prelu_are_integer_affines(frontend):
         mod, params = _onnx(net, shape)
     else:
         mod, params = relayq.frontend.from_torch(net, (torch.randn(*shape),))
-    q, fallback, cos = _end_to_end(mod, params, shape)
+    q, fallback, cos = _end_to_end(mod, params, shape, net)
     assert not fallback, fallback
     assert cos >= 0.99, cos
     # bn1 follows the stem conv (prepare folds it into a copy of the conv); bn2 and bn3 are standalone, and
