@@ -429,3 +429,29 @@ def test_batchnorm_before_conv_and_prelu_are_integer_affines(frontend):
     assert not {op_name(b.value) for b in binds} & {"relax.divide", "relax.nn.prelu", "relax.take", "relax.greater"}
     # the only selects are integer ones (the affine's sign-dependent multiplier, the pool's rounding)
     assert all(dtype_of(b.var).startswith("int") for b in binds if op_name(b.value) == "relax.where")
+
+
+def test_shared_inner_op_feeds_two_tables_and_a_lone_relu_stays_a_clip():
+    """sigmoid(x) read by two functions (x * s and s + 1): two tables from x's codes, the shared sigmoid
+    computed by neither; relu(x) alone is relayq's clip on codes, not a table."""
+    shape = _shape_for(8)
+    table = {"silu": FUNCS["silu"], "sig_plus_1": (None, lambda x: 1 / (1 + np.exp(-x)) + 1)}
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(R.concat([x], axis=1))
+            s = bb.emit(R.sigmoid(q))
+            a = bb.emit(R.multiply(q, s))
+            b = bb.emit(R.add(s, _c(1.0)))
+            r = bb.emit(R.nn.relu(q))
+            out = bb.emit_output(relax.Tuple([a, b, r]))
+        bb.emit_func_output(out)
+    x_, y_real, y_sim, y_ref, outps, annotated, realized = _exhaustive(bb.get(), CFG, 4.0, shape)
+    assert sorted(layers(annotated).values()) == ["concat", "elementwise", "elementwise"]
+    _check_all(["silu", "sig_plus_1"], table, x_, y_real[:2], y_sim[:2], y_ref[:2], outps)
+    np.testing.assert_array_equal(y_real[2], y_ref[2])
+    np.testing.assert_array_equal(y_sim[2], y_real[2])
+    np.testing.assert_array_equal(y_real[2], np.maximum(x_, 0))        # the input's codes, clipped at 0
+    ops = [op_name(b.value) for b in bindings(realized["main"])]
+    assert ops.count("relax.take") == 2 and "relax.sigmoid" not in ops and "relax.nn.relu" not in ops
