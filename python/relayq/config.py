@@ -31,7 +31,8 @@ from .errors import ConfigError
 #: Bit widths relayq can realize as integer graphs (storage int8 up to 8 bits, int16 up to 16).
 MIN_BITS, MAX_BITS = 2, 16
 #: Op types a user may name in ``op_overrides`` / ``skip_ops``.
-OP_TYPES = ("conv2d", "dense", "add", "concat", "max_pool2d", "avg_pool2d", "global_avg_pool")
+OP_TYPES = ("conv2d", "dense", "add", "concat", "max_pool2d", "avg_pool2d", "global_avg_pool", "elementwise", "affine",
+            "multiply")
 #: Calibration method names known to relayq (a calibrator object may be passed instead).
 CALIBRATION_METHODS = ("naive", "kl", "percentile", "mse")
 #: Weight range setting methods.

@@ -340,3 +340,106 @@ def conv2d_int(x, w, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), grou
                 patch = xs[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
                 out[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
     return out
+
+
+# ----------------------------------------------------------------------------- elementwise functions
+def lut_table(fn, in_bits: int, in_scale: float, out_bits: int, out_scale: float, in_zp: int = 0, out_zp: int = 0,
+              in_signed: bool = True, out_signed: bool = True, lo: int | None = None, hi: int | None = None):
+    """The lookup table of a float function ``fn`` on quantized codes: one output code per input code.
+
+    Entry ``i`` holds the output code of input code ``qmin_in + i``: ``fn`` is evaluated (float64) on
+    the dequantized value ``(code - in_zp) * in_scale`` and the result quantized at ``(out_scale,
+    out_zp)`` with the rounding of :func:`quantize` (half to even), clipped to ``[lo, hi]`` (default:
+    the output range). NaN (e.g. ``log`` of a negative) maps to real zero, infinities to the range ends.
+    Realize, the simulated module and the reference all look codes up in this one table.
+
+    >>> lut_table(np.tanh, 4, 0.5, 4, 1 / 7).tolist()
+    [-7, -7, -7, -7, -6, -5, -3, 0, 3, 5, 6, 7, 7, 7, 7]
+    """
+    qlo, qhi = qrange(in_bits, in_signed)
+    olo, ohi = qrange(out_bits, out_signed)
+    lo = olo if lo is None else max(int(lo), olo)
+    hi = ohi if hi is None else min(int(hi), ohi)
+    codes = np.arange(qlo, qhi + 1, dtype=np.int64)
+    x = (codes - np.int64(in_zp)).astype(np.float64) * np.float64(in_scale)
+    with np.errstate(all="ignore"):
+        y = np.asarray(fn(x), dtype=np.float64)
+        y = np.broadcast_to(y, x.shape)
+        q = np.round(y / np.float64(out_scale))
+    q = np.nan_to_num(q, nan=0.0, posinf=float(ohi) + 1 - out_zp, neginf=float(olo) - 1 - out_zp) + out_zp
+    return np.clip(q, lo, hi).astype(np.int64)
+
+
+def lut_lookup(q, table, in_bits: int, in_signed: bool = True):
+    """Apply a :func:`lut_table` to codes: ``table[q - qmin]`` (int64).
+
+    >>> lut_lookup(np.array([-7, 0, 7]), lut_table(np.tanh, 4, 0.5, 4, 1 / 7), 4).tolist()
+    [-7, 0, 7]
+    """
+    return np.asarray(table, np.int64)[np.asarray(q, np.int64) - qrange(in_bits, in_signed)[0]]
+
+
+#: int64 headroom of :func:`channel_affine`: |code| < 2^17 times |multiplier| < 2^31 leaves 2^15 below 2^63
+#: for the offset term, which is clamped to 2^61 (any larger offset saturates the output anyway).
+_AFFINE_OFFSET_LIMIT = 1 << 61
+
+
+def channel_affine_params(a_pos, a_neg, b, in_scale: float, out_scale: float):
+    """Integer form of ``y = b_c + (x >= 0 ? a_pos_c : a_neg_c) * x`` from codes at ``in_scale`` to codes at
+    ``out_scale``: per-channel int64 multipliers ``m_pos``, ``m_neg`` and offsets, and ONE shift.
+
+    ``m = round(a * in_scale / out_scale * 2^shift)``, ``offset = round(b / out_scale * 2^shift)``; the
+    shift puts the largest |factor| in ``[2^30, 2^31)`` (Q31, as :func:`quantize_multiplier`), so a
+    channel's factor keeps at least its own share of 31 bits. Factors may be negative or zero.
+
+    >>> m_pos, m_neg, off, s = channel_affine_params([1.0], [0.25], [0.0], 0.1, 0.1)
+    >>> int(m_pos[0]) >> 28, int(m_neg[0]) >> 28, int(s)
+    (4, 1, 30)
+    """
+    r = float(in_scale) / float(out_scale)
+    fp = np.asarray(a_pos, np.float64).reshape(-1) * r
+    fn = np.asarray(a_neg, np.float64).reshape(-1) * r
+    big = float(max(np.abs(fp).max(initial=0.0), np.abs(fn).max(initial=0.0)))
+    if not np.isfinite(big):
+        raise ConfigError(f"affine factor is not finite ({big})")
+    shift = MULTIPLIER_BITS - int(np.frexp(big)[1]) if big > 0 else MULTIPLIER_BITS
+    shift = int(np.clip(shift, 1, 62))
+    scale = np.float64(2.0) ** shift
+    off = np.round(np.asarray(b, np.float64).reshape(-1) / float(out_scale) * scale)
+    off = np.clip(np.nan_to_num(off), -_AFFINE_OFFSET_LIMIT, _AFFINE_OFFSET_LIMIT)
+    return (np.round(fp * scale).astype(np.int64), np.round(fn * scale).astype(np.int64), off.astype(np.int64),
+            shift)
+
+
+def channel_affine(q, m_pos, m_neg, offset, shift: int, qmin: int, qmax: int, axis: int | None = None,
+                   in_zp: int = 0, out_zp: int = 0):
+    """``clip(((t * (t >= 0 ? m_pos : m_neg) + offset + 2^(shift-1)) >> shift) + out_zp)`` with ``t = q - in_zp``,
+    all in int64; ``m_pos``, ``m_neg``, ``offset`` per channel along ``axis`` (or scalars).
+
+    >>> m_pos, m_neg, off, s = channel_affine_params([2.0], [0.5], [1.0], 1.0, 1.0)
+    >>> channel_affine(np.array([-4, 0, 3]), m_pos, m_neg, off, s, -127, 127).tolist()
+    [-1, 1, 7]
+    """
+    t = np.asarray(q, np.int64) - np.int64(in_zp)
+    vecs = [np.asarray(a, np.int64) for a in (m_pos, m_neg, offset)]
+    if axis is not None and vecs[0].size > 1:
+        shape = [1] * t.ndim
+        shape[axis] = -1
+        vecs = [a.reshape(shape) for a in vecs]
+    else:
+        vecs = [a.reshape(()) if a.size == 1 else a for a in vecs]
+    mp, mn, off = vecs
+    return np.clip(rounding_right_shift(t * np.where(t >= 0, mp, mn) + off, shift) + np.int64(out_zp), qmin, qmax)
+
+
+def multiply(a, b, a_scale: float, b_scale: float, out_scale: float, qmin: int, qmax: int, a_zp: int = 0,
+             b_zp: int = 0, out_zp: int = 0):
+    """Integer product of two quantized tensors (numpy broadcasting): the exact product of the codes less
+    their zero points, requantized by ``a_scale * b_scale / out_scale`` (see :func:`requantize`).
+
+    >>> multiply(np.array([100]), np.array([64]), 0.05, 1 / 127, 0.05, -127, 127).tolist()
+    [50]
+    """
+    prod = (np.asarray(a, np.int64) - a_zp) * (np.asarray(b, np.int64) - b_zp)
+    m, s = quantize_multiplier(float(a_scale) * float(b_scale) / float(out_scale))
+    return requantize(prod, m, s, qmin, qmax, zero_point=out_zp)

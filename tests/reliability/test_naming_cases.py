@@ -81,7 +81,7 @@ CASES = {
     "nan-gemm-weight": (_poke("fc.weight", np.nan, 100), {}, "naive", relayq.DatasetError, _dense() + ["dense_0:w"]),
     "inf-conv-weight": (_poke("features.0.weight", np.inf), {}, "naive", relayq.DatasetError, _conv0() + ["Inf"]),
     "neg-inf-gemm-weight": (_poke("fc.weight", -np.inf), {}, "naive", relayq.DatasetError, _dense()),
-    "hardswish-fallback": (None, {}, None, relayq.FloatFallbackWarning,
+    "hardswish-fallback": (None, {"skip_ops": ("elementwise",)}, None, relayq.FloatFallbackWarning,
                            [f'HardSwish "{HS}" (4 ops: add, clip, divide, multiply)']),
     "skip-by-onnx-node": (None, {"skip_layers": (C1,)}, None, relayq.FloatFallbackWarning, [f'Conv "{C1}"']),
     "skip-by-initializer": (None, {"skip_layers": ("features.2.weight",)}, None, relayq.FloatFallbackWarning,
@@ -100,9 +100,11 @@ CASES = {
                         relayq.BiasClampWarning, _dense() + ['bias "fc.bias"', "clamped 1 of 10", "channel 2"]),
     "bias-clamp-conv": (_chain(_poke("features.2.bias", -3000.0, 4), _scale("features.2.weight", 1e-3)), {},
                         "naive", relayq.BiasClampWarning, _conv1() + ['bias "features.2.bias"', "channel 4"]),
-    "calibrator-nan-threshold": (None, {}, _NanThreshold(), relayq.ConfigError,
+    # (HardSwish kept float, so that conv2d_1 reads a float input and has its own input point conv2d_1:in0)
+    "calibrator-nan-threshold": (None, {"skip_ops": ("elementwise",)}, _NanThreshold(), relayq.ConfigError,
                                  _conv1() + ["conv2d_1:in0", "non-finite threshold"]),
-    "calibrator-raises": (None, {}, _Broken(), relayq.ConfigError, _conv1() + ["KeyError", "no histogram"]),
+    "calibrator-raises": (None, {"skip_ops": ("elementwise",)}, _Broken(), relayq.ConfigError,
+                          _conv1() + ["KeyError", "no histogram"]),
 }
 
 
@@ -170,6 +172,6 @@ def test_torch_skip_by_module_path(torch_net):
         warnings.simplefilter("always")
         annotated = relayq.transform.annotate(relayq.transform.prepare(mod, params),
                                               CFG.replace(skip_layers=("features.2",)))
-    assert sorted(layers(annotated)) == ["conv2d_0", "dense_0"]
+    assert sorted(layers(annotated)) == ["conv2d_0", "dense_0", "elementwise_0"]     # elementwise_0: HardSwish
     msgs = [str(w.message) for w in rec if issubclass(w.category, relayq.FloatFallbackWarning)]
     assert any('Conv2d "features.2"' in m for m in msgs), msgs

@@ -17,7 +17,8 @@ import tvm
 from tvm import relax
 
 from .. import qmath
-from ..transform.annotate import QUANTIZED_ATTR
+from ..transform import elementwise
+from ..transform.annotate import QUANTIZED_ATTR, regions
 from ..transform.common import bindings, const_value, is_const_expr, main_function, op_name, shape_of, simq_info
 
 
@@ -42,6 +43,14 @@ class _Pending:
         self.lo, self.hi = -np.inf, np.inf
 
 
+class _Region:
+    """An elementwise region's output before its output point: a table (``affine`` None) or an affine."""
+
+    def __init__(self, x, fn, affine=None, axis=None):
+        self.x, self.fn, self.affine, self.axis = x, fn, affine, axis
+        self.lo, self.hi = -np.inf, np.inf
+
+
 def _bounds(lo, hi, scale, bits, zp=0, signed=True):
     qlo, qhi = qmath.qrange(bits, signed)
     a = qlo if lo == -np.inf else max(qlo, int(np.round(lo / scale)) + zp)
@@ -54,6 +63,14 @@ def _finalize(val, scale, bits, zp=0, signed=True):
     if isinstance(val, np.ndarray):
         return out(qmath.quantize(val.astype(np.float32), np.float32(scale), bits, signed, zp))
     qlo, qhi = qmath.qrange(bits, signed)
+    if isinstance(val, _Region):
+        lo, hi = _bounds(val.lo, val.hi, scale, bits, zp, signed)
+        x = val.x
+        if val.affine is None:
+            table = qmath.lut_table(val.fn, x.bits, x.scale, bits, scale, x.zp, zp, x.signed, signed, lo, hi)
+            return out(qmath.lut_lookup(x.codes, table, x.bits, x.signed))
+        m_pos, m_neg, off, shift = qmath.channel_affine_params(*val.affine, x.scale, scale)
+        return out(qmath.channel_affine(x.codes, m_pos, m_neg, off, shift, lo, hi, val.axis, x.zp, zp))
     if isinstance(val, _Q):
         if (val.scale, val.bits, val.zp, val.signed) == (scale, bits, zp, signed):
             return val
@@ -84,6 +101,8 @@ def _to_float(val):
         return val
     if isinstance(val, _Q):
         return ((val.codes - val.zp).astype(np.float32) * np.float32(val.scale)).astype(np.float32)
+    if isinstance(val, _Region):          # only an unquantized reader inside another region sees this
+        return val.fn(_to_float(val.x).astype(np.float64)).astype(np.float32)
     if isinstance(val, _Acc):
         s = val.scale.astype(np.float32)
         if s.ndim:
@@ -110,6 +129,18 @@ def _pool_sum(codes, kh, kw, sh, sw, pad, fill):
 
 def _float_op(call, args):
     name = op_name(call)
+    if name in elementwise.FUNCS and all(isinstance(a, np.ndarray) for a in args):
+        full = []
+        it = iter(args)
+        for a in call.args:
+            if isinstance(a, relax.Var):
+                full.append(next(it).astype(np.float64))
+            elif elementwise.is_prim(a):
+                full.append(None)
+            else:
+                c = const_value(a).astype(np.float64)
+                full.append(c.reshape(()) if c.size == 1 else c)
+        return np.asarray(elementwise.FUNCS[name][1](call, *full), np.float64).astype(np.float32)
     if name == "relax.nn.softmax":
         x = args[0]
         e = np.exp(x - x.max(axis=int(call.attrs.axis), keepdims=True))
@@ -130,7 +161,10 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
     quantized = set(func.attrs[QUANTIZED_ATTR]) if QUANTIZED_ATTR in func.attrs else set()
     vals = {p: np.asarray(x, dtype=np.float32) for p, x in zip(func.params, inputs)}
     weights, codes = {}, {}
-    for b in bindings(func):
+    region_info = regions(annotated)
+    interior = {m for r in region_info.values() for m in r["members"]} - set(region_info)
+    func_bindings = bindings(func)
+    for b in func_bindings:
         v, call = b.var, b.value
         info = simq_info(call)
         if info is not None:
@@ -147,6 +181,17 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             continue
         name = op_name(call)
         args = [vals.get(a) for a in call.args if isinstance(a, relax.Var)]
+        if v.name in interior:
+            vals[v] = _float_op(call, [_to_float(a) for a in args])     # read only by float ops, if at all
+            continue
+        if v.name in region_info:
+            info = region_info[v.name]
+            members = elementwise.region_bindings(func_bindings, info["members"])
+            root = elementwise.root_of(members)
+            fn = elementwise.region_function(members, root)
+            affine = None if info["kind"] == "lut" else elementwise.affine_params(fn, shape_of(v), info["axis"])
+            vals[v] = _Region(vals[root], fn, affine, info["axis"])
+            continue
         if v.name not in quantized:
             vals[v] = _float_op(call, [_to_float(a) for a in args])
             continue
@@ -179,10 +224,14 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             bq = qmath.clamp_bias(bq + corr, acc.worst)[0] - corr
             acc.acc = acc.acc + bq
             vals[v] = acc
+        elif name == "relax.multiply":
+            a, bq = args
+            vals[v] = _Acc((a.codes.astype(np.int64) - a.zp) * (bq.codes.astype(np.int64) - bq.zp),
+                           np.float64(a.scale) * np.float64(bq.scale), 1)
         elif name in ("relax.nn.relu", "relax.clip"):
             lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (float(call.args[1].value), float(call.args[2].value))
             val = args[0]
-            if isinstance(val, (_Acc, _Pending)):
+            if isinstance(val, (_Acc, _Pending, _Region)):
                 val.lo, val.hi = max(val.lo, lo), min(val.hi, hi)
                 vals[v] = val
             else:
@@ -235,6 +284,8 @@ def _tuple_value(e, vals):
         if not isinstance(t, tuple):           # an op returning a tuple (split ...) is not supported
             raise NotImplementedError("reference executor: tuple item of a non-tuple value")
         return t[int(e.index)]
+    if is_const_expr(e):
+        return const_value(e)                  # a constant field (the unused statistics of a decomposed BatchNorm)
     return vals[e]
 
 

@@ -16,7 +16,10 @@ zp -> multiply -> rounding shift`` per operand, add, rounding shift, clip, cast;
 :class:`relayq.backend.generic.AddRequant`) is fused into the epilogue of the x86 int8 conv producing
 one operand when that conv output has no other user, else lowered to the standalone parallel,
 vectorized :func:`relayq.backend.generic.add_int8` (int32 arithmetic where provably exact); see
-:data:`RESIDUAL_ADD`. Everything else is left as is (TVM legalizes it).
+:data:`RESIDUAL_ADD`. Realized elementwise regions (``take(table, astype(q, int32) - qmin)``) and
+products of two quantized tensors (``astype(a, int32) * astype(b, int32)`` -> requant -> int8, the
+squeeze-excitation gate) get the kernels of :mod:`relayq.backend.elementwise`. Everything else is
+left as is (TVM legalizes it).
 
 The kernel family comes from the target kind:
 
@@ -417,6 +420,94 @@ def match_add_chain(g: _Graph, head) -> _AddChain | None:
     return _AddChain(inputs, spec, out_shape)
 
 
+class _ElementwiseChain:
+    """A realized table lookup or product of two quantized tensors, lowered to one kernel."""
+
+    def __init__(self, kind, inputs, make_kernel):
+        self.kind, self.inputs, self.make_kernel = kind, list(inputs), make_kernel
+
+    @property
+    def x(self):
+        return self.inputs[0]
+
+    def stop_vars(self):
+        return list(self.inputs)
+
+
+def match_lut_chain(g: _Graph, head) -> _ElementwiseChain | None:
+    """``take(table, astype(q, int32) [- qmin])`` with a constant 1-D table, ``q`` an int8/uint8/int16 var."""
+    if _op(head) != "relax.take" or not _is_const(head.args[0]) or len(_shape(head.args[0]) or ()) != 1:
+        return None
+    inner, offset, t = [], 0, head.args[1]
+    if _op(g.producer(t)) == "relax.subtract":
+        sub = _walk(g, t, "relax.subtract", inner)
+        if sub is None or _scalar(sub.args[1]) is None:
+            return None
+        t, offset = sub.args[0], _scalar(sub.args[1])
+    cast = _walk(g, t, "relax.astype", inner)
+    if cast is None or str(cast.attrs.dtype) != "int32":
+        return None
+    q = cast.args[0]
+    if not isinstance(q, relax.Var) or _dtype(q) not in ("int8", "uint8", "int16") or _shape(q) is None:
+        return None
+    table = _np(head.args[0])
+    lo = int(np.iinfo(_dtype(q)).min)
+    hi = int(np.iinfo(_dtype(q)).max)
+    if str(head.attrs.mode) != "clip" and (lo - offset < 0 or hi - offset >= table.size):
+        return None
+    # The table over the whole storage range, indices clamped as take(mode="clip") does: no code can read
+    # out of bounds, and every code gets exactly the entry the realized graph gives it.
+    full = np.empty(hi - lo + 1, table.dtype)
+    idx = np.arange(lo, hi + 1) - offset
+    full[:] = table[np.clip(idx, 0, table.size - 1)]
+    from . import elementwise as ew
+    return _ElementwiseChain("lut", [q], lambda: ew.lut_kernel(_shape(q), _dtype(q), full, lo))
+
+
+def match_mul_chain(g: _Graph, head) -> _ElementwiseChain | None:
+    """``astype(a, int32) * astype(b, int32)`` (int8, broadcasting) -> ``* M + R >> S`` -> clip -> int8."""
+    if _op(head) != "relax.astype" or str(head.attrs.dtype) != "int8":
+        return None
+    inner = []
+    clip = _walk(g, head.args[0], "relax.clip", inner)
+    if clip is None:
+        return None
+    shr = _walk(g, clip.args[0], "relax.right_shift", inner)
+    if shr is None or _scalar(shr.args[1]) is None:
+        return None
+    add_r = _walk(g, shr.args[0], "relax.add", inner)
+    if add_r is None or _scalar(add_r.args[1]) is None:
+        return None
+    mul = _walk(g, add_r.args[0], "relax.multiply", inner)
+    if mul is None or _scalar(mul.args[1]) is None:
+        return None
+    cast = _walk(g, mul.args[0], "relax.astype", inner)
+    if cast is None or str(cast.attrs.dtype) != "int64":
+        return None
+    prod = _walk(g, cast.args[0], "relax.multiply", inner)
+    if prod is None or _dtype(cast.args[0]) != "int32":
+        return None
+    ops = []
+    for e in prod.args:
+        c = _walk(g, e, "relax.astype", inner)
+        if c is None or str(c.attrs.dtype) != "int32" or not isinstance(c.args[0], relax.Var) \
+                or _dtype(c.args[0]) != "int8" or _shape(c.args[0]) is None:
+            return None
+        ops.append(c.args[0])
+    try:
+        lo, hi = _prim_int(clip.args[1]), _prim_int(clip.args[2])
+    except (TypeError, ValueError, AttributeError):
+        return None
+    m, r, sh = _scalar(mul.args[1]), _scalar(add_r.args[1]), _scalar(shr.args[1])
+    if not 0 <= sh <= 63:
+        return None
+    rq = Requant.from_arrays(m, r, sh, max(lo, -128), min(hi, 127))
+    out_shape = _shape(head)
+    from . import elementwise as ew
+    return _ElementwiseChain("multiply", ops, lambda: ew.multiply_kernel(_shape(ops[0]), _shape(ops[1]), "int8", "int8",
+                                                                        out_shape, rq))
+
+
 class _FloatChain:
     def __init__(self, kind, x, weight, bias, act, attrs, out_shape):
         self.kind, self.x, self.weight, self.bias, self.act = kind, x, weight, bias, act
@@ -620,6 +711,8 @@ class _Lowerer(relax.PyExprMutator):
                 chain = match_int_chain(g, val)
                 if chain is None and self.kind in _X86_ISA:
                     chain = match_dequant_dense_chain(g, val)
+                if chain is None and self.kind != "cuda-dp4a":
+                    chain = match_lut_chain(g, val) or match_mul_chain(g, val)
             if chain is None and self.do_float:
                 chain = match_float_chain(g, val)
             if chain is None:
@@ -649,7 +742,7 @@ class _Lowerer(relax.PyExprMutator):
     def _interior(g, head, chain):
         """Vars strictly inside a matched chain (their bindings become dead)."""
         out, stack = set(), list(head.args)
-        stops = chain.stop_vars() if isinstance(chain, _AddChain) else [chain.x]
+        stops = chain.stop_vars() if isinstance(chain, (_AddChain, _ElementwiseChain)) else [chain.x]
         while stack:
             e = stack.pop()
             if not isinstance(e, relax.Var) or any(e.same_as(v) for v in stops) or e not in g.var2val:
@@ -665,7 +758,11 @@ class _Lowerer(relax.PyExprMutator):
         if chain is None:
             return super().visit_call_(call)
         inputs = [chain.x]
-        if isinstance(chain, _AddChain):
+        if isinstance(chain, _ElementwiseChain):
+            nonneg = None
+            kernel = chain.make_kernel()
+            inputs = chain.stop_vars()
+        elif isinstance(chain, _AddChain):
             nonneg = self.graph.is_nonneg(chain.x) if chain.conv is not None else None
             kernel = _add_kernel(chain, self.kind, nonneg)
             inputs = chain.stop_vars()
@@ -681,7 +778,8 @@ class _Lowerer(relax.PyExprMutator):
         gv = self.builder_.add_func(kernel.finalize(symbol), symbol)
         args = [self.visit_expr(v) for v in inputs] + [_const(c) for c in kernel.consts]
         kind = chain.kind if not isinstance(chain, _AddChain) or chain.conv is None else "conv2d+add"
-        self.stats.append({"symbol": symbol, "kind": kind, "int8": isinstance(chain, (_IntChain, _AddChain)),
+        self.stats.append({"symbol": symbol, "kind": kind,
+                           "int8": isinstance(chain, (_IntChain, _AddChain, _ElementwiseChain)),
                            "nonneg": nonneg, **kernel.info})
         return relax.call_tir(gv, args, relax.TensorType(list(kernel.out_shape), kernel.out_dtype))
 

@@ -10,9 +10,14 @@ replaces each marker by real integer ops. Markers go on
 
 * the weights of every quantized conv2d / dense,
 * activation inputs that come from the float world (graph inputs, float islands),
-* the output of every conv2d / dense / add / concat layer (after its fused bias and ReLU/clip) that
-  feeds another quantized op. An output that only feeds float ops (a classifier's logits) gets none:
-  realize dequantizes the int32 accumulator directly, which is more precise.
+* the output of every conv2d / dense / add / concat / multiply layer (after its fused bias and
+  ReLU/clip) that feeds another quantized op. An output that only feeds float ops (a classifier's
+  logits) gets none: realize dequantizes the int32 accumulator directly, which is more precise;
+* the output of every elementwise region (:mod:`relayq.transform.elementwise`: sigmoid, hardswish,
+  SiLU, GELU, a standalone BatchNorm, PReLU ...) on a quantized input: a table or per-channel affine
+  from the input's codes to codes at this output point's scale. The region's ops stay in the
+  annotated module (calibration runs them in float); the function attribute ``relayq_regions`` names
+  them, so that realize and the reference evaluate the same function.
 
 Per-op behaviour is a table (:data:`RULES`): op name -> function returning the layer's op type, or
 ``None`` where the call cannot be quantized. Anything else stays float and is named in a
@@ -39,6 +44,7 @@ from ..utils import names as source_names
 from ..utils.names import LayerSource, describe
 from .common import (SIMQ, bindings, dtype_of, is_const_expr, is_tensor, main_function, op_name, shape_of,
                      simq_info, substitute, vars_of)
+from .elementwise import find_regions
 
 #: Function attribute listing the binding variables of quantized ops (realize reads it).
 QUANTIZED_ATTR = "relayq_quantized"
@@ -46,10 +52,16 @@ QUANTIZED_ATTR = "relayq_quantized"
 LAYERS_ATTR = "relayq_layers"
 #: Function attribute: JSON ``{layer: [framework, node, op_type, weight, bias]}``, the user's names of each layer.
 LAYER_SOURCES_ATTR = "relayq_layer_sources"
+#: Function attribute: JSON ``{region output var: {"layer", "kind", "axis", "members": [var names]}}``: the
+#: elementwise regions (see :mod:`relayq.transform.elementwise`), members in graph order, the output last.
+REGIONS_ATTR = "relayq_regions"
 
 # Layer kinds: "compute" layers requantize (conv2d, dense); "merge" layers combine several quantized
-# inputs into a new scale (add, concat); "pass" ops keep their input's scale (pools, reshapes, ReLU).
-COMPUTE, MERGE, PASS = "compute", "merge", "pass"
+# inputs into a new scale (add, concat, multiply); "pass" ops keep their input's scale (pools, reshapes,
+# ReLU); "region" layers map their input's codes to new codes through a function (a table or an affine).
+COMPUTE, MERGE, PASS, REGION = "compute", "merge", "pass", "region"
+#: op type of each elementwise region kind (``QConfig(op_overrides=...)`` keys)
+REGION_OP_TYPES = {"lut": "elementwise", "affine": "affine"}
 
 
 def _float(e) -> bool:
@@ -76,6 +88,15 @@ def _rule_add(call):
     if isinstance(a, relax.Var) and isinstance(b, relax.Var) and _float(a) and _float(b) \
             and shape_of(a) == shape_of(b):
         return "add", MERGE
+    return None
+
+
+def _rule_multiply(call):
+    # Two activations (squeeze-excitation gating, with broadcasting). A multiply by a constant is an
+    # elementwise region (a table, or a per-channel affine), and x * f(x) (SiLU) is a region too.
+    a, b = call.args
+    if isinstance(a, relax.Var) and isinstance(b, relax.Var) and _float(a) and _float(b):
+        return "multiply", MERGE
     return None
 
 
@@ -129,6 +150,7 @@ RULES = {
     "relax.nn.conv2d": _rule_conv2d,
     "relax.matmul": _rule_matmul,
     "relax.add": _rule_add,
+    "relax.multiply": _rule_multiply,
     "relax.concat": _rule_concat,
     "relax.nn.max_pool2d": _rule_max_pool,
     "relax.nn.avg_pool2d": _rule_avg_pool,
@@ -180,7 +202,23 @@ class _Plan:
         self.framework = record.get("framework")
         self.var_source = record.get("vars", {})   # binding name -> [node, op_type, [user weight names]]
         self.sources = {}           # layer name -> LayerSource
+        self.regions = find_regions(self.binds, self.output_vars, self._region_boundaries())
+        self.region_root = {}       # var -> root of the regions it belongs to (as member)
+        for r in self.regions.values():
+            for m in r.members:
+                self.region_root[m] = r.root
+        self.region_layer = {}      # layer name -> Region
         self._plan()
+
+    def _region_boundaries(self):
+        """Vars no region may take: the bias add of a conv2d / dense (its layer absorbs it)."""
+        out = set()
+        for b in self.binds:
+            call = b.value
+            if op_name(call) == "relax.add" and isinstance(call.args[0], relax.Var) and is_const_expr(call.args[1]) \
+                    and op_name(self.value.get(call.args[0])) in ("relax.nn.conv2d", "relax.matmul"):
+                out.add(b.var)
+        return out
 
     def source_of(self, v, bias_var=None):
         """The :class:`LayerSource` of the op bound to ``v`` (None where the frontend recorded nothing)."""
@@ -205,6 +243,10 @@ class _Plan:
             v, call = b.var, b.value
             if v in self.layer_of:
                 continue              # already absorbed into a fused group
+            if v in self.region_root and self.region_root[v] in self.qdomain:
+                if v in self.regions:
+                    self._plan_region(self.regions[v], counters)
+                continue              # inside a region: its output's layer computes it
             name = op_name(call)
             rule = RULES.get(name)
             decided = rule(call) if rule is not None else None
@@ -257,6 +299,28 @@ class _Plan:
             for n in {compute[0], compute[-1]}:
                 self.resolved[n] = dataclasses.replace(self.resolved[n], weight_bits=kf, act_bits=kf)
 
+    def _plan_region(self, region, counters):
+        """A table / affine layer for an elementwise region whose input is quantized."""
+        v = region.out
+        op_type = REGION_OP_TYPES[region.kind]
+        layer = f"{op_type}_{counters[op_type]}"
+        src = self.source_of(v)
+        resolved = self.config.layer(layer, op_type, src.names() if src else ())
+        counters[op_type] += 1
+        if resolved.skip:
+            return
+        group = [m for m in region.members if m not in self.regions and m not in self.layer_of] + [v]
+        nxt = self._sole_user(v)
+        if region.kind == "affine" and nxt is not None and op_name(nxt.value) in ("relax.nn.relu", "relax.clip") \
+                and RULES[op_name(nxt.value)](nxt.value) is not None and nxt.var not in self.region_root:
+            group.append(nxt.var)     # a ReLU after a standalone BatchNorm: the clip of the affine's output
+        self._add_layer(layer, op_type, REGION, group)
+        self.root[layer] = v
+        self.resolved[layer] = resolved
+        self.region_layer[layer] = region
+        if src is not None:
+            self.sources[layer] = src
+
     def _add_layer(self, layer, op_type, kind, group):
         for g in group:
             self.layer_of[g] = layer
@@ -271,7 +335,7 @@ class _Plan:
         call = self.value[v]
         if op_name(call) == "relax.concat":
             return list(call.args[0].fields)
-        if op_name(call) == "relax.add":
+        if op_name(call) in ("relax.add", "relax.multiply"):
             return list(call.args)
         return [call.args[0]]
 
@@ -307,6 +371,9 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
     for layer, out in plan.group_out.items():
         if plan.layer_kind[layer] == PASS:
             continue
+        if plan.layer_kind[layer] == REGION:
+            needs_out_marker.add(layer)     # a table maps codes to codes: its output needs a scale
+            continue
         for i in plan.users.get(out, []):
             if plan.binds[i].var in plan.qdomain:
                 needs_out_marker.add(layer)
@@ -315,6 +382,7 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
     params = list(func.params)
     remap = {}                 # var -> its replacement for every user (output markers, renamed vars)
     in_marker = {}             # float var -> marker var, used only by quantized consumers
+    raw = {}                   # var -> its emitted var before any output marker (region members read these)
     used_names = set(p.name for p in params)
     quantized_vars, layers_attr = [], []
 
@@ -332,7 +400,12 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
                 v, call = b.var, b.value
                 layer = plan.layer_of.get(v)
                 local = dict(remap)
-                if layer is not None and plan.root[layer].same_as(v) and plan.layer_kind[layer] != PASS:
+                if v in plan.region_root:
+                    # Inside a region, members read each other unmarked: the region is one function of its root.
+                    for a in vars_of(call):
+                        if a in plan.region_root and a in raw and plan.region_root[a].same_as(plan.region_root[v]):
+                            local[a] = raw[a]
+                if layer is not None and plan.root[layer].same_as(v) and plan.layer_kind[layer] in (COMPUTE, MERGE):
                     bits = plan.bits_of_layer(layer)
                     for k, a in enumerate(plan.act_inputs(v)):
                         if a in plan.qdomain and plan.bits_of_var(a) == bits:
@@ -359,6 +432,7 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
                 emit = bb.emit_output if is_out and not isinstance(v, relax.DataflowVar) else bb.emit
                 nv = emit(new_value, vname)
                 remap[v] = nv
+                raw[v] = nv
                 if layer is not None and layer in needs_out_marker and plan.group_out[layer].same_as(v):
                     remap[v] = emit(make_marker(nv, f"{layer}:out", "act", plan.bits_of_layer(layer)), fresh(f"{layer}_out"))
             out = substitute(func.body.body, remap)
@@ -369,6 +443,10 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
         if plan.layer_kind[layer] != PASS or t not in ("act", "reshape"):
             layers_attr.append(f"{layer}={t}")
     new_func = new_func.with_attr(QUANTIZED_ATTR, quantized_vars).with_attr(LAYERS_ATTR, layers_attr)
+    if plan.region_layer:
+        new_func = new_func.with_attr(REGIONS_ATTR, json.dumps({
+            raw[r.out].name: {"layer": layer, "kind": r.kind, "axis": r.axis, "members": [raw[m].name for m in r.members]}
+            for layer, r in plan.region_layer.items()}))
     if plan.sources:
         new_func = new_func.with_attr(LAYER_SOURCES_ATTR, json.dumps(
             {k: [s.framework, s.node, s.op_type, s.weight, s.bias] for k, s in plan.sources.items()}))
@@ -483,3 +561,13 @@ def describe_layer(mod: tvm.IRModule, name: str) -> str:
     >>> # describe_layer(annotated, "conv2d_0:w") == 'conv2d_0:w (ONNX node "/.../Conv", weight "w0")'
     """
     return describe(name, layer_sources(mod).get(name.split(":", 1)[0]))
+
+
+def regions(mod: tvm.IRModule) -> dict:
+    """The elementwise regions of an annotated module: ``{output var name: {"layer", "kind", "axis", "members"}}``.
+
+    >>> # regions(annotated) == {"elementwise_0": {"layer": "elementwise_0", "kind": "lut", "axis": None,
+    >>> #                                           "members": ["lv3", "lv4", "elementwise_0"]}}
+    """
+    attr = main_function(mod).attrs.get(REGIONS_ATTR) if main_function(mod).attrs is not None else None
+    return json.loads(str(attr)) if attr is not None else {}

@@ -172,7 +172,28 @@ def _clip_rewriters():
             return expr
         return relax.Call(call.op, [call.args[1], call.args[0]], call.attrs)
 
-    return [(both, rw_both), (mx, rw_max), (const_first, rw_swap)]
+    px, alpha = wildcard(), is_const()
+    gt = is_op("relax.greater")(px, is_const())
+    neg = is_op("relax.multiply")(px, alpha)
+    prelu_p = is_op("relax.where")(gt, px, neg)
+
+    def rw_prelu(expr, m):
+        # torch.export's PReLU / LeakyReLU: where(x > 0, x, x * alpha) -> the ops ONNX's PRelu / LeakyRelu give.
+        call, g = m[prelu_p], m[gt]
+        x = call.args[1]              # the variable (m[px] may be the call bound to it)
+        if not (g.args[0].same_as(x) and m[neg].args[0].same_as(x)) \
+                or float(const_value(g.args[1]).reshape(-1)[0]) != 0.0 or const_value(g.args[1]).size != 1:
+            return expr
+        a = const_value(m[alpha])
+        shape = [int(v) for v in x.ty.shape.values]
+        if a.size == 1:
+            return relax.op.nn.leakyrelu(x, float(a.reshape(-1)[0]))
+        if len(shape) >= 2 and a.size == shape[1] and a.ndim <= len(shape) and \
+                [i for i, d in enumerate((1,) * (len(shape) - a.ndim) + a.shape) if d != 1] == [1]:
+            return relax.op.nn.prelu(x, relax.const(a.reshape(-1).astype("float32")), axis=1)
+        return expr
+
+    return [(both, rw_both), (mx, rw_max), (const_first, rw_swap), (prelu_p, rw_prelu)]
 
 
 def fold_batch_norm(mod: tvm.IRModule, stats: dict | None = None) -> tvm.IRModule:
@@ -190,7 +211,8 @@ def fold_batch_norm(mod: tvm.IRModule, stats: dict | None = None) -> tvm.IRModul
 
 
 def canonicalize(mod: tvm.IRModule) -> tvm.IRModule:
-    """Turn max/min pairs into ``clip``, ``maximum(x, 0)`` into ``relu``, and put constants second."""
+    """Turn max/min pairs into ``clip``, ``maximum(x, 0)`` into ``relu``, put constants second, and spell
+    torch's ``where(x > 0, x, x * alpha)`` as ``nn.prelu`` / ``nn.leakyrelu`` (as ONNX's PRelu imports)."""
     for pattern, rw in _clip_rewriters():
         mod = map_functions(mod, lambda f, p=pattern, r=rw: rewrite_call(p, r, f))
     return mod

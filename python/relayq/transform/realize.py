@@ -6,7 +6,10 @@ Realize walks ``main`` once and gives every variable one of four *values*:
 * ``Q``: integer codes (int8, or int16 above 8 bits) with a scale;
 * ``Acc``: a conv2d / dense int32 accumulator (bias already added) whose ReLU/clip bounds are known but
   which is not yet requantized;
-* ``Pending``: an add or concat of ``Q`` values waiting for its output scale.
+* ``Pending``: an add or concat of ``Q`` values waiting for its output scale;
+* ``Lut`` / ``Affine``: an elementwise region of a ``Q`` value (a function looked up in a table over
+  all input codes, or a per-channel piecewise-affine map) waiting for its output scale. A multiply of
+  two ``Q`` values is an ``Acc``: the exact integer product at scale ``s_a * s_b``.
 
 A marker on an ``Acc`` or ``Pending`` value *finalizes* it into ``Q`` at the marker's scale with
 integer-only arithmetic (see :mod:`relayq.qmath`): ``(acc * M + 2^(s-1)) >> s`` in int64, then a clip
@@ -32,7 +35,8 @@ from tvm import relax
 from .. import qmath
 from ..errors import BiasClampWarning, ConfigError, FloatFallbackWarning, OverflowRiskError
 from ..utils.names import describe
-from .annotate import QUANTIZED_ATTR, layer_sources
+from . import elementwise
+from .annotate import QUANTIZED_ATTR, layer_sources, regions
 from .common import (bindings, const_value, is_const_expr, main_function, op_name, shape_of, simq_info, substitute,
                      vars_of)
 
@@ -76,6 +80,7 @@ class Acc:
     corr: Any = None              # int64 per-channel zero-point correction not yet added (folded into the bias)
     wpoint: Any = None            # the layer's weight QPoint (its bias correction applies to the bias)
     worst: int = 0                # the largest |accumulator| before the bias (the bias clamp keeps the sum in int32)
+    wide: bool = False            # an int64 accumulator (a product of two 16-bit tensors may leave int32)
 
 
 @dataclass
@@ -85,6 +90,33 @@ class Pending:
     attrs: dict = field(default_factory=dict)
     lo: float = -np.inf
     hi: float = np.inf
+
+
+@dataclass
+class Lut:
+    x: Q                          # the region's input codes
+    fn: Any                       # the region's float function (numpy, float64)
+    lo: float = -np.inf           # clip bounds of a fused ReLU / clip (none: the region holds them)
+    hi: float = np.inf
+
+
+@dataclass
+class Affine:
+    x: Q
+    a_pos: np.ndarray             # per-channel slope for x >= 0 (size 1: per tensor)
+    a_neg: np.ndarray             # per-channel slope for x < 0
+    b: np.ndarray                 # per-channel offset
+    axis: Any                     # channel axis, None per tensor
+    ndim: int
+    lo: float = -np.inf
+    hi: float = np.inf
+
+
+@dataclass
+class Deferred:
+    """An op inside an elementwise region: emitted in float only if something outside reads it."""
+    var: Any
+    call: Any
 
 
 def _i64(v, shape=None):
@@ -109,6 +141,9 @@ class Realizer:
         self.int_params = {}       # name -> integer constants (for reports / export size)
         self.dequantized = {}      # id of a Q value -> its float copy (emitted once)
         self.sources = layer_sources(annotated)     # layer -> the user's names of it
+        self.regions = regions(annotated)          # region output var name -> its layer, kind, members
+        self.region_interior = {m for r in self.regions.values() for m in r["members"]} - set(self.regions)
+        self.func_bindings = bindings(self.func)
 
     def describe(self, layer: str) -> str:
         """``conv2d_3 (ONNX node "...", weight "...")``: a layer in relayq's and the user's names."""
@@ -135,6 +170,15 @@ class Realizer:
                 s = s.reshape(shape)
             y = self.emit(relax.op.multiply(relax.op.astype(self.acc_int(val), "float32"), relax.const(s)))
             return self._float_clip(y, val.lo, val.hi)
+        if isinstance(val, Deferred):
+            key = id(val)
+            if key not in self.dequantized:
+                remap = {a: self.to_float(self.values[a]) for a in vars_of(val.call) if a in self.values}
+                self.dequantized[key] = self.emit(substitute(val.call, remap))
+            return self.dequantized[key]
+        if isinstance(val, (Lut, Affine)):
+            raise ConfigError("realize: an elementwise region without an output point (the annotated module is "
+                              "inconsistent)")
         if isinstance(val, Pending):
             fl = [self.to_float(p) for p in val.parts]
             if val.kind == "add":
@@ -248,6 +292,10 @@ class Realizer:
                 shape[val.channel_axis] = -1
             return self.wrap(self.requantize(self.acc_int(val), np.asarray(val.scale, np.float64) / scale, bits, lo,
                                              hi, shape, name, zp_out=zp, signed=signed), scale, bits, zp, signed, name)
+        if isinstance(val, Lut):
+            return self.wrap(self._lookup(val, scale, bits, zp, signed, name), scale, bits, zp, signed, name)
+        if isinstance(val, Affine):
+            return self.wrap(self._affine(val, scale, bits, zp, signed, name), scale, bits, zp, signed, name)
         if isinstance(val, Pending):
             lo, hi = self._code_bounds(val.lo, val.hi, scale, bits, zp, signed)
             if val.kind == "add":
@@ -274,6 +322,70 @@ class Realizer:
                                                  signed=signed))
             return self.wrap(self.emit(relax.op.concat(parts, axis=val.attrs["axis"])), scale, bits, zp, signed, name)
         raise TypeError(val)
+
+    def _lookup(self, val: Lut, scale, bits, zp, signed, name):
+        """``take(table, codes - qmin)``: the region's function on every input code (:func:`qmath.lut_table`)."""
+        x = val.x
+        lo, hi = self._code_bounds(val.lo, val.hi, scale, bits, zp, signed)
+        table = qmath.lut_table(val.fn, x.bits, x.scale, bits, scale, x.zp, zp, x.signed, signed, lo, hi)
+        idx = self.emit(relax.op.astype(self.codes(x), "int32"))
+        if x.lo != 0:
+            idx = self.emit(relax.op.subtract(idx, relax.const(np.int32(x.lo))))
+        tab = relax.const(table.astype(qmath.storage_dtype(bits, signed)))
+        e = relax.op.take(tab, idx, axis=0, mode="clip")     # "fast" warns at every build
+        return self.bb.emit(e, name) if name else self.emit(e)
+
+    def _affine(self, val: Affine, scale, bits, zp, signed, name):
+        """The integer per-channel affine of :func:`qmath.channel_affine`."""
+        x = val.x
+        lo, hi = self._code_bounds(val.lo, val.hi, scale, bits, zp, signed)
+        m_pos, m_neg, off, shift = qmath.channel_affine_params(val.a_pos, val.a_neg, val.b, x.scale, scale)
+        shape = None
+        if m_pos.size > 1:
+            shape = [1] * val.ndim
+            shape[val.axis] = -1
+        t = self.emit(relax.op.astype(self.codes(x), "int64"))
+        if x.zp:
+            t = self.emit(relax.op.subtract(t, _i64(x.zp)))
+        if np.array_equal(m_pos, m_neg):
+            m = _i64(m_pos if shape else m_pos.reshape(()), shape)
+        else:
+            m = self.emit(relax.op.where(relax.op.greater_equal(t, _i64(0)), _i64(m_pos if shape else m_pos[0], shape),
+                                         _i64(m_neg if shape else m_neg[0], shape)))
+        t = self.emit(relax.op.multiply(t, m))
+        if np.any(off != 0):
+            t = self.emit(relax.op.add(t, _i64(off if shape else off[0], shape)))
+        t = self._rounding_shift(t, shift)
+        if zp:
+            t = self.emit(relax.op.add(t, _i64(zp)))
+        t = self.emit(relax.op.clip(t, int(lo), int(hi)))
+        return self._cast(t, bits, signed, name)
+
+    def rule_region(self, v):
+        """The value of an elementwise region's output: a ``Lut`` or an ``Affine`` of its input's codes."""
+        info = self.regions[v.name]
+        members = elementwise.region_bindings(self.func_bindings, info["members"])
+        root = elementwise.root_of(members)
+        x = self.as_q(self.values[root], v.name)
+        fn = elementwise.region_function(members, root)
+        if info["kind"] == "lut":
+            return Lut(x, fn)
+        a_pos, a_neg, b = elementwise.affine_params(fn, shape_of(v), info["axis"])
+        return Affine(x, a_pos, a_neg, b, info["axis"], len(shape_of(v)))
+
+    def rule_multiply(self, v, call, args):
+        """The exact product of two quantized tensors' codes (less their zero points), at scale s_a * s_b."""
+        a, b = (self.as_q(x, v.name) for x in args)
+        worst = max(abs(a.lo - a.zp), abs(a.hi - a.zp)) * max(abs(b.lo - b.zp), abs(b.hi - b.zp))
+        dt = "int32" if worst <= _INT32_MAX else "int64"
+        terms = []
+        for q in (a, b):
+            t = self.emit(relax.op.astype(self.codes(q), dt))
+            if q.zp:
+                t = self.emit(relax.op.subtract(t, relax.const(np.asarray(q.zp, dt))))
+            terms.append(t)
+        e = self.emit(relax.op.multiply(terms[0], terms[1]), v.name)
+        return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=dt == "int64")
 
     def as_q(self, val, where: str) -> Q:
         if isinstance(val, Q):
@@ -366,7 +478,7 @@ class Realizer:
             lo, hi = 0.0, np.inf
         else:
             lo, hi = float(call.args[1].value), float(call.args[2].value)
-        if isinstance(val, (Acc, Pending)):
+        if isinstance(val, (Acc, Pending, Lut, Affine)):
             val.lo, val.hi = max(val.lo, lo), min(val.hi, hi)
             return val
         q = self.as_q(val, v.name)
@@ -450,9 +562,17 @@ class Realizer:
                                                        zp=qp.zero_point, signed=qp.signed)
                         continue
                     name = op_name(call)
+                    if v.name in self.region_interior:
+                        self.values[v] = Deferred(v, call)
+                        continue
+                    if v.name in self.regions:
+                        self.values[v] = self.rule_region(v)
+                        continue
                     if v.name in self.quantized:
                         args = [self.values.get(a) for a in call.args if isinstance(a, relax.Var)]
-                        if name in ("relax.nn.conv2d", "relax.matmul") and call.args[1] in self.weights:
+                        if name == "relax.multiply":
+                            val = self.rule_multiply(v, call, args)
+                        elif name in ("relax.nn.conv2d", "relax.matmul") and call.args[1] in self.weights:
                             val = self.rule_compute(v, call, args)
                         elif name == "relax.add" and isinstance(args[0], Acc) and is_const_expr(call.args[1]):
                             val = self.rule_bias(v, call, args)
@@ -518,7 +638,22 @@ class Simulator(Realizer):
 
     def acc_int(self, acc: Acc):
         t = self.emit(relax.op.divide(acc.expr, relax.const(self._scale_tensor(acc), "float64")))
-        return self.emit(relax.op.astype(self.emit(relax.op.round(t)), "int32"))
+        return self.emit(relax.op.astype(self.emit(relax.op.round(t)), "int64" if acc.wide else "int32"))
+
+    def _real64(self, q: Q):
+        """``(codes - zp) * scale`` in float64 from the exact codes."""
+        t = self.emit(relax.op.astype(self.codes(q), "float64"))
+        if q.zp:
+            t = self.emit(relax.op.subtract(t, relax.const(float(q.zp), "float64")))
+        return self.emit(relax.op.multiply(t, relax.const(float(q.scale), "float64")))
+
+    def rule_multiply(self, v, call, args):
+        # The float64 product of the dequantized values is the integer product times s_a * s_b up to a
+        # relative 2^-51: acc_int recovers the integer exactly.
+        a, b = (self.as_q(x, v.name) for x in args)
+        worst = max(abs(a.lo - a.zp), abs(a.hi - a.zp)) * max(abs(b.lo - b.zp), abs(b.hi - b.zp))
+        e = self.emit(relax.op.multiply(self._real64(a), self._real64(b)), v.name)
+        return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=worst > _INT32_MAX)
 
     def rule_compute(self, v, call, args):
         x = self.as_q(args[0], v.name)
