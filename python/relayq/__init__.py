@@ -5,14 +5,15 @@
     lib = relayq.build(qmodel)
 """
 from . import frontend, qmath, transform
-from .api import CompiledModel, QuantizedModel, build, load, load_quantized, quantize_model
+from .api import CompiledModel, QuantizedModel, build, finetune, load, load_quantized, quantize_model
 from .config import LayerConfig, QConfig
 from .errors import (AccuracyCollapseWarning, BiasClampWarning, BuildError, CalibrationWarning, ConfigError,
-                     DatasetError, FloatFallbackWarning, FrontendError, ModelError, NothingQuantizedWarning,
+                     DatasetError, FloatFallbackWarning, FrontendError, MissingDependencyError, ModelError,
+                     NothingQuantizedWarning,
                      OverflowRiskError, RelayqError, UnsupportedOpError)
 
 __version__ = "0.1.0"
-__all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
+__all__ = ["quantize_model", "finetune", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
            "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
-           "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
+           "FrontendError", "UnsupportedOpError", "MissingDependencyError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
            "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning"]
