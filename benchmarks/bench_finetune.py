@@ -39,13 +39,15 @@ import relayq  # noqa: E402
 FMNIST_SCHEMES = [
     ("W4A4", dict(weight_bits=4, act_bits=4, per_channel=True, act_symmetric=False)),
     ("W2A8", dict(weight_bits=2, act_bits=8, per_channel=True, act_symmetric=False)),
+    # Harder, not in the issue: per-tensor weights and signed activations (3 bits of magnitude after a ReLU).
+    ("W4A4 per-tensor, signed acts", dict(weight_bits=4, act_bits=4)),
 ]
 MBV2_SCHEMES = {
     "W8A4": dict(weight_bits=8, act_bits=4, per_channel=True, act_symmetric=False),
     "W4A4": dict(weight_bits=4, act_bits=4, per_channel=True, act_symmetric=False),
 }
 #: The issue's targets: Fashion-MNIST points below FP32, MobileNetV2 agreement.
-TARGETS = {"W4A4": 2.0, "W2A8": 5.0, "mbv2": 0.85}
+TARGETS = {"W4A4": 2.0, "W2A8": 5.0, "W4A4 per-tensor, signed acts": 2.0, "mbv2": 0.85}
 
 
 def log(msg: str) -> None:
@@ -64,7 +66,14 @@ def bench_fashion(args) -> dict:
     if not ba.fmnist_available():
         return {"skipped": "apt-get install dataset-fashion-mnist"}
     data = ba.load_fmnist()
-    onnx_path, info = ba.train_fmnist(data, args.cache)
+    import torch
+    keep = torch.set_num_threads
+    try:
+        # train_fmnist asks for 2 threads: on a shared, loaded box that is many times slower than --threads 1.
+        torch.set_num_threads = lambda n: keep(min(n, args.threads))
+        onnx_path, info = ba.train_fmnist(data, args.cache)
+    finally:
+        torch.set_num_threads = keep
     xtest, ytest = data["test"]
     test = ba.fmnist_normalize(xtest)
     test_batches = [test[i:i + ba.FMNIST_BATCH] for i in range(0, len(test), ba.FMNIST_BATCH)]

@@ -385,7 +385,8 @@ def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=No
             can be anything: ``inputs(batch)`` returns the model inputs.
         loss: ``loss(outputs, batch) -> scalar torch tensor`` (outputs: a tensor, or a tuple for several).
         teacher: the distillation target, a callable on the input tensors (e.g. the original
-            ``torch.nn.Module``); by default the float graph relayq imported.
+            ``torch.nn.Module``); by default the float model relayq imported (``qmodel.prepared``), so
+            that fine-tuning a fine-tuned model again still learns from the float model.
         epochs / steps: passes over the data, or a number of optimizer steps (wins when given).
         lr / scale_lr: the weights' step and the scales' (log ratio) step, default ``10 * lr``.
         learn_scales: learn the scales too (LSQ); False trains the weights only.
@@ -416,7 +417,8 @@ def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=No
     result = finetune_graph(qmodel.annotated, qmodel.qpoints, data, loss=loss, inputs=inputs, teacher=teacher,
                             epochs=epochs, steps=steps, lr=lr, scale_lr=scale_lr, learn_scales=learn_scales,
                             distill=distill, weight_decay=weight_decay, log_every=log_every,
-                            show_progress=show_progress, seed=seed, pow2=qmodel.config.power_of_two_scale)
+                            show_progress=show_progress, seed=seed, pow2=qmodel.config.power_of_two_scale,
+                            float_module=qmodel.prepared)
     simulated = simulate(result.annotated, result.qpoints)
     realized, int_params = realize(result.annotated, result.qpoints, return_params=True)
     return QuantizedModel(realized, int_params, qmodel.prepared, result.annotated, simulated, result.qpoints,

@@ -237,7 +237,7 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
                    epochs: int = 1, steps: int | None = None, lr: float = 1e-4, scale_lr: float | None = None,
                    learn_scales: bool = True, distill: str = "mse", weight_decay: float = 0.0,
                    log_every: int | None = None, show_progress: bool = True, seed: int = 0, pow2: bool = False,
-                   stream=None) -> FinetuneResult:
+                   float_module: tvm.IRModule | None = None, stream=None) -> FinetuneResult:
     """Train the torch twin of ``annotated`` and return its weights and scales (see the module docstring).
 
     Args:
@@ -250,6 +250,9 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
         epochs / steps: passes over the data, or a number of optimizer steps (which wins when given).
         lr / scale_lr: Adam's step for the weights and for the scales' log ratios (default ``10 * lr``).
         distill: ``"mse"`` or ``"kl"``.
+        float_module: the float model the default teacher runs (a prepared module: its twin has no
+            markers); by default the float graph of ``annotated``. Pass the original one when
+            ``annotated`` was itself fine-tuned, so that a second run still learns from the float model.
 
     Example::
 
@@ -264,7 +267,8 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
     student = build_torch_graph(annotated, qpoints, learn_scales=learn_scales, pow2=pow2)
     teacher_fn = teacher
     if loss is None and teacher is None:
-        float_graph = build_torch_graph(annotated, qpoints, quantize=False, learn_scales=False, train_weights=False)
+        float_graph = build_torch_graph(float_module if float_module is not None else annotated, qpoints,
+                                        quantize=False, learn_scales=False, train_weights=False)
         float_graph.eval()
         teacher_fn = float_graph
     scale_params = [q.log_ratio for q in student.quantizers.values() if q.log_ratio.requires_grad]
