@@ -167,3 +167,33 @@ def test_unknown_op_is_named():
     q = _quantize(bb.get(), {}, [rng.randn(1, 3, 6, 6).astype("float32")], weight_bits=4)
     with pytest.raises(relayq.UnsupportedOpError, match=r"'cos'.*weird|'relax.cos'.*weird"):
         relayq.finetune(q, [rng.randn(1, 3, 6, 6).astype("float32")])
+
+
+def test_op_table_matches_relax():
+    """Float ops beyond tiny_cnn's (pad, permute, squeeze, expand_dims, mean, softmax, sigmoid, asymmetric
+    pooling padding, grouped conv with asymmetric padding): the twin computes what TVM computes."""
+    from relayq.training import build_torch_graph
+
+    rng = np.random.RandomState(0)
+    w = rng.randn(6, 2, 3, 3).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 4, 7, 7), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 1, 0, 2, 1], pad_value=0.5))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(w), padding=(0, 1, 1, 0), groups=2, strides=(2, 2)))
+            y = bb.emit(relax.op.sigmoid(y))
+            y = bb.emit(relax.op.nn.max_pool2d(y, (2, 2), (1, 1), padding=(0, 0, 1, 1)))
+            y = bb.emit(relax.op.nn.avg_pool2d(y, (3, 3), (2, 2), padding=(1, 1), count_include_pad=True))
+            m = bb.emit(relax.op.mean(y, axis=[2, 3], keepdims=False))
+            m = bb.emit(relax.op.expand_dims(m, 1))
+            m = bb.emit(relax.op.permute_dims(m, [0, 2, 1]))
+            m = bb.emit(relax.op.squeeze(m, [2]))
+            out = bb.emit_output(relax.op.nn.softmax(relax.op.multiply(m, relax.const(np.float32(3.0))), axis=-1))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    a = rng.randn(2, 4, 7, 7).astype("float32")
+    twin = build_torch_graph(mod, {}, quantize=False)
+    with torch.no_grad():
+        got = twin(torch.from_numpy(a)).numpy()
+    np.testing.assert_allclose(got, compile_host(mod)(a)[0], rtol=1e-5, atol=1e-6)

@@ -272,6 +272,8 @@ def _concat(call, F):
 
 
 def _pad(call, F):
+    if str(call.attrs.pad_mode) != "constant":
+        raise UnsupportedOpError(f"relax.nn.pad with pad_mode={call.attrs.pad_mode}: the torch twin pads with a constant only")
     widths = _ints(call.attrs.pad_width)        # (before, after) per axis, first axis first
     value = float(getattr(call.attrs, "pad_value", 0.0) or 0.0)
     flat = []
