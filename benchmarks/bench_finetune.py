@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="*", help="Fashion-MNIST schemes to run (default: all)")
     ap.add_argument("--method", default="mse", help="post-training calibration before fine-tuning")
     ap.add_argument("--distill", default="kl", choices=["mse", "kl"])
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--fmnist-epochs", type=int, default=2)
     ap.add_argument("--fmnist-images", type=int, default=20000)
     ap.add_argument("--mbv2-scheme", default="W8A4", choices=sorted(MBV2_SCHEMES))
