@@ -11,8 +11,8 @@ Two models, each quantized post-training first (the "PTQ" row) and then fine-tun
 * **MobileNetV2** (real torchvision weights). Metric: top-1 agreement with FP32 (ONNX Runtime) on the 120
   photos of ``bench_accuracy.py`` (100 ai-benchmark photos + 20 labelled ImageNet samples), also given
   separately on the 20 labelled photos that fine-tuning never sees. Calibration and fine-tuning data:
-  the 100 unlabelled ai-benchmark photos (distillation), with random crops and flips (``--no-augment``
-  to train on the photos as they are). Scheme: ``--mbv2-scheme`` (W8A4 or W4A4).
+  the 100 unlabelled ai-benchmark photos (distillation), by default as random resized crops of the
+  original photos with flips (``--augment``). Scheme: ``--mbv2-scheme`` (W8A4 or W4A4).
 
     PYTHONPATH=python python3 benchmarks/bench_finetune.py --only fashion
     PYTHONPATH=python python3 benchmarks/bench_finetune.py --only mobilenet --mbv2-steps 300
@@ -139,6 +139,33 @@ def _augment(photos: np.ndarray, rng) -> np.ndarray:
     return out
 
 
+def _random_resized_crops(originals: list, rng, size: int = 224) -> np.ndarray:
+    """torchvision-style RandomResizedCrop (area 20-100%, aspect 3/4-4/3) of the original photos, resized
+    to ``size`` (bilinear), flipped half of the time, normalized as ``relayq.testing.data.preprocess``."""
+    from PIL import Image
+
+    from relayq.testing import data
+
+    out = np.empty((len(originals), 3, size, size), np.float32)
+    for i, img in enumerate(originals):
+        w, h = img.size
+        for _ in range(10):
+            area = w * h * rng.uniform(0.2, 1.0)
+            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:
+            cw, ch = min(w, h), min(w, h)
+        x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        crop = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        x = (np.asarray(crop, np.float32) / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
+        out[i] = x.transpose(2, 0, 1)
+    return out
+
+
 def bench_mobilenet(args) -> dict:
     from bench_accuracy import MOBILENET_BATCH_ORT, ort_predict
     from relayq.testing import data, zoo
@@ -176,12 +203,21 @@ def bench_mobilenet(args) -> dict:
     log(f"mobilenet_v2 {args.mbv2_scheme} PTQ ({args.method}): {ptq}")
     bs = args.mbv2_batch
 
+    originals = []
+    if args.augment == "rrc":
+        from PIL import Image
+        for path in data._calibration_files()[:len(photos)]:
+            with Image.open(path) as img:
+                originals.append(img.convert("RGB"))
+
     def epoch_batches(epoch):
         rng = np.random.default_rng(1000 + epoch)
         order = rng.permutation(len(photos))
         imgs = photos[order]
-        if not args.no_augment:
+        if args.augment == "crop":
             imgs = _augment(imgs, rng)
+        elif args.augment == "rrc":
+            imgs = _random_resized_crops([originals[i] for i in order], rng)
         return [imgs[i:i + bs] for i in range(0, len(imgs) - bs + 1, bs)]
 
     t0 = time.perf_counter()
@@ -194,8 +230,9 @@ def bench_mobilenet(args) -> dict:
             "metric": "top-1 agreement with FP32 (ONNX Runtime) on 120 photos; agreement_20_unseen: on the 20 "
                       "labelled photos that fine-tuning never sees",
             "scheme": args.mbv2_scheme, "config": fields, "calibration": args.method,
-            "finetune_data": f"the 100 unlabelled calibration photos, batches of {bs}"
-                             + ("" if args.no_augment else ", random crops (70-100%) and flips"),
+            "finetune_data": f"the 100 unlabelled calibration photos, batches of {bs}" + {
+                "none": "", "crop": ", random crops (70-100%) of the 224 centre crop and flips",
+                "rrc": ", random resized crops (area 20-100%) of the original photos and flips"}[args.augment],
             "steps": args.mbv2_steps, "lr": args.mbv2_lr, "distill": args.distill,
             "ptq": ptq, "finetune": ft, "ptq_seconds": round(ptq_s, 1), "finetune_seconds": round(ft_s, 1),
             "training": qf.training, "target_agreement": TARGETS["mbv2"],
@@ -215,7 +252,9 @@ def main() -> None:
     ap.add_argument("--mbv2-steps", type=int, default=300)
     ap.add_argument("--mbv2-batch", type=int, default=10)
     ap.add_argument("--mbv2-lr", type=float, default=2e-5)
-    ap.add_argument("--no-augment", action="store_true")
+    ap.add_argument("--augment", default="rrc", choices=["none", "crop", "rrc"],
+                    help="MobileNetV2 training views: none, crops of the 224 centre crop, or random resized "
+                         "crops of the original photos")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     ap.add_argument("--cache", default=os.path.join(HERE, "results", "cache"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "finetune.json"))
