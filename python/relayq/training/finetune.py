@@ -196,7 +196,15 @@ def _rebind(mod: tvm.IRModule, new_values: dict) -> tvm.IRModule:
 
 
 def export(student, annotated: tvm.IRModule, qpoints: dict, learned_scales: bool) -> tuple:
-    """The trained twin's weights, biases and scales as ``(annotated module, qpoints)``."""
+    """The trained twin's weights, biases and scales as ``(annotated module, qpoints)``.
+
+    Weight points lose their AdaRound codes (the twin started from weights that round to them) and,
+    where the layer's bias was trained, their bias correction (folded into the bias at the start).
+
+    Example::
+
+        annotated, qpoints = export(student, qmodel.annotated, qmodel.qpoints, learned_scales=True)
+    """
     new_values, new_points = {}, dict(qpoints)
     by_name = {b.var.name: b for b in bindings(main_function(annotated))}
     for b in bindings(main_function(annotated)):
