@@ -34,6 +34,9 @@ setup(
         # schema package (pure Python, 150 kB; needs flatbuffers and numpy). Pinned: the schema's
         # builtin-op codes and options are what the importer and relayq's op check read.
         "tflite": ["tflite==2.18.0"],
+        # relayq.finetune (quantization-aware training) trains a torch twin of the quantized graph.
+        # Pinned like the test extra (the CPU build; an unpinned torch pulls several GB of CUDA packages).
+        "train": ["torch==2.13.0"],
         # Peers and real-model data used by benchmarks and tutorials.
         "bench": ["onnxruntime", "pillow", "psutil", "cloudpickle"],
     },
