@@ -222,7 +222,7 @@ def bench_mobilenet(args) -> dict:
 
     t0 = time.perf_counter()
     qf = relayq.finetune(q, epoch_batches, steps=args.mbv2_steps, lr=args.mbv2_lr, distill=args.distill,
-                         show_progress=True, log_every=10)
+                         learn_weights=not args.mbv2_frozen_weights, show_progress=True, log_every=10)
     ft_s = time.perf_counter() - t0
     ft = score(qf)
     log(f"mobilenet_v2 {args.mbv2_scheme} + finetune: {ft} in {ft_s:.0f} s")
@@ -234,6 +234,7 @@ def bench_mobilenet(args) -> dict:
                 "none": "", "crop": ", random crops (70-100%) of the 224 centre crop and flips",
                 "rrc": ", random resized crops (area 20-100%) of the original photos and flips"}[args.augment],
             "steps": args.mbv2_steps, "lr": args.mbv2_lr, "distill": args.distill,
+            "learn_weights": not args.mbv2_frozen_weights,
             "ptq": ptq, "finetune": ft, "ptq_seconds": round(ptq_s, 1), "finetune_seconds": round(ft_s, 1),
             "training": qf.training, "target_agreement": TARGETS["mbv2"],
             "met": bool(ft["agreement"] >= TARGETS["mbv2"])}
@@ -251,7 +252,9 @@ def main() -> None:
     ap.add_argument("--mbv2-scheme", default="W8A4", choices=sorted(MBV2_SCHEMES))
     ap.add_argument("--mbv2-steps", type=int, default=300)
     ap.add_argument("--mbv2-batch", type=int, default=10)
-    ap.add_argument("--mbv2-lr", type=float, default=2e-5)
+    ap.add_argument("--mbv2-lr", type=float, default=1e-4)
+    ap.add_argument("--mbv2-frozen-weights", action="store_true",
+                    help="MobileNetV2: train the biases and scales only (learn_weights=False)")
     ap.add_argument("--augment", default="rrc", choices=["none", "crop", "rrc"],
                     help="MobileNetV2 training views: none, crops of the 224 centre crop, or random resized "
                          "crops of the original photos")

@@ -367,7 +367,7 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
 
 def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=None, epochs: int = 1,
              steps: int | None = None, lr: float = 1e-4, scale_lr: float | None = None, learn_scales: bool = True,
-             distill: str = "mse", weight_decay: float = 0.0, log_every: int | None = None,
+             learn_weights: bool = True, distill: str = "mse", weight_decay: float = 0.0, log_every: int | None = None,
              show_progress: bool | None = None, seed: int = 0) -> QuantizedModel:
     """Quantization-aware fine-tuning: train the weights and scales of a quantized model (needs torch).
 
@@ -390,6 +390,7 @@ def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=No
         epochs / steps: passes over the data, or a number of optimizer steps (wins when given).
         lr / scale_lr: the weights' step and the scales' (log ratio) step, default ``10 * lr``.
         learn_scales: learn the scales too (LSQ); False trains the weights only.
+        learn_weights: False keeps the weights and trains the fused biases and the scales only.
         distill: ``"mse"`` (between outputs) or ``"kl"`` (between softmaxes: classifiers).
         log_every: also print (and log to the ``relayq.finetune`` logger) the loss every N steps.
         show_progress: a progress line per epoch with its loss; default ``qmodel.config.show_progress``.
@@ -416,6 +417,7 @@ def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=No
         show_progress = qmodel.config.show_progress
     result = finetune_graph(qmodel.annotated, qmodel.qpoints, data, loss=loss, inputs=inputs, teacher=teacher,
                             epochs=epochs, steps=steps, lr=lr, scale_lr=scale_lr, learn_scales=learn_scales,
+                            learn_weights=learn_weights,
                             distill=distill, weight_decay=weight_decay, log_every=log_every,
                             show_progress=show_progress, seed=seed, pow2=qmodel.config.power_of_two_scale,
                             float_module=qmodel.prepared)

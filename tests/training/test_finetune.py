@@ -197,3 +197,16 @@ def test_op_table_matches_relax():
     with torch.no_grad():
         got = twin(torch.from_numpy(a)).numpy()
     np.testing.assert_allclose(got, compile_host(mod)(a)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_weights_train_biases_and_scales_only(tiny, q48):
+    mod, params, train, held, calib = tiny
+    qf = relayq.finetune(q48, train, steps=3, lr=1e-3, learn_weights=False, show_progress=False)
+    from relayq.transform.common import bindings, const_value, simq_info
+
+    def weights(q):
+        return {i[1]: const_value(i[0]) for b in bindings(q.annotated["main"])
+                if (i := simq_info(b.value)) is not None and i[2] == "weight"}
+    before, after = weights(q48), weights(qf)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert any(qf.qpoints[n].scale != p.scale for n, p in q48.qpoints.items() if p.role == "act")

@@ -243,7 +243,8 @@ def export(student, annotated: tvm.IRModule, qpoints: dict, learned_scales: bool
 
 def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, inputs=None, teacher=None,
                    epochs: int = 1, steps: int | None = None, lr: float = 1e-4, scale_lr: float | None = None,
-                   learn_scales: bool = True, distill: str = "mse", weight_decay: float = 0.0,
+                   learn_scales: bool = True, learn_weights: bool = True, distill: str = "mse",
+                   weight_decay: float = 0.0,
                    log_every: int | None = None, show_progress: bool = True, seed: int = 0, pow2: bool = False,
                    float_module: tvm.IRModule | None = None, stream=None) -> FinetuneResult:
     """Train the torch twin of ``annotated`` and return its weights and scales (see the module docstring).
@@ -258,6 +259,8 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
         epochs / steps: passes over the data, or a number of optimizer steps (which wins when given).
         lr / scale_lr: Adam's step for the weights and for the scales' log ratios (default ``10 * lr``).
         distill: ``"mse"`` or ``"kl"``.
+        learn_weights: False keeps the weights and trains the fused biases and the scales only (few
+            parameters: less overfitting on a small unlabelled set).
         float_module: the float model the default teacher runs (a prepared module: its twin has no
             markers); by default the float graph of ``annotated``. Pass the original one when
             ``annotated`` was itself fine-tuned, so that a second run still learns from the float model.
@@ -272,7 +275,8 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
     _check_options(epochs, steps, lr, scale_lr, distill, loss, inputs, teacher, log_every, weight_decay)
     stream = stream or sys.stderr
     torch.manual_seed(seed)
-    student = build_torch_graph(annotated, qpoints, learn_scales=learn_scales, pow2=pow2)
+    student = build_torch_graph(annotated, qpoints, learn_scales=learn_scales, train_weights=learn_weights,
+                                train_biases=True, pow2=pow2)
     teacher_fn = teacher
     if loss is None and teacher is None:
         float_graph = build_torch_graph(float_module if float_module is not None else annotated, qpoints,
@@ -280,8 +284,11 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
         float_graph.eval()
         teacher_fn = float_graph
     scale_params = [q.log_ratio for q in student.quantizers.values() if q.log_ratio.requires_grad]
-    groups = [{"params": list(student.weights.values()) + list(student.biases.values()), "lr": float(lr),
-               "weight_decay": float(weight_decay)}]
+    trained = [p for p in list(student.weights.values()) + list(student.biases.values()) if p.requires_grad]
+    groups = [{"params": trained, "lr": float(lr), "weight_decay": float(weight_decay)}] if trained else []
+    if not trained and not scale_params:
+        raise ConfigError("finetune: nothing to train (learn_weights=False, learn_scales=False and no layer "
+                          "has a fused bias)")
     if scale_params:
         groups.append({"params": scale_params, "lr": float(scale_lr or lr * SCALE_LR_FACTOR), "weight_decay": 0.0})
     opt = torch.optim.Adam(groups)
@@ -297,7 +304,8 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
     epoch = 0
     if show_progress:
         stream.write(f"relayq: finetune: {sum(p.numel() for g in groups for p in g['params'])} parameters "
-                     f"({len(student.weights)} weights, {len(student.biases)} biases, {len(scale_params)} scales), "
+                     f"({len(student.weights) if learn_weights else 0} weights, {len(student.biases)} biases, "
+                     f"{len(scale_params)} scales), "
                      f"loss: {loss_name}, {f'{steps} steps' if steps else f'{epochs} epoch(s)'}\n")
         stream.flush()
     while epoch < max_epochs and (steps is None or step < steps):

@@ -420,7 +420,7 @@ def _trainable_bias(call, acc_of) -> bool:
 
 
 def build_torch_graph(annotated, qpoints: dict, *, quantize: bool = True, learn_scales: bool = True,
-                      train_weights: bool = True, pow2: bool = False):
+                      train_weights: bool = True, train_biases: bool | None = None, pow2: bool = False):
     """The :class:`TorchGraph` of an annotated module (see the module docstring).
 
     Example::
@@ -430,6 +430,8 @@ def build_torch_graph(annotated, qpoints: dict, *, quantize: bool = True, learn_
     """
     torch = require_torch()
     FakeQuant = _fake_quant_class()
+    if train_biases is None:
+        train_biases = train_weights
     F = _F()
     func = main_function(annotated)
     attr = func.attrs.get(QUANTIZED_ATTR) if func.attrs is not None else None
@@ -552,7 +554,7 @@ def build_torch_graph(annotated, qpoints: dict, *, quantize: bool = True, learn_
                         b0 = (b0.astype(np.float64) - np.asarray(point.bias_corr, np.float64).reshape(b0.shape))
                         b0 = b0.astype(np.float32)
                     key = _key(v.name)
-                    self.biases[key] = torch.nn.Parameter(torch.from_numpy(b0.copy()), requires_grad=train_weights)
+                    self.biases[key] = torch.nn.Parameter(torch.from_numpy(b0.copy()), requires_grad=train_biases)
                     self.bias_binding[key] = v.name
                     if fw is not None:
                         self.folded_bias_points.add(fw.name)
