@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 #: Public name -> the submodule that defines it.
 _LAZY = {
-    **{name: "api" for name in ("CompiledModel", "QuantizedModel", "build", "load", "load_quantized",
+    **{name: "api" for name in ("CompiledModel", "QuantizedModel", "build", "finetune", "load", "load_quantized",
                                 "quantize_model")},
     **{name: "config" for name in ("LayerConfig", "QConfig")},
     **{name: "backend.rpc" for name in ("RemoteResult", "remote")},
@@ -22,11 +22,12 @@ _LAZY = {
                                    "ConfigError", "DatasetError", "FloatFallbackWarning", "FrontendError",
                                    "ModelError", "NothingQuantizedWarning", "OverflowRiskError", "RelayqError",
                                    "UnsupportedOpError", "RemoteError", "TrackerUnreachableError",
-                                   "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError")},
+                                   "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError",
+                                   "MissingDependencyError")},
 }
 #: Subpackages and modules reachable as attributes (``relayq.frontend.from_onnx``) without an explicit import.
 _SUBMODULES = ("analysis", "api", "artefact", "backend", "calibration", "cli", "config", "errors", "frontend",
-               "qmath", "runtime", "testing", "transform", "utils")
+               "qmath", "runtime", "testing", "training", "transform", "utils")
 
 
 def __getattr__(name):
@@ -43,8 +44,9 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__all__ = ["quantize_model", "build", "load", "load_quantized", "remote", "RemoteResult", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
+__all__ = ["quantize_model", "finetune", "build", "load", "load_quantized", "remote", "RemoteResult", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
            "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
            "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
            "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning",
-           "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError"]
+           "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError",
+           "MissingDependencyError"]

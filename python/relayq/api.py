@@ -60,6 +60,8 @@ class QuantizedModel:
     calibration_seconds: float = 0.0
     quantized: bool = True
     accuracy: dict | None = None
+    #: After :func:`finetune`: the loss, steps, seconds and per-epoch losses of the training.
+    training: dict | None = None
 
     @property
     def thresholds(self) -> list:
@@ -363,6 +365,69 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
     return qmodel
 
 
+def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=None, epochs: int = 1,
+             steps: int | None = None, lr: float = 1e-4, scale_lr: float | None = None, learn_scales: bool = True,
+             learn_weights: bool = True, distill: str = "mse", weight_decay: float = 0.0, log_every: int | None = None,
+             show_progress: bool | None = None, seed: int = 0) -> QuantizedModel:
+    """Quantization-aware fine-tuning: train the weights and scales of a quantized model (needs torch).
+
+    The annotated graph is turned into a trainable torch twin with fake quantization at every point
+    (rounding as :mod:`relayq.qmath`, straight-through gradients, scales learned LSQ-style; see
+    :mod:`relayq.training.graph`) and trained with Adam and a cosine decay, against ``loss(outputs,
+    batch)`` or by default a distillation loss from the float model on unlabelled ``data``. The trained
+    weights and scales go through relayq's own simulate and realize, so the returned model's realized,
+    simulated and reference graphs agree bit for bit, as after any calibration. ``prepared`` stays the
+    float model it started from; ``training`` records the losses.
+
+    Args:
+        data: batches of model inputs (arrays, tuples or dicts; any batch size), re-iterated every epoch,
+            or a callable ``epoch -> batches`` (fresh augmentation each epoch). With ``inputs`` a batch
+            can be anything: ``inputs(batch)`` returns the model inputs.
+        loss: ``loss(outputs, batch) -> scalar torch tensor`` (outputs: a tensor, or a tuple for several).
+        teacher: the distillation target, a callable on the input tensors (e.g. the original
+            ``torch.nn.Module``); by default the float model relayq imported (``qmodel.prepared``), so
+            that fine-tuning a fine-tuned model again still learns from the float model.
+        epochs / steps: passes over the data, or a number of optimizer steps (wins when given).
+        lr / scale_lr: the weights' step and the scales' (log ratio) step, default ``10 * lr``.
+        learn_scales: learn the scales too (LSQ); False trains the weights only.
+        learn_weights: False keeps the weights and trains the fused biases and the scales only.
+        distill: ``"mse"`` (between outputs) or ``"kl"`` (between softmaxes: classifiers).
+        log_every: also print (and log to the ``relayq.finetune`` logger) the loss every N steps.
+        show_progress: a progress line per epoch with its loss; default ``qmodel.config.show_progress``.
+
+    Example::
+
+        q = relayq.quantize_model(mod, params, calib, "mse", relayq.QConfig(weight_bits=4, act_bits=4))
+        q4 = relayq.finetune(q, [x[i:i + 64] for i in range(0, 2048, 64)], epochs=3, lr=1e-4)
+        labelled = relayq.finetune(q, list(zip(xs, ys)), inputs=lambda b: b[0],
+                                   loss=lambda out, b: torch.nn.functional.cross_entropy(out, torch.as_tensor(b[1])))
+        lib = relayq.build(q4)
+    """
+    from .training import finetune_graph
+    from .transform.realize import simulate
+
+    if not isinstance(qmodel, QuantizedModel):
+        raise ConfigError(f"finetune expects the QuantizedModel quantize_model returned, got {type(qmodel).__name__}")
+    if not qmodel.quantized or not qmodel.qpoints:
+        raise ModelError("finetune: the model has no quantized layer, there is nothing to train")
+    if qmodel.annotated is None:
+        raise ModelError("finetune needs the annotated graph, which a model read by load_quantized does not keep: "
+                         "fine-tune the model quantize_model returned, then save it")
+    if show_progress is None:
+        show_progress = qmodel.config.show_progress
+    result = finetune_graph(qmodel.annotated, qmodel.qpoints, data, loss=loss, inputs=inputs, teacher=teacher,
+                            epochs=epochs, steps=steps, lr=lr, scale_lr=scale_lr, learn_scales=learn_scales,
+                            learn_weights=learn_weights,
+                            distill=distill, weight_decay=weight_decay, log_every=log_every,
+                            show_progress=show_progress, seed=seed, pow2=qmodel.config.power_of_two_scale,
+                            float_module=qmodel.prepared)
+    simulated = simulate(result.annotated, result.qpoints)
+    realized, int_params = realize(result.annotated, result.qpoints, return_params=True)
+    return QuantizedModel(realized, int_params, qmodel.prepared, result.annotated, simulated, result.qpoints,
+                          f"{qmodel.calibration}+finetune", qmodel.config, qmodel.calibration_seconds, True,
+                          None, result.summary())
+
+
 def _resolve_target(target):
     if target is None:
         return host_target(), "host"
@@ -456,4 +521,4 @@ def load(path: str) -> CompiledModel:
     return _load_compiled(path)
 
 
-__all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QPoint"]
+__all__ = ["quantize_model", "finetune", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QPoint"]

@@ -40,6 +40,10 @@ class OverflowRiskError(RelayqError, ValueError):
     """The worst-case integer accumulator of a layer would overflow its storage type."""
 
 
+class MissingDependencyError(RelayqError, ImportError):
+    """An optional package a feature needs is not installed (the message names it and how to install it)."""
+
+
 class BuildError(RelayqError, RuntimeError):
     """Lowering or compiling the quantized model failed for the requested target."""
 
