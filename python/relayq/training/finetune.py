@@ -30,7 +30,7 @@ import tvm
 from tvm import relax
 
 from ..errors import ConfigError, DatasetError, RelayqError
-from ..transform.calibrate import _to_numpy
+from ..runtime import _to_numpy
 from ..transform.common import bindings, main_function, simq_info
 from ..utils.progress import Progress
 from .graph import _key, build_torch_graph, require_torch
