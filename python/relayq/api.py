@@ -29,7 +29,7 @@ from .config import CALIBRATION_METHODS, QConfig, as_config, check_layer_names, 
 from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning, RelayqError
 from .runtime import flatten_outputs, host_target
 from .transform.annotate import annotate, layer_aliases, layers
-from .transform.calibrate import QPoint, batch_to_arrays, calibrate, input_specs
+from .transform.calibrate import CalibrationStats, QPoint, batch_to_arrays, calibrate, input_specs
 from .transform.prepare import prepare
 from .transform.realize import realize
 
@@ -60,6 +60,11 @@ class QuantizedModel:
     calibration_seconds: float = 0.0
     quantized: bool = True
     accuracy: dict | None = None
+    #: Compact calibration statistics (:class:`~relayq.transform.calibrate.CalibrationStats`): the
+    #: activation histograms (256 bins a point) and input means, for reports and re-quantization.
+    calibration_stats: Any = dataclasses.field(default=None, repr=False)
+    #: The ONNX model the float model was imported from, when ``quantize_model`` imported it (for export_onnx).
+    source_model: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def thresholds(self) -> list:
@@ -156,6 +161,19 @@ def _import(sym, params, shapes):
         return from_mxnet(sym, arg, aux, shapes)
     raise ModelError(f"cannot quantize a {type(sym).__name__}: pass a Relax IRModule (with params), an ONNX "
                      "model or path, or an MXNet symbol (JSON path/string or mxnet.sym.Symbol)")
+
+
+def _onnx_source(sym):
+    """The ONNX model (a ModelProto or a path) ``sym`` is, or None: what export_onnx rewrites."""
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - onnx is a core dependency
+        return None
+    if isinstance(sym, onnx.ModelProto):
+        return sym
+    if isinstance(sym, (str, os.PathLike)) and str(sym).lower().endswith(".onnx"):
+        return os.path.abspath(str(sym))
+    return None
 
 
 def _check_calibration(calibration) -> None:
@@ -348,7 +366,8 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
         check_layer_names(config, _all_layer_names(prepared, annotated, config))
     start = time.perf_counter()
     held = HeldBatches() if config.check_accuracy else None
-    simulated, qpoints = calibrate(annotated, dataset, calibration, config, record=held)
+    stats = CalibrationStats()
+    simulated, qpoints = calibrate(annotated, dataset, calibration, config, record=held, stats=stats)
     seconds = time.perf_counter() - start
     method = calibration if isinstance(calibration, str) else type(calibration).__name__
     if not layers(annotated):
@@ -356,7 +375,8 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
                       NothingQuantizedWarning, stacklevel=2)
         return QuantizedModel(prepared, {}, prepared, annotated, simulated, {}, method, config, seconds, False)
     realized, int_params = realize(annotated, qpoints, return_params=True)
-    qmodel = QuantizedModel(realized, int_params, prepared, annotated, simulated, qpoints, method, config, seconds)
+    qmodel = QuantizedModel(realized, int_params, prepared, annotated, simulated, qpoints, method, config, seconds,
+                            calibration_stats=stats.compact(), source_model=_onnx_source(sym))
     if held is not None:
         # The check runs the host build; build(qmodel) for the host reuses it (see _host_build).
         qmodel.accuracy = check_accuracy(annotated, realized, qpoints, held, lambda: build(qmodel))
