@@ -95,6 +95,49 @@ class QuantizedModel:
 
         return layer_sources(self.annotated)
 
+    def export_onnx(self, path: str, onnx_model=None) -> str:
+        """Write the source ONNX graph with QuantizeLinear / DequantizeLinear pairs carrying relayq's scales.
+
+        ``onnx_model``: the ONNX model (ModelProto or path) the float model was imported from; by default
+        the one ``quantize_model`` imported itself. See :mod:`relayq.onnx_export`.
+
+        Example::
+
+            qmodel = relayq.quantize_model("mobilenet_v2.onnx", None, calib, "kl")
+            qmodel.export_onnx("mobilenet_v2_qdq.onnx")       # runs in ONNX Runtime
+        """
+        from .onnx_export import export_onnx
+
+        return export_onnx(self, path, onnx_model)
+
+    def sensitivity(self, data, metric=None, bits=None, **kwargs):
+        """Per-layer SQNR and metric deltas (see :func:`relayq.analysis.sensitivity`); the result is kept
+        for :meth:`report`.
+
+        Example::
+
+            print(qmodel.sensitivity(batches).table())
+        """
+        from .analysis.sensitivity import sensitivity
+
+        self._sensitivity = sensitivity(self, data, metric=metric, bits=bits, **kwargs)
+        return self._sensitivity
+
+    def report(self, path: str, sensitivity=None, worst: int = 4) -> str:
+        """Write an HTML report with plots (needs matplotlib: ``pip install relayq[plots]``).
+
+        Per-layer SQNR, the activation histograms of the ``worst`` layers with their thresholds, the
+        accuracy check and the sensitivity table (``sensitivity``, or the last :meth:`sensitivity`).
+        See :mod:`relayq.analysis.report`.
+
+        Example::
+
+            qmodel.report("report.html")
+        """
+        from .analysis.report import write_report
+
+        return write_report(self, path, sensitivity or getattr(self, "_sensitivity", None), worst=worst)
+
     def summary(self) -> str:
         """A short text report: layers (with the source model's names), points and calibration time."""
         from .utils.names import describe

@@ -1,0 +1,264 @@
+"""``QuantizedModel.report(path)``: one HTML page with plots, for a person deciding what to change.
+
+The page (PNG plots embedded as base64; the same PNGs are also written beside it, in
+``<name>_files/``) shows:
+
+* the accuracy check numbers (``qmodel.accuracy``: output cosine, top-1 agreement, worst points);
+* **per-layer SQNR**, layers in graph order, labelled with the user's names (relayq's beside them),
+  the worst highlighted: the accumulated SQNR of :func:`~relayq.analysis.sensitivity` when a
+  sensitivity result is given, else each point's own quantization SQNR from the accuracy check;
+* **activation histograms** of the worst layers' inputs / outputs (the compact calibration
+  histograms kept in ``qmodel.calibration_stats``), log scale, with the chosen thresholds drawn;
+* the **sensitivity table** and a bar chart of its deltas, when a result is given.
+
+matplotlib is an optional extra (``pip install relayq[plots]``); without it :func:`write_report`
+raises :class:`MissingPlotPackageError` saying so.
+
+Example::
+
+    res = qmodel.sensitivity(batches)
+    qmodel.report("mobilenet_w4a8.html")
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+
+import numpy as np
+
+from ..errors import RelayqError
+from ..transform.annotate import layer_sources, layers as layers_of
+
+#: Colours: ordinary bars, the worst layers, thresholds.
+_BAR, _WORST, _THRESH = "#4C72B0", "#C44E52", "#DD8452"
+#: Height per layer of the horizontal bar charts (inches): 9-point labels do not overlap above 0.18.
+_ROW_INCHES = 0.2
+#: Longest label on a bar chart axis (characters); longer user names keep their end (the distinctive part).
+_LABEL_CHARS = 44
+
+
+class MissingPlotPackageError(RelayqError, ImportError):
+    """matplotlib, which the report's plots need, is not installed."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingPlotPackageError("QuantizedModel.report needs matplotlib, which is not installed: "
+                                      "pip install 'relayq[plots]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(layer: str, source) -> str:
+    user = (source.node or source.weight) if source is not None else None
+    if not user:
+        return layer
+    if len(user) > _LABEL_CHARS - len(layer) - 3:
+        user = "…" + user[-(_LABEL_CHARS - len(layer) - 4):]
+    return f"{user} ({layer})"
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def layer_sqnr(qmodel, sens=None) -> tuple:
+    """``(title, {layer: SQNR dB})`` in graph order: accumulated (sensitivity) or per point (check)."""
+    names = list(layers_of(qmodel.annotated))
+    if sens is not None:
+        vals = {r.layer: r.sqnr_db for r in sens.rows if r.sqnr_db is not None}
+        return "accumulated SQNR at each layer's output (quantized vs float model)", \
+            {n: vals[n] for n in names if n in vals}
+    own = (qmodel.accuracy or {}).get("sqnr_db") or {}
+    out = {}
+    for n in names:
+        for point in (f"{n}:out", f"{n}:w"):
+            if point in own:
+                out[n] = own[point]
+                break
+    return "SQNR of each layer's own quantization (output activation, else weights), accuracy check", out
+
+
+def sqnr_chart(qmodel, sens=None, highlight: int = 5):
+    """The per-layer SQNR bar chart as a matplotlib figure (horizontal bars, graph order top down)."""
+    plt = _pyplot()
+    title, vals = layer_sqnr(qmodel, sens)
+    sources = layer_sources(qmodel.annotated)
+    names = list(vals)
+    finite = np.array([v if np.isfinite(v) else np.nan for v in vals.values()], dtype=float)
+    cap = np.nanmax(finite) if np.any(np.isfinite(finite)) else 1.0
+    shown = np.where(np.isnan(finite), cap, finite)
+    worst = set(np.array(names)[np.argsort(np.where(np.isnan(finite), np.inf, finite))[:highlight]])
+    fig, ax = plt.subplots(figsize=(9, max(2.5, _ROW_INCHES * len(names) + 1.2)))
+    y = np.arange(len(names))
+    ax.barh(y, shown, color=[_WORST if n in worst else _BAR for n in names], height=0.75)
+    ax.set_yticks(y)
+    ax.set_yticklabels([_label(n, sources.get(n)) for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("SQNR (dB), higher is better")
+    ax.set_title(title, fontsize=10)
+    for yi, v, n in zip(y, shown, names):
+        if n in worst:
+            ax.text(v, yi, f" {v:.1f}", va="center", fontsize=8, color=_WORST)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    fig.tight_layout()
+    return fig, [n for n in names if n in worst]
+
+
+def _point_threshold(p):
+    t = p.threshold
+    if isinstance(t, tuple):
+        return float(t[0]), float(t[1])
+    t = float(np.max(t)) if np.ndim(t) else float(t)
+    return -t, t
+
+
+def histogram_chart(qmodel, layers_to_show: list):
+    """Activation histograms (log counts) of the given layers' points, thresholds as dashed lines."""
+    plt = _pyplot()
+    stats = getattr(qmodel, "calibration_stats", None)
+    sources = layer_sources(qmodel.annotated)
+    panels = []
+    for layer in layers_to_show:
+        for suffix in (":out", ":in0", ":in1"):
+            point = qmodel.qpoints.get(layer + suffix)
+            hist = stats.compact_histogram(layer + suffix) if stats is not None and point is not None else None
+            if hist is not None:
+                panels.append((layer, point, hist))
+                break
+    if not panels:
+        return None
+    cols = 2
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    for ax, (layer, point, (counts, edges)) in zip(axes.ravel(), panels):
+        centers = (edges[:-1] + edges[1:]) / 2
+        nz = np.nonzero(counts)[0]
+        lo_i, hi_i = (nz[0], nz[-1] + 1) if len(nz) else (0, len(counts))
+        ax.bar(centers[lo_i:hi_i], np.maximum(counts[lo_i:hi_i], 0.8), width=edges[1] - edges[0],
+               color=_BAR, log=True)
+        lo, hi = _point_threshold(point)
+        for t in (lo, hi):
+            ax.axvline(t, color=_THRESH, linestyle="--", linewidth=1.5)
+        clipped = counts[(centers < lo) | (centers > hi)].sum() / max(counts.sum(), 1)
+        ax.set_title(f"{_label(layer, sources.get(layer))}\n{point.name}: {point.method} threshold "
+                     f"[{lo:.3g}, {hi:.3g}], {point.bits} bits, {clipped:.2%} clipped", fontsize=8)
+        ax.set_xlabel("activation value", fontsize=8)
+        ax.set_ylabel("count (log)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        span = max(abs(edges[lo_i]), abs(edges[hi_i]), abs(lo), abs(hi)) * 1.05
+        ax.set_xlim(min(edges[lo_i], lo) - 0.02 * span, max(edges[hi_i], hi) + 0.02 * span)
+    fig.tight_layout()
+    return fig
+
+
+def delta_chart(qmodel, sens):
+    """Bar chart of the sensitivity deltas per layer (graph order)."""
+    plt = _pyplot()
+    rows = [r for r in sens.rows if r.delta is not None]
+    if not rows:
+        return None
+    sources = layer_sources(qmodel.annotated)
+    fig, ax = plt.subplots(figsize=(9, max(2.5, _ROW_INCHES * len(rows) + 1.2)))
+    y = np.arange(len(rows))
+    d = np.array([r.delta for r in rows]) * (100 if "agreement" in sens.metric_name else 1)
+    ax.barh(y, d, color=[_WORST if v < 0 else _BAR for v in d], height=0.75)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([_label(r.layer, sources.get(r.layer)) for r in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    what = "kept float" if sens.change == "float" else f"weights at {sens.change[1:]} bits"
+    unit = " (points)" if "agreement" in sens.metric_name else ""
+    ax.set_xlabel(f"change of {sens.metric_name}{unit}, the layer {what}")
+    ax.set_title(f"sensitivity: {sens.metric_name} {sens.base_metric:.4f} as quantized, "
+                 f"{sens.samples} samples", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _accuracy_html(acc) -> str:
+    if not acc:
+        return "<p>No accuracy check (QConfig.check_accuracy was off).</p>"
+    if "skipped" in acc:
+        return f"<p>Accuracy check skipped: {html.escape(str(acc['skipped']))}</p>"
+    rows = [("output cosine (lowest output)", acc.get("cosine")), ("top-1 agreement with float", acc.get("top1_agreement")),
+            ("samples", acc.get("samples")), ("calibration batches checked", acc.get("batches")),
+            ("collapsed", acc.get("collapsed"))]
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{'' if v is None else (f'{v:.4f}' if isinstance(v, float) else v)}"
+                   f"</td></tr>" for k, v in rows)
+    worst = ", ".join(f"{html.escape(k)} {v:.1f} dB" for k, v in acc.get("worst_points") or [])
+    return f"<table>{body}<tr><td>lowest point SQNR</td><td>{worst}</td></tr></table>"
+
+
+def _sensitivity_html(sens) -> str:
+    head = ("<tr><th>layer</th><th>source</th><th>op</th><th>W/A bits</th><th>SQNR dB</th>"
+            f"<th>{html.escape(sens.metric_name)} ({'float' if sens.change == 'float' else sens.change})</th>"
+            "<th>delta</th></tr>")
+    body = []
+    for r in sens.rows:
+        sq = "" if r.sqnr_db is None else ("inf" if not np.isfinite(r.sqnr_db) else f"{r.sqnr_db:.1f}")
+        body.append(f"<tr><td>{r.layer}</td><td>{html.escape(r.source or '')}</td><td>{r.op}</td>"
+                    f"<td>{r.weight_bits or '-'}/{r.act_bits or '-'}</td><td>{sq}</td>"
+                    f"<td>{'' if r.metric is None else f'{r.metric:.4f}'}</td>"
+                    f"<td>{'' if r.delta is None else f'{r.delta:+.4f}'}</td></tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def write_report(qmodel, path, sens=None, worst: int = 4) -> str:
+    """Write the report (see the module docstring); returns ``path``.
+
+    Example::
+
+        write_report(qmodel, "report.html", sensitivity_result)
+    """
+    plt = _pyplot()
+    path = str(path)
+    stem = os.path.splitext(path)[0]
+    files_dir = stem + "_files"
+    os.makedirs(files_dir, exist_ok=True)
+    figures = []
+    fig, worst_layers = sqnr_chart(qmodel, sens, highlight=worst)
+    figures.append(("sqnr", "Per-layer SQNR", fig))
+    hfig = histogram_chart(qmodel, worst_layers)
+    if hfig is not None:
+        figures.append(("histograms", "Activation histograms of the lowest-SQNR layers, with thresholds", hfig))
+    if sens is not None:
+        dfig = delta_chart(qmodel, sens)
+        if dfig is not None:
+            figures.append(("sensitivity", "Sensitivity", dfig))
+    parts = []
+    for key, title, f in figures:
+        data = _png(f)
+        plt.close(f)
+        with open(os.path.join(files_dir, f"{key}.png"), "wb") as fh:
+            fh.write(data)
+        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{key}' src='data:image/png;base64,"
+                     f"{base64.b64encode(data).decode()}'/>")
+    cfg = qmodel.config
+    scheme = (f"W{cfg.weight_bits}A{cfg.act_bits} {'per-channel' if cfg.per_channel else 'per-tensor'}, "
+              f"{'symmetric' if cfg.act_symmetric else 'asymmetric'} activations, calibration "
+              f"{qmodel.calibration!r}")
+    page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>relayq report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:100%}}</style></head><body>
+<h1>relayq quantization report</h1>
+<p>{html.escape(scheme)}; {len(layers_of(qmodel.annotated))} quantized layers, {len(qmodel.qpoints)} points.</p>
+<h2>Accuracy check</h2>{_accuracy_html(qmodel.accuracy)}
+{''.join(parts)}
+{'<h2>Sensitivity table</h2>' + _sensitivity_html(sens) if sens is not None else ''}
+</body></html>"""
+    with open(path, "w") as f:
+        f.write(page)
+    return path
