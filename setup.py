@@ -26,7 +26,7 @@ setup(
         # torch trains the small CNNs of the end-to-end tests (2.13.0 is the CPU build on disk here;
         # never unpinned, which would pull several GB of CUDA packages).
         "test": ["pytest", "scikit-learn", "psutil", "cloudpickle", "torch==2.13.0", "onnxruntime", "pillow",
-                 "tflite==2.18.0"],
+                 "tflite==2.18.0", "matplotlib>=3.5"],
         # onnxslim evaluates folded shape computations with ONNX Runtime: without it, ONNX exports whose
         # Reshape/Pad/Expand sizes are computed from shapes may not import.
         "onnx": ["onnxruntime"],
@@ -34,6 +34,9 @@ setup(
         # schema package (pure Python, 150 kB; needs flatbuffers and numpy). Pinned: the schema's
         # builtin-op codes and options are what the importer and relayq's op check read.
         "tflite": ["tflite==2.18.0"],
+        # QuantizedModel.report's plots (relayq.analysis.report); 3.11.2 is the version the report was
+        # checked with.
+        "plots": ["matplotlib>=3.5"],
         # Peers and real-model data used by benchmarks and tutorials.
         "bench": ["onnxruntime", "pillow", "psutil", "cloudpickle"],
     },

@@ -230,22 +230,26 @@ def write_report(qmodel, path, sens=None, worst: int = 4) -> str:
     os.makedirs(files_dir, exist_ok=True)
     figures = []
     fig, worst_layers = sqnr_chart(qmodel, sens, highlight=worst)
-    figures.append(("sqnr", "Per-layer SQNR", fig))
+    figures.append(("sqnr", "Per-layer SQNR", fig, layer_sqnr(qmodel, sens)[0] + "; the "
+                    f"{len(worst_layers)} lowest in red"))
     hfig = histogram_chart(qmodel, worst_layers)
     if hfig is not None:
-        figures.append(("histograms", "Activation histograms of the lowest-SQNR layers, with thresholds", hfig))
+        figures.append(("histograms", "Activation histograms of the lowest-SQNR layers, with thresholds", hfig,
+                        "calibration histograms (log counts); dashed: the chosen clipping thresholds"))
     if sens is not None:
         dfig = delta_chart(qmodel, sens)
         if dfig is not None:
-            figures.append(("sensitivity", "Sensitivity", dfig))
+            figures.append(("sensitivity", "Sensitivity", dfig,
+                            f"the change of {sens.metric_name} with each layer changed in turn (positive: "
+                            "that layer costs accuracy as quantized)"))
     parts = []
-    for key, title, f in figures:
+    for key, title, f, caption in figures:
         data = _png(f)
         plt.close(f)
         with open(os.path.join(files_dir, f"{key}.png"), "wb") as fh:
             fh.write(data)
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{key}' src='data:image/png;base64,"
-                     f"{base64.b64encode(data).decode()}'/>")
+        parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p><img alt='{key}' "
+                     f"src='data:image/png;base64,{base64.b64encode(data).decode()}'/>")
     cfg = qmodel.config
     scheme = (f"W{cfg.weight_bits}A{cfg.act_bits} {'per-channel' if cfg.per_channel else 'per-tensor'}, "
               f"{'symmetric' if cfg.act_symmetric else 'asymmetric'} activations, calibration "
