@@ -39,6 +39,7 @@ def test_lowers_weights_within_budget():
     assert {n: again.qpoints[f"{n}:w"].bits for n in res.widths} == res.widths
 
 
+@pytest.mark.slow
 def test_float_fallback_is_the_last_resort():
     """Against the float model with a budget W8 cannot meet, the most sensitive layers are kept float."""
     mod, params = tiny_cnn()

@@ -139,51 +139,77 @@ def histogram_chart(qmodel, layers_to_show: list):
         return None
     cols = 2
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(10, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 3.4 * rows), squeeze=False)
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     for ax, (layer, point, (counts, edges)) in zip(axes.ravel(), panels):
         centers = (edges[:-1] + edges[1:]) / 2
         nz = np.nonzero(counts)[0]
-        lo_i, hi_i = (nz[0], nz[-1] + 1) if len(nz) else (0, len(counts))
-        ax.bar(centers[lo_i:hi_i], np.maximum(counts[lo_i:hi_i], 0.8), width=edges[1] - edges[0],
-               color=_BAR, log=True)
+        # Only bins that hold values are drawn: an empty bin has no height on a log scale.
+        ax.bar(centers[nz], counts[nz], width=edges[1] - edges[0], color=_BAR, log=True)
         lo, hi = _point_threshold(point)
+        data_lo = float(edges[nz[0]]) if len(nz) else lo
+        data_hi = float(edges[nz[-1] + 1]) if len(nz) else hi
+        span = max(data_hi - data_lo, 1e-12)
+        # The view is the data's range; a threshold far outside it (the unused negative half of a
+        # symmetric code on ReLU outputs) is named in the title instead of squeezing the data.
+        view_lo = min(data_lo, lo) if lo >= data_lo - 0.25 * span else data_lo
+        view_hi = max(data_hi, hi) if hi <= data_hi + 0.25 * span else data_hi
+        off = []
         for t in (lo, hi):
-            ax.axvline(t, color=_THRESH, linestyle="--", linewidth=1.5)
+            if view_lo - 0.05 * span <= t <= view_hi + 0.05 * span:
+                ax.axvline(t, color=_THRESH, linestyle="--", linewidth=1.5)
+            else:
+                off.append(f"{t:.3g}")
         clipped = counts[(centers < lo) | (centers > hi)].sum() / max(counts.sum(), 1)
         ax.set_title(f"{_label(layer, sources.get(layer))}\n{point.name}: {point.method} threshold "
-                     f"[{lo:.3g}, {hi:.3g}], {point.bits} bits, {clipped:.2%} clipped", fontsize=8)
-        ax.set_xlabel("activation value", fontsize=8)
+                     f"[{lo:.3g}, {hi:.3g}], {point.bits} bits, {clipped:.2%} of values clipped"
+                     + (f"\n(threshold {', '.join(off)} outside the data, not drawn)" if off else ""), fontsize=8)
+        ax.set_xlabel("activation value (calibration data)", fontsize=8)
         ax.set_ylabel("count (log)", fontsize=8)
         ax.tick_params(labelsize=7)
-        span = max(abs(edges[lo_i]), abs(edges[hi_i]), abs(lo), abs(hi)) * 1.05
-        ax.set_xlim(min(edges[lo_i], lo) - 0.02 * span, max(edges[hi_i], hi) + 0.02 * span)
+        pad = 0.03 * (view_hi - view_lo)
+        ax.set_xlim(view_lo - pad, view_hi + pad)
     fig.tight_layout()
     return fig
 
 
 def delta_chart(qmodel, sens):
-    """Bar chart of the sensitivity deltas per layer (graph order)."""
+    """Bar charts of the sensitivity per layer (graph order): the metric's change, and the output cosine's
+    change beside it (it still moves where a coarse metric such as top-1 agreement on few samples does not)."""
     plt = _pyplot()
     rows = [r for r in sens.rows if r.delta is not None]
     if not rows:
         return None
     sources = layer_sources(qmodel.annotated)
-    fig, ax = plt.subplots(figsize=(9, max(2.5, _ROW_INCHES * len(rows) + 1.2)))
+    agreement = "agreement" in sens.metric_name
+    panels = [(np.array([r.delta for r in rows]) * (100 if agreement else 1),
+               f"change of {sens.metric_name}" + (" (points)" if agreement else ""))]
+    if sens.metric_name != "output cosine" and all(r.cosine is not None for r in rows):
+        panels.append((np.array([r.cosine - sens.base_cosine for r in rows]), "change of output cosine"))
+    fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False,
+                             figsize=(5.5 * len(panels) + 2.5, max(2.5, _ROW_INCHES * len(rows) + 1.4)))
     y = np.arange(len(rows))
-    d = np.array([r.delta for r in rows]) * (100 if "agreement" in sens.metric_name else 1)
-    ax.barh(y, d, color=[_WORST if v < 0 else _BAR for v in d], height=0.75)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(y)
-    ax.set_yticklabels([_label(r.layer, sources.get(r.layer)) for r in rows], fontsize=8)
-    ax.set_ylim(len(rows) - 0.5, -0.5)
+    # Red marks a sensitive layer: float helps it (float mode), or lowering it hurts (bits mode).
+    sign = 1 if sens.change == "float" else -1
+    for ax, (d, xlabel) in zip(axes[0], panels):
+        ax.barh(y, d, color=[_WORST if sign * v > 0 else _BAR for v in d], height=0.75)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
+        big = np.max(np.abs(d)) if np.any(d) else 1.0
+        ax.set_xlim(-1.15 * big, 1.15 * big)
+        for yi, v in zip(y, d):
+            ax.text(v, yi, f" {v:+.3g} " if v else " 0", va="center", ha="left" if v >= 0 else "right", fontsize=7)
+    ax0 = axes[0][0]
+    ax0.set_yticks(y)
+    ax0.set_yticklabels([_label(r.layer, sources.get(r.layer)) for r in rows], fontsize=8)
+    ax0.set_ylim(len(rows) - 0.5, -0.5)
     what = "kept float" if sens.change == "float" else f"weights at {sens.change[1:]} bits"
-    unit = " (points)" if "agreement" in sens.metric_name else ""
-    ax.set_xlabel(f"change of {sens.metric_name}{unit}, the layer {what}")
-    ax.set_title(f"sensitivity: {sens.metric_name} {sens.base_metric:.4f} as quantized, "
-                 f"{sens.samples} samples", fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"each layer {what} in turn (red: sensitive); as quantized: {sens.metric_name} {sens.base_metric:.4f}, output cosine "
+                 f"{sens.base_cosine:.4f} ({sens.samples} samples)", fontsize=10)
     fig.tight_layout()
     return fig
 
