@@ -30,11 +30,14 @@ import numpy as np
 
 from ..errors import RelayqError
 from ..transform.annotate import layer_sources, layers as layers_of
+from .sensitivity import trusted_source
 
 #: Colours: ordinary bars, the worst layers, thresholds.
 _BAR, _WORST, _THRESH = "#4C72B0", "#C44E52", "#DD8452"
 #: Height per layer of the horizontal bar charts (inches): 9-point labels do not overlap above 0.18.
 _ROW_INCHES = 0.2
+#: Layers marked red in the sensitivity chart.
+_SENSITIVE_SHOWN = 3
 #: Longest label on a bar chart axis (characters); longer user names keep their end (the distinctive part).
 _LABEL_CHARS = 44
 
@@ -56,6 +59,7 @@ def _pyplot():
 
 
 def _label(layer: str, source) -> str:
+    source = trusted_source(layer, source)
     user = (source.node or source.weight) if source is not None else None
     if not user:
         return layer
@@ -190,17 +194,20 @@ def delta_chart(qmodel, sens):
     fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False,
                              figsize=(5.5 * len(panels) + 2.5, max(2.5, _ROW_INCHES * len(rows) + 1.4)))
     y = np.arange(len(rows))
-    # Red marks a sensitive layer: float helps it (float mode), or lowering it hurts (bits mode).
+    # Red marks the most sensitive layers: those float helps most (float mode), or lowering hurts most.
     sign = 1 if sens.change == "float" else -1
     for ax, (d, xlabel) in zip(axes[0], panels):
-        ax.barh(y, d, color=[_WORST if sign * v > 0 else _BAR for v in d], height=0.75)
+        order = np.argsort(-sign * d, kind="stable")
+        top = {int(i) for i in order[:_SENSITIVE_SHOWN] if sign * d[i] > 0}
+        ax.barh(y, d, color=[_WORST if i in top else _BAR for i in range(len(d))], height=0.75)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(axis="x", labelsize=8)
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
-        big = np.max(np.abs(d)) if np.any(d) else 1.0
-        ax.set_xlim(-1.15 * big, 1.15 * big)
+        lo, hi = min(float(d.min()), 0.0), max(float(d.max()), 0.0)
+        pad = 0.2 * (hi - lo) if hi > lo else 1.0
+        ax.set_xlim(lo - (pad if lo < 0 else 0.05 * pad), hi + (pad if hi > 0 else 0.05 * pad))
         for yi, v in zip(y, d):
             ax.text(v, yi, f" {v:+.3g} " if v else " 0", va="center", ha="left" if v >= 0 else "right", fontsize=7)
     ax0 = axes[0][0]
@@ -208,7 +215,7 @@ def delta_chart(qmodel, sens):
     ax0.set_yticklabels([_label(r.layer, sources.get(r.layer)) for r in rows], fontsize=8)
     ax0.set_ylim(len(rows) - 0.5, -0.5)
     what = "kept float" if sens.change == "float" else f"weights at {sens.change[1:]} bits"
-    fig.suptitle(f"each layer {what} in turn (red: sensitive); as quantized: {sens.metric_name} {sens.base_metric:.4f}, output cosine "
+    fig.suptitle(f"each layer {what} in turn (red: the {_SENSITIVE_SHOWN} most sensitive); as quantized: {sens.metric_name} {sens.base_metric:.4f}, output cosine "
                  f"{sens.base_cosine:.4f} ({sens.samples} samples)", fontsize=10)
     fig.tight_layout()
     return fig

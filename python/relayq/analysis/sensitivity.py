@@ -51,6 +51,26 @@ from .check import _host_function, cosine
 _WEIGHTLESS = ("add", "concat", "max_pool2d", "avg_pool2d", "global_avg_pool")
 
 
+#: Op types of a source node that computes (a conv / dense layer comes from one of these, an add or a
+#: pool never does).
+_COMPUTE_SOURCES = ("Conv", "Gemm", "MatMul", "Conv2d", "Linear", "ConvTranspose", "FullyConnected", "CONV_2D",
+                    "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "Convolution")
+
+
+def trusted_source(layer: str, source):
+    """``source`` unless its op type contradicts the layer's kind (an add recorded as a Conv node: the
+    frontend's scan can misattribute a binding); then None, so that no wrong name is shown.
+
+    >>> from relayq.utils.names import LayerSource
+    >>> trusted_source("add_1", LayerSource("ONNX", "features.16.conv.1.0", "Conv")) is None
+    True
+    """
+    if source is None or source.op_type is None:
+        return source
+    compute = layer.rsplit("_", 1)[0] in ("conv2d", "dense")
+    return source if compute == (source.op_type in _COMPUTE_SOURCES) else None
+
+
 def top1_agreement(reference, output) -> float:
     """Fraction of rows whose argmax is the same in both (classifier outputs, one row per sample).
 
@@ -324,7 +344,7 @@ def sensitivity(qmodel, data, metric=None, bits: int | None = None, layers=None,
     with Progress("sensitivity, layer", total=len(layers), enabled=show_progress) as prog:
         for name in all_layers:
             op = all_layers[name]
-            src = sources.get(name)
+            src = trusted_source(name, sources.get(name))
             user = (src.node or src.weight) if src is not None else None
             resolved = qmodel.config.layer(name, op, src.names() if src else ())
             wbits = qmodel.qpoints[f"{name}:w"].bits if f"{name}:w" in qmodel.qpoints else None
