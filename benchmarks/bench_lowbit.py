@@ -17,7 +17,8 @@ Two more row groups (``--only mixed,qdq`` runs just them and keeps the other row
 
 * ``mixed``: ``relayq.auto_mixed_precision`` (W4 / W8 weights per channel, A8, 1-point agreement budget
   against the all-W8A8 model): calibration on the first 50 ai-benchmark photos, the search and the
-  reported metric on the 70 held-out photos (the other 50 + the 20 labelled ones); size vs W8A8;
+  reported metric on 140 held-out images (the other 50 photos + the 20 labelled ones, and their mirror
+  images); size vs W8A8;
 * ``qdq``: ``QuantizedModel.export_onnx`` run by ONNX Runtime against relayq's integer model on all
   120 photos (top-1 agreement and logit cosine), per scheme.
 
@@ -58,10 +59,11 @@ def main() -> None:
     ap.add_argument("--method", default="kl")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch threads for AdaRound (1 is fastest for these small problems on a shared box)")
-    ap.add_argument("--only", default="", help="comma-separated row groups to run: lowbit, mixed, qdq (default all)")
+    ap.add_argument("--only", default="", help="comma-separated row groups to run: lowbit, mixed, qdq, report "
+                    "(default all)")
     ap.add_argument("--ranking", default="weight_sqnr", help="auto_mixed_precision ranking: measured | weight_sqnr")
     args = ap.parse_args()
-    groups = set(filter(None, args.only.split(","))) or {"lowbit", "mixed", "qdq"}
+    groups = set(filter(None, args.only.split(","))) or {"lowbit", "mixed", "qdq", "report"}
     from bench_accuracy import MOBILENET_BATCH_ORT, ort_predict
     from relayq.testing import data, zoo
 
@@ -98,6 +100,8 @@ def main() -> None:
     extra = {}
     if "mixed" in groups:
         extra["mixed_precision"] = mixed_precision_rows(mod, params, photos, labelled, fp32, args)
+    if "report" in groups:
+        extra["report"] = report_rows(photos, everything, args)
     if "qdq" in groups:
         extra["qdq_export"] = qdq_rows(photos, everything, fp32, args)
     if "lowbit" not in groups:
@@ -137,8 +141,13 @@ def _agreement(a, b) -> float:
 def mixed_precision_rows(mod, params, photos, labelled, fp32, args) -> dict:
     """auto_mixed_precision on MobileNetV2: W4/W8 weights per channel, 1-point agreement budget vs W8A8."""
     calib = [photos[i:i + 1] for i in range(50)]
-    heldout_images = np.concatenate([photos[50:], labelled])
-    heldout = [heldout_images[i:i + 1] for i in range(len(heldout_images))]
+    # 70 held-out photos and their mirror images: with 140 images one changed prediction is 0.7 points,
+    # so a 1-point budget allows one (with 70 it would allow none).
+    originals = np.concatenate([photos[50:], labelled])
+    heldout_images = np.concatenate([originals, originals[..., ::-1]])
+    heldout = [np.ascontiguousarray(heldout_images[i:i + 1]) for i in range(len(heldout_images))]
+    fp = relayq.build(mod, params=params)
+    fp32_heldout = np.array([int(fp(x).argmax()) for x in heldout])
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -152,7 +161,7 @@ def mixed_precision_rows(mod, params, photos, labelled, fp32, args) -> dict:
     pred_cal = np.array([int(lib(x).argmax()) for x in calib])
     row = {"budget": 0.01, "candidates": [4, 8], "ranking": args.ranking, "metric": res.metric_name,
            "heldout_images": len(heldout), "reference_w8a8": res.reference_metric, "target": res.target,
-           "chosen": res.metric, "chosen_compiled_heldout_agreement_vs_ort_fp32": _agreement(pred, fp32[50:]),
+           "chosen": res.metric, "chosen_compiled_heldout_agreement_vs_fp32": _agreement(pred, fp32_heldout),
            "chosen_compiled_calibration_photos_agreement": _agreement(pred_cal, fp32[:50]),
            "weight_bytes": res.size_bytes, "w8a8_weight_bytes": res.widest_size_bytes,
            "fp32_weight_bytes": res.float_size_bytes, "size_vs_w8a8": res.size_bytes / res.widest_size_bytes,
@@ -162,8 +171,39 @@ def mixed_precision_rows(mod, params, photos, labelled, fp32, args) -> dict:
            "probes": res.probes, "seconds": round(seconds, 1), "history": res.history,
            "widths": res.widths}
     print(res.summary(), flush=True)
-    print(f"compiled: held-out agreement vs FP32 {row['chosen_compiled_heldout_agreement_vs_ort_fp32']:.4f}", flush=True)
+    print(f"compiled: held-out agreement vs FP32 {row['chosen_compiled_heldout_agreement_vs_fp32']:.4f}", flush=True)
     return row
+
+
+def report_rows(photos, everything, args) -> dict:
+    """qmodel.report for MobileNetV2 W4A8 per-channel, with the sensitivity of the 10 noisiest layers
+    (by the accuracy check's per-point SQNR) and the first and last, on the 120 photos."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(mod_onnx(), None, [photos[i:i + 1] for i in range(len(photos))], args.method,
+                                  relayq.QConfig(weight_bits=4, per_channel=True, show_progress=False))
+    own = q.accuracy["sqnr_db"]
+    score = {layer: min(v for k, v in own.items() if k.rsplit(":", 1)[0] == layer)
+             for layer in q.layers if any(k.rsplit(":", 1)[0] == layer for k in own)}
+    noisy = set(sorted(score, key=score.get)[:10]) | {"conv2d_0", "dense_0"}
+    sens = q.sensitivity([everything[i:i + 1] for i in range(len(everything))],
+                         layers=[n for n in q.layers if n in noisy])
+    out = os.path.join(HERE, "results", "report_mobilenet_v2_w4a8")
+    q.report(os.path.join(out, "report.html"))
+    for name in ("sqnr", "histograms", "sensitivity"):        # the PNGs beside the page, kept in the repo
+        os.replace(os.path.join(out, "report_files", f"{name}.png"), os.path.join(out, f"{name}.png"))
+    os.rmdir(os.path.join(out, "report_files"))
+    with open(os.path.join(out, "sensitivity_table.txt"), "w") as f:
+        f.write(sens.table() + "\n")
+    print(sens.table(), flush=True)
+    return {"sensitivity": sens.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def mod_onnx():
+    from relayq.testing import zoo
+
+    return zoo.mobilenet_v2(batch=1)
 
 
 def qdq_rows(photos, everything, fp32, args) -> list:

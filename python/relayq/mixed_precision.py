@@ -9,9 +9,10 @@ once), then searches per-layer weight widths on held-out data:
    can happen with ``baseline="float"``): the layers whose float fallback gains the most are kept in
    float, as few as a binary search over that ranking finds enough;
 3. **lowering**: for each narrower candidate, narrowest first, the layers are ranked by the metric
-   with that one layer lowered (:func:`relayq.analysis.sensitivity`, or the cheap ``ranking=
-   "weight_sqnr"``), and a binary search finds the longest prefix of the ranking that can be lowered
-   together within the target; then the next ``refine`` layers are tried one by one.
+   with that one layer lowered (:func:`relayq.analysis.sensitivity`), or with the cheap
+   ``ranking="weight_sqnr"`` by each layer's own weight noise per weight saved; a binary search finds
+   the longest prefix of the ranking that can be lowered together within the target; then the next
+   ``refine`` layers are tried one by one.
 
 Every probe re-quantizes from the first calibration (no data is run through calibration again), then
 realizes and compiles the integer model: a probe costs one host compilation plus a run over the
@@ -106,7 +107,12 @@ def model_bytes(weights: dict, widths: dict) -> int:
 
 
 def _weight_sqnr_ranking(weights: dict, layers: list, bits: int, config) -> list:
-    """Layers by the SQNR of their own weights at ``bits`` bits, highest (least damaged) first."""
+    """Layers by the quantization noise of their own weights at ``bits`` bits per weight saved, least first.
+
+    The noise is the relative noise power ``10^(-SQNR/10)`` of the weights (for a conv / dense it is the
+    layer output's too, for inputs uncorrelated with the error); dividing by the weight count favours the
+    big layers, where lowering buys the most bytes for the damage.
+    """
     from .analysis.check import sqnr_db
 
     score = {}
@@ -118,8 +124,8 @@ def _weight_sqnr_ranking(weights: dict, layers: list, bits: int, config) -> list
             shape = [1] * w.ndim
             shape[axis] = -1
             scale = scale.reshape(shape)
-        score[layer] = sqnr_db(w, qmath.dequantize(p.weight_codes(w), scale))
-    return sorted(layers, key=lambda n: -score[n])
+        score[layer] = 10.0 ** (-sqnr_db(w, qmath.dequantize(p.weight_codes(w), scale)) / 10.0) / w.size
+    return sorted(layers, key=lambda n: score[n])
 
 
 def auto_mixed_precision(mod, params=None, dataset=None, heldout=None, metric=None, budget: float = 0.01,
@@ -138,8 +144,8 @@ def auto_mixed_precision(mod, params=None, dataset=None, heldout=None, metric=No
         budget: the allowed drop of the metric below the reference (0.01 = one point of agreement).
         candidates: weight widths to choose from; the widest is the starting point.
         baseline: ``"quantized"`` (the all-widest model is the reference) or ``"float"``.
-        ranking: ``"measured"`` (one probe per layer) or ``"weight_sqnr"`` (no probe: the SQNR of each
-            layer's own weights at the narrow width).
+        ranking: ``"measured"`` (one probe per layer) or ``"weight_sqnr"`` (no probe: the noise of each
+            layer's own weights at the narrow width per weight, so big robust layers go first).
         refine: after the binary search, layers tried one by one beyond the prefix it found.
 
     Returns a :class:`MixedPrecisionResult` (``.config`` to reuse, ``.qmodel``, ``.summary()``).

@@ -243,11 +243,11 @@ class SensitivityResult:
 
             print(result.table())
         """
-        when = "float" if self.change == "float" else f"at {self.change}"
+        when = "layer float" if self.change == "float" else f"layer at {self.change}"
         head = (f"{'layer':<18} {'source':<34} {'op':<16} {'W/A':>5} {'SQNR dB':>8} "
                 f"{self.metric_name + ' ' + when:>28} {'delta':>8}")
         lines = [f"relayq sensitivity: {self.metric_name} of the quantized model {self.base_metric:.4f} "
-                 f"(output cosine {self.base_cosine:.4f}) on {self.samples} samples; each layer {when} in turn "
+                 f"(output cosine {self.base_cosine:.4f}) on {self.samples} samples; each {when} in turn "
                  f"({self.seconds:.0f} s)", head, "-" * len(head)]
         for r in self.rows:
             wa = f"{r.weight_bits or '-'}/{r.act_bits or '-'}"
