@@ -24,7 +24,7 @@ def test_lowers_weights_within_budget():
     mod, params = tiny_cnn()
     calib, heldout = _data(4, 0), _data(6, 1)
     res = relayq.auto_mixed_precision(mod, params, calib, heldout, metric=output_cosine, budget=0.003,
-                                      candidates=(4, 8), calibration="kl", ranking="weight_sqnr",
+                                      candidates=(4, 8), calibration="kl", ranking="weight_sqnr", refine=1,
                                       config=relayq.QConfig(show_progress=False), show_progress=False)
     lowered = [n for n, w in res.widths.items() if w == 4]
     assert lowered and len(lowered) < len(res.widths)         # the budget allows some, not all

@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import warnings
 
@@ -183,6 +184,9 @@ def auto_mixed_precision(mod, params=None, dataset=None, heldout=None, metric=No
         _, _, realized = variants.make(cfg)
         value = float(fn(ref, runner.run(_host_function(realized))[0]))
         history.append((what, value))
+        if show_progress:
+            sys.stderr.write(f"relayq: mixed precision probe {probes} ({time.perf_counter() - start:.0f} s): {what}: "
+                             f"{name} {value:.4f} ({'meets' if value >= target else 'misses'} the target)\n")
         return value
 
     base_metric = float(fn(ref, runner.run(_host_function(qmodel.realized))[0]))
