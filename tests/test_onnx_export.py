@@ -70,6 +70,13 @@ def test_export_needs_the_onnx_model(net, tmp_path):
     path = q.export_onnx(str(tmp_path / "b.onnx"), onnx_model=model)        # given explicitly, it works
     assert ort.InferenceSession(path).run(None, {"input": calib[0]})[0].shape == (1, 10)
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        changed = relayq.quantize_model(model, None, calib, "naive", relayq.QConfig(
+            show_progress=False, check_accuracy=False, cross_layer_equalization=True, cle_replace_relu6=True))
+    with pytest.raises(relayq.RelayqError, match="cle_replace_relu6"):     # its float graph is not the ONNX one
+        changed.export_onnx(str(tmp_path / "c.onnx"))
+
 
 @pytest.mark.slow
 def test_mobilenet_v2_qdq_in_onnx_runtime(tmp_path):

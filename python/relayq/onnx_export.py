@@ -302,6 +302,14 @@ def export_onnx(qmodel, path, onnx_model=None) -> str:
         raise ExportError("export_onnx needs the ONNX model the float model was imported from: pass "
                           "onnx_model=<ModelProto or path> (quantize_model keeps it only when it imported the "
                           "ONNX model itself)")
+    cfg = qmodel.config
+    if cfg.cross_layer_equalization and (cfg.cle_replace_relu6 or cfg.skip_layers
+                                         or cfg.skip_ops or any(lc.skip for lc in cfg.layer_overrides.values())):
+        # The export writes the equalized weights and biases of quantized layers only: a float layer of an
+        # equalized pair, or a ReLU6 that CLE turned into a ReLU, would be left as they were.
+        raise ExportError("export_onnx: this model was equalized with cle_replace_relu6 or "
+                          "with layers left in float; its float graph differs from the ONNX model's, so the QDQ "
+                          "export would not compute it (export a model quantized without these options)")
     model = _load(src)
     sources = layer_sources(qmodel.annotated)
     if not sources or next(iter(sources.values())).framework != "ONNX":
