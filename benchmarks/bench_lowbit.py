@@ -13,7 +13,7 @@ the 120 shipped photos, as in ``bench_accuracy.py``; calibration on the 100 ai-b
 
 Writes ``benchmarks/results/lowbit.json``.
 
-Two more row groups (``--only mixed,qdq`` runs just them and keeps the other rows of lowbit.json):
+More row groups (``--groups mixed,qdq,report`` runs just them and keeps the other rows of the JSON):
 
 * ``mixed``: ``relayq.auto_mixed_precision`` (W4 / W8 weights per channel, A8, 1-point agreement budget
   against the all-W8A8 model): calibration on the first 50 ai-benchmark photos, the search and the
@@ -22,7 +22,7 @@ Two more row groups (``--only mixed,qdq`` runs just them and keeps the other row
 * ``qdq``: ``QuantizedModel.export_onnx`` run by ONNX Runtime against relayq's integer model on all
   120 photos (top-1 agreement and logit cosine), per scheme.
 
-    PYTHONPATH=python python3 benchmarks/bench_lowbit.py --only mixed,qdq
+    PYTHONPATH=python python3 benchmarks/bench_lowbit.py --groups mixed,qdq,report
 """
 from __future__ import annotations
 
@@ -56,14 +56,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--method", default="kl")
+    ap.add_argument("--method", default="kl", help="activation calibration method(s), comma separated")
+    ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
+    ap.add_argument("--extra", default="{}", help="QConfig fields (JSON) added to every row, e.g. '{\"weight_method\": \"mse\"}'")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "lowbit.json"))
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch threads for AdaRound (1 is fastest for these small problems on a shared box)")
-    ap.add_argument("--only", default="", help="comma-separated row groups to run: lowbit, mixed, qdq, report "
-                    "(default all)")
+    ap.add_argument("--groups", default="lowbit,mixed,qdq,report",
+                    help="comma-separated row groups to run: lowbit (the rows above), mixed, qdq, report")
     ap.add_argument("--ranking", default="weight_sqnr", help="auto_mixed_precision ranking: measured | weight_sqnr")
     args = ap.parse_args()
-    groups = set(filter(None, args.only.split(","))) or {"lowbit", "mixed", "qdq", "report"}
+    groups = set(filter(None, args.groups.split(",")))
     from bench_accuracy import MOBILENET_BATCH_ORT, ort_predict
     from relayq.testing import data, zoo
 
@@ -94,8 +97,10 @@ def main() -> None:
         ("W4A8 per-channel", dict(weight_bits=4, per_channel=True)),
         ("W4A8 per-channel + AdaRound", dict(weight_bits=4, per_channel=True, **ada)),
     ]
+    if args.only:
+        schemes = [(label, f) for label, f in schemes if args.only in label]
     rows = []
-    out_path = os.path.join(HERE, "results", "lowbit.json")
+    out_path = args.json
     old = json.load(open(out_path)) if os.path.exists(out_path) else {}
     extra = {}
     if "mixed" in groups:
@@ -110,26 +115,27 @@ def main() -> None:
             json.dump(res, f, indent=1)
         print(json.dumps(res["cpu"]))
         return
-    for label, fields in schemes:
+    for (label, fields), method in [(sc, m) for sc in schemes for m in args.method.split(",")]:
         t0 = time.perf_counter()
+        fields = {**fields, **json.loads(args.extra)}
         cfg = relayq.QConfig(show_progress=True, **fields)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = relayq.quantize_model(mod, params, calib, args.method, cfg)
+            q = relayq.quantize_model(mod, params, calib, method, cfg)
             lib = relayq.build(q)
         quantize_s = time.perf_counter() - t0
         pred = np.array([int(lib(everything[i:i + 1]).argmax()) for i in range(len(everything))])
-        row = {"scheme": label, "config": fields, "method": args.method,
+        row = {"scheme": label, "config": fields, "method": method,
                "agreement": float((pred == fp32).mean()), "top1_labelled20": float((pred[-20:] == labels).mean()),
                "quantize_and_build_seconds": round(quantize_s, 1)}
         rows.append(row)
-        print(f"{label:58s} agreement {row['agreement'] * 100:5.1f}%  top-1(20) {row['top1_labelled20'] * 100:3.0f}%"
+        print(f"{label:58s} {method:10s} agreement {row['agreement'] * 100:5.1f}%  top-1(20) {row['top1_labelled20'] * 100:3.0f}%"
               f"  ({row['quantize_and_build_seconds']} s)", flush=True)
     res = {"model": "MobileNetV2 (torchvision ImageNet weights)", "cpu": cpu(), "args": vars(args),
            "fp32_top1_labelled20": float((fp32[-20:] == labels).mean()), "rows": rows,
            "adaround_backend": "torch" if _torch() else "numpy", **extra}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "lowbit.json"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res["cpu"]))
 
@@ -152,7 +158,8 @@ def mixed_precision_rows(mod, params, photos, labelled, fp32, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = relayq.auto_mixed_precision(mod, params, calib, heldout, budget=0.01, candidates=(4, 8),
-                                          calibration=args.method, config=relayq.QConfig(per_channel=True),
+                                          calibration=args.method.split(",")[0],
+                                          config=relayq.QConfig(per_channel=True),
                                           ranking=args.ranking)
         lib = relayq.build(res.qmodel)
     seconds = time.perf_counter() - t0
@@ -181,7 +188,8 @@ def report_rows(photos, everything, args) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = relayq.quantize_model(mod_onnx(), None, [photos[i:i + 1] for i in range(len(photos))], args.method,
+        q = relayq.quantize_model(mod_onnx(), None, [photos[i:i + 1] for i in range(len(photos))],
+                                  args.method.split(",")[0],
                                   relayq.QConfig(weight_bits=4, per_channel=True, show_progress=False))
     own = q.accuracy["sqnr_db"]
     score = {layer: min(v for k, v in own.items() if k.rsplit(":", 1)[0] == layer)
@@ -221,7 +229,7 @@ def qdq_rows(photos, everything, fp32, args) -> list:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = relayq.quantize_model(zoo.mobilenet_v2(batch=1), None, calib, args.method,
+            q = relayq.quantize_model(zoo.mobilenet_v2(batch=1), None, calib, args.method.split(",")[0],
                                       relayq.QConfig(show_progress=False, **fields))
             lib = relayq.build(q)
         with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +241,7 @@ def qdq_rows(photos, everything, fp32, args) -> list:
             a = np.concatenate([sess.run(None, {"input": everything[i:i + 1]})[0] for i in range(len(everything))])
         b = np.concatenate([lib(everything[i:i + 1]) for i in range(len(everything))])
         cos = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
-        row = {"scheme": label, "config": fields, "method": args.method, "images": len(everything),
+        row = {"scheme": label, "config": fields, "method": args.method.split(",")[0], "images": len(everything),
                "ort_vs_relayq_agreement": _agreement(a.argmax(1), b.argmax(1)),
                "ort_vs_relayq_cosine_min": min(cos), "ort_vs_relayq_cosine_mean": float(np.mean(cos)),
                "ort_qdq_vs_fp32_agreement": _agreement(a.argmax(1), fp32),

@@ -10,9 +10,11 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <new>
 #include <fstream>
+#include <iostream>
+#include <new>
 #include <sstream>
+#include <streambuf>
 
 namespace relayq {
 
@@ -80,9 +82,44 @@ int NumThreads() {
 
 namespace {
 
+// TVM's runtime logs one "executable.cc:NNN: Warning: Scope Loaded:<scope>" line per constant when it
+// reads a Relax VM executable (LOG(WARNING) on std::cerr, which no setting turns off). While one of
+// these is alive, std::cerr drops exactly those lines and passes every other line through.
+class ScopeChatterFilter : public std::streambuf {
+ public:
+  ScopeChatterFilter() : target_(std::cerr.rdbuf(this)) {}
+  ~ScopeChatterFilter() override {
+    if (!line_.empty()) Emit();
+    std::cerr.rdbuf(target_);
+  }
+  ScopeChatterFilter(const ScopeChatterFilter&) = delete;
+  ScopeChatterFilter& operator=(const ScopeChatterFilter&) = delete;
+
+ protected:
+  int_type overflow(int_type ch) override {
+    if (traits_type::eq_int_type(ch, traits_type::eof())) return traits_type::not_eof(ch);
+    line_.push_back(traits_type::to_char_type(ch));
+    if (ch == '\n') Emit();
+    return ch;
+  }
+  int sync() override { return target_->pubsync(); }
+
+ private:
+  void Emit() {
+    const bool chatter = line_.find("executable.cc:") != std::string::npos &&
+                         (line_.find("Warning: Scope Loaded:") != std::string::npos ||
+                          line_.find("Warning: Scope Saving:") != std::string::npos);
+    if (!chatter) target_->sputn(line_.data(), static_cast<std::streamsize>(line_.size()));
+    line_.clear();
+  }
+  std::streambuf* target_;
+  std::string line_;
+};
+
 ffi::Module LoadLibrary(const std::string& path) {
   if (!std::ifstream(path).good()) throw ModelError(path + ": no such file");
   try {
+    ScopeChatterFilter quiet;
     return ffi::Module::LoadFromFile(path);
   } catch (const ffi::Error& e) {
     throw ModelError(path + ": cannot load the library: " + e.message());
@@ -95,6 +132,7 @@ ffi::Module StartVM(const ffi::Module& library, const std::string& path) {
     throw ModelError(path + ": not a Relax VM executable (export it with CompiledModel.export)");
   }
   try {
+    ScopeChatterFilter quiet;
     ffi::Module vm = (*load)().cast<ffi::Module>();
     // One (device type, device id, allocator) triple per device: the CPU, which is also the host.
     (*vm->GetFunction("vm_initialization", false))(static_cast<int>(kDLCPU), 0, kPooledAllocator);

@@ -56,3 +56,30 @@ def set_initializer(model, name, fn):
 def batches(n=2, seed=1):
     rng = np.random.RandomState(seed)
     return [rng.randn(1, 3, 8, 8).astype("float32") for _ in range(n)]
+
+
+def tiny_conv_net(size=16, seed=0):
+    """conv(+bias) -> ReLU -> conv (stride 2) -> ReLU -> GlobalAveragePool -> Flatten -> Gemm, built with
+    onnx.helper (no torch): input ``image`` (1, 3, size, size), output ``logits`` (1, 10); node names
+    ``conv1``, ``conv2``, ``gap``, ``fc``. Returns the ``onnx.ModelProto``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(seed)
+    weights = {"w1": rng.randn(8, 3, 3, 3) * 0.3, "b1": rng.randn(8) * 0.1, "w2": rng.randn(8, 8, 3, 3) * 0.2,
+               "fc": rng.randn(10, 8) * 0.3, "fcb": rng.randn(10) * 0.1}
+    inits = [numpy_helper.from_array(v.astype("float32"), k) for k, v in weights.items()]
+    nodes = [helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "tiny_conv_net",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

@@ -32,6 +32,8 @@ from .transform.annotate import annotate, layer_aliases, layers
 from .transform.calibrate import CalibrationStats, QPoint, batch_to_arrays, calibrate, input_specs
 from .transform.prepare import prepare
 from .transform.realize import realize
+from .utils.log import tvm_chatter_filtered
+from .utils.progress import stage
 
 
 @dataclasses.dataclass
@@ -490,7 +492,8 @@ class CompiledModel:
 
             cross_compile = cc.cross_compiler(cross_compile)
         try:
-            self.executable.export_library(path, fcompile=cross_compile)
+            with stage(f"exporting {path}"), tvm_chatter_filtered():
+                self.executable.export_library(path, fcompile=cross_compile)
         except Exception as e:
             raise BuildError(f"export to {path} failed: {e}") from None
         with open(path + ".json", "w") as f:
@@ -511,17 +514,23 @@ def _resolve_target(target):
 
 
 def build(model, target=None, *, params: dict | None = None, tune_trials: int = 0, tuning_log: str | None = None,
-          lower: bool = True) -> CompiledModel:
+          lower: bool = True, rpc: str | None = None, device_key: str | None = None) -> CompiledModel:
     """Compile a :class:`QuantizedModel` (or a float IRModule, for baselines) for ``target``.
 
     ``target``: ``None`` (the host CPU's best preset), a preset name (``"x86-avx2"``, ``"x86-vnni"``,
     ``"cuda-dp4a"``, ``"arm-dotprod"``, ``"arm-neon"``, ``"generic"``) or a ``tvm.target.Target``.
+    ``rpc="host:port"`` and ``device_key``: with ``tune_trials``, measure the tuning candidates on the
+    devices of that key behind that TVM RPC tracker (see :mod:`relayq.backend.rpc`).
 
     Example::
 
         lib = build(qmodel)                      # int8 model for this CPU
         fp32 = build(mod, params=params)          # the float model, for comparison
+        arm = build(qmodel, target="arm-dotprod", tune_trials=64, rpc="10.0.0.5:9190", device_key="rk3588")
     """
+    if (rpc is not None or device_key is not None) and not tune_trials:
+        raise ConfigError("rpc= and device_key= choose where tuning candidates are measured: pass tune_trials=N "
+                          "too (to run a built model on a device, use relayq.remote)")
     host_build = getattr(model, "_host_build", None)     # (realized, executable) kept by an earlier host build
     if isinstance(model, QuantizedModel) and target is None and lower and not tune_trials:
         if host_build is not None and host_build[0] is model.realized:
@@ -534,18 +543,21 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
         raise ConfigError(f"build expects a QuantizedModel or an IRModule, got {type(model).__name__}")
     tgt, preset = _resolve_target(target)
     specs = input_specs(mod)
-    if lower:
-        from .backend import presets
+    from .backend import presets
 
-        mod = presets.lower_for(mod, tgt, preset)
+    label = presets.preset_of(tgt) if tgt.kind.name == "llvm" else str(tgt.kind.name)
+    if lower:
+        with stage(f"lowering for {label}"):
+            mod = presets.lower_for(mod, tgt, preset)
     try:
         if tune_trials:
             from .backend import tune
 
-            ex = tune.tune_and_compile(mod, tgt, tune_trials, tuning_log)
+            ex = tune.tune_and_compile(mod, tgt, tune_trials, tuning_log, rpc=rpc, device_key=device_key)
         else:
-            ex = tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
-    except ConfigError:
+            with stage(f"compiling for {label}"):
+                ex = tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+    except RelayqError:
         raise
     except Exception as e:
         raise BuildError(f"compiling for {tgt} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
@@ -586,7 +598,9 @@ def load(path: str) -> CompiledModel:
     with open(meta_path) as f:
         meta = json.load(f)
     specs = [(n, tuple(s), d) for n, s, d in meta["inputs"]]
-    return CompiledModel(tvm.runtime.load_module(path), specs, meta.get("target"))
+    with tvm_chatter_filtered():
+        lib = tvm.runtime.load_module(path)
+    return CompiledModel(lib, specs, meta.get("target"))
 
 
 __all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QPoint"]

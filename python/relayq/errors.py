@@ -44,6 +44,20 @@ class BuildError(RelayqError, RuntimeError):
     """Lowering or compiling the quantized model failed for the requested target."""
 
 
+class RemoteError(RelayqError, RuntimeError):
+    """A remote device reached through TVM's RPC tracker failed: the message names the tracker
+    (``host:port``), the device key and, once a device was assigned, the server's address."""
+
+
+class TrackerUnreachableError(RemoteError):
+    """Nothing answers as an RPC tracker at the ``rpc="host:port"`` given (the message names it)."""
+
+
+class NoFreeDeviceError(RemoteError):
+    """The tracker has no server registered with the device key, or none became free within the
+    timeout; the message names the key and what the tracker reports (servers, free, pending)."""
+
+
 class FloatFallbackWarning(UserWarning):
     """Ops left in float (unsupported by the quantizer, or skipped by the QConfig), named in the message."""
 

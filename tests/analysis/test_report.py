@@ -54,3 +54,15 @@ def test_report_names_missing_matplotlib(qmodel, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingPlotPackageError, match="matplotlib"):
         qmodel.report(str(tmp_path / "r.html"))
+
+
+def test_report_of_a_loaded_artefact(qmodel, tmp_path):
+    """A model read back from .rqz (what `relayq report model.rqz -o` renders) has no float model: the
+    page says so and lists the points."""
+    pytest.importorskip("matplotlib")
+    qmodel.save(str(tmp_path / "m.rqz"))
+    loaded = relayq.load_quantized(str(tmp_path / "m.rqz"))
+    page = open(loaded.report(str(tmp_path / "r.html"))).read()
+    assert "read from an artefact" in page and "data:image/png" not in page
+    for name in qmodel.qpoints:
+        assert f"<td>{name}</td>" in page

@@ -74,9 +74,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _layers(qmodel) -> list:
+    """Layer names in graph order (from the points where the model has no annotated module: an artefact)."""
+    if getattr(qmodel, "annotated", None) is not None:
+        return list(layers_of(qmodel.annotated))
+    return list(dict.fromkeys(n.rsplit(":", 1)[0] for n in qmodel.qpoints))
+
+
+def _sources(qmodel) -> dict:
+    return layer_sources(qmodel.annotated) if getattr(qmodel, "annotated", None) is not None else {}
+
+
 def layer_sqnr(qmodel, sens=None) -> tuple:
     """``(title, {layer: SQNR dB})`` in graph order: accumulated (sensitivity) or per point (check)."""
-    names = list(layers_of(qmodel.annotated))
+    names = _layers(qmodel)
     if sens is not None:
         vals = {r.layer: r.sqnr_db for r in sens.rows if r.sqnr_db is not None}
         return "accumulated SQNR at each layer's output (quantized vs float model)", \
@@ -95,7 +106,9 @@ def sqnr_chart(qmodel, sens=None, highlight: int = 5):
     """The per-layer SQNR bar chart as a matplotlib figure (horizontal bars, graph order top down)."""
     plt = _pyplot()
     title, vals = layer_sqnr(qmodel, sens)
-    sources = layer_sources(qmodel.annotated)
+    if not vals:
+        return None, []
+    sources = _sources(qmodel)
     names = list(vals)
     finite = np.array([v if np.isfinite(v) else np.nan for v in vals.values()], dtype=float)
     cap = np.nanmax(finite) if np.any(np.isfinite(finite)) else 1.0
@@ -130,7 +143,7 @@ def histogram_chart(qmodel, layers_to_show: list):
     """Activation histograms (log counts) of the given layers' points, thresholds as dashed lines."""
     plt = _pyplot()
     stats = getattr(qmodel, "calibration_stats", None)
-    sources = layer_sources(qmodel.annotated)
+    sources = _sources(qmodel)
     panels = []
     for layer in layers_to_show:
         for suffix in (":out", ":in0", ":in1"):
@@ -185,7 +198,7 @@ def delta_chart(qmodel, sens):
     rows = [r for r in sens.rows if r.delta is not None]
     if not rows:
         return None
-    sources = layer_sources(qmodel.annotated)
+    sources = _sources(qmodel)
     agreement = "agreement" in sens.metric_name
     panels = [(np.array([r.delta for r in rows]) * (100 if agreement else 1),
                f"change of {sens.metric_name}" + (" (points)" if agreement else ""))]
@@ -249,6 +262,16 @@ def _sensitivity_html(sens) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
+def _points_html(qmodel) -> str:
+    rows = []
+    for p in qmodel.qpoints.values():
+        lo, hi = _point_threshold(p)
+        rows.append(f"<tr><td>{html.escape(p.name)}</td><td>{p.role}</td><td>{p.bits}</td><td>{html.escape(str(p.method))}"
+                    f"</td><td>[{lo:.4g}, {hi:.4g}]</td><td>{'per-channel' if np.ndim(p.scale) else 'per-tensor'}</td></tr>")
+    return ("<table><tr><th>point</th><th>role</th><th>bits</th><th>method</th><th>range (max over channels)</th>"
+            f"<th>scale</th></tr>{''.join(rows)}</table>")
+
+
 def write_report(qmodel, path, sens=None, worst: int = 4) -> str:
     """Write the report (see the module docstring); returns ``path``.
 
@@ -263,8 +286,9 @@ def write_report(qmodel, path, sens=None, worst: int = 4) -> str:
     os.makedirs(files_dir, exist_ok=True)
     figures = []
     fig, worst_layers = sqnr_chart(qmodel, sens, highlight=worst)
-    figures.append(("sqnr", "Per-layer SQNR", fig, layer_sqnr(qmodel, sens)[0] + "; the "
-                    f"{len(worst_layers)} lowest in red"))
+    if fig is not None:
+        figures.append(("sqnr", "Per-layer SQNR", fig, layer_sqnr(qmodel, sens)[0] + "; the "
+                        f"{len(worst_layers)} lowest in red"))
     hfig = histogram_chart(qmodel, worst_layers)
     if hfig is not None:
         figures.append(("histograms", "Activation histograms of the lowest-SQNR layers, with thresholds", hfig,
@@ -284,17 +308,22 @@ def write_report(qmodel, path, sens=None, worst: int = 4) -> str:
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p><img alt='{key}' "
                      f"src='data:image/png;base64,{base64.b64encode(data).decode()}'/>")
     cfg = qmodel.config
-    scheme = (f"W{cfg.weight_bits}A{cfg.act_bits} {'per-channel' if cfg.per_channel else 'per-tensor'}, "
-              f"{'symmetric' if cfg.act_symmetric else 'asymmetric'} activations, calibration "
-              f"{qmodel.calibration!r}")
+    if cfg is None:
+        scheme = ("read from an artefact: it keeps the integer model and its points, not the float model, so "
+                  "there is no SQNR or histogram to show (they are in the report of the model as quantized)")
+    else:
+        scheme = (f"W{cfg.weight_bits}A{cfg.act_bits} {'per-channel' if cfg.per_channel else 'per-tensor'}, "
+                  f"{'symmetric' if cfg.act_symmetric else 'asymmetric'} activations, calibration "
+                  f"{qmodel.calibration!r}")
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>relayq report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:100%}}</style></head><body>
 <h1>relayq quantization report</h1>
-<p>{html.escape(scheme)}; {len(layers_of(qmodel.annotated))} quantized layers, {len(qmodel.qpoints)} points.</p>
+<p>{html.escape(scheme)}; {len(_layers(qmodel))} quantized layers, {len(qmodel.qpoints)} points.</p>
 <h2>Accuracy check</h2>{_accuracy_html(qmodel.accuracy)}
 {''.join(parts)}
 {'<h2>Sensitivity table</h2>' + _sensitivity_html(sens) if sens is not None else ''}
+<h2>Quantization points</h2>{_points_html(qmodel)}
 </body></html>"""
     with open(path, "w") as f:
         f.write(page)

@@ -12,6 +12,12 @@ Records go to a JSON database in ``log_dir`` (``database_workload.json`` /
 ``database_tuning_record.json``). On the next build every task that already has a record is
 **not tuned again**; the records are applied directly.
 
+With ``rpc="host:port", device_key=...`` the candidates are measured on remote devices through TVM's
+RPC tracker (meta-schedule's ``RPCRunner``; see :mod:`relayq.backend.rpc`): relayq's builder links each
+candidate here (with the cross compiler for an ARM target) and the devices run it. A log directory keeps
+the records of one kind of device: ``relayq_measured_on.json`` in it says which, and tuning into it for
+another device (or locally after remotely) is refused.
+
 Workarounds for TVM 0.27 (see the TVM field guide, B3/B4):
 
 * MetaSchedule's default builder imports ``tvm.s_tir.tensor_intrin`` in every worker (35-50 s, more
@@ -23,9 +29,12 @@ Example::
 
     lib = relayq.build(qmodel, target="x86-avx2", tune_trials=64, tuning_log="tuning/resnet18")
     lib = relayq.build(qmodel, target="x86-avx2", tune_trials=64, tuning_log="tuning/resnet18")  # reuses
+    lib = relayq.build(qmodel, target="arm-dotprod", tune_trials=64, tuning_log="tuning/rk3588",
+                       rpc="10.0.0.5:9190", device_key="rk3588")                                # on boards
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -33,7 +42,10 @@ import tvm
 from tvm import relax
 
 from ..errors import ConfigError
-from ..utils.progress import Progress
+from ..utils.log import get_logger
+from ..utils.progress import Progress, stage
+
+_log = get_logger("tune")
 
 #: Per-candidate limits of the builder and runner (seconds).
 BUILD_TIMEOUT = 60
@@ -132,12 +144,39 @@ def _has_record(db, task, target) -> bool:
     return db.query_tuning_record(mod, target, task.task_name) is not None
 
 
+#: The file in a tuning log directory that names the device its records were measured on.
+MEASURED_ON_FILE = "relayq_measured_on.json"
+
+
+def _check_measured_on(log_dir: str, label: str) -> None:
+    """Refuse to mix records of different devices in one log directory (the records name only the
+    target, so a board's timings and this machine's would be indistinguishable)."""
+    path = os.path.join(log_dir, MEASURED_ON_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f).get("measured_on")
+        if before != label:
+            raise ConfigError(f"the tuning log {log_dir} holds records measured on {before}, not {label}: "
+                              "use another tuning_log for this device")
+        return
+    has_records = os.path.exists(os.path.join(log_dir, "database_tuning_record.json")) and \
+        os.path.getsize(os.path.join(log_dir, "database_tuning_record.json")) > 0
+    if has_records and label != "this machine":
+        raise ConfigError(f"the tuning log {log_dir} holds records measured on this machine, not {label}: "
+                          "use another tuning_log for this device")
+    with open(path, "w") as f:
+        json.dump({"measured_on": label}, f)
+
+
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, log_dir: str, *, seed: int = 0,
-         verbose: bool = True) -> dict:
+         verbose: bool = True, remote=None) -> dict:
     """Tune the tasks of ``mod`` that have no record in ``log_dir`` yet; returns a small report.
 
+    ``remote``: a :class:`relayq.backend.rpc.RemoteDevices` to measure the candidates on (``target``
+    should then come from its ``tuning_target``), or None for this machine.
+
     The report: ``{"tasks": all tasks, "tuned": tasks tuned now, "reused": tasks with records,
-    "trials": trials run now, "log_dir": ...}``.
+    "trials": trials run now, "log_dir": ..., "measured_on": "this machine" or "rpc key '...'"}``.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -146,15 +185,18 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, log_dir: str
                           f"only, got {target.kind.name!r} (build without tune_trials)")
     if not target.attrs.get("num-cores"):
         raise ConfigError("the tuning target needs a 'num-cores' attribute (relayq presets set it)")
+    label = remote.label if remote is not None else "this machine"
     os.makedirs(log_dir, exist_ok=True)
+    _check_measured_on(log_dir, label)
     db = ms.database.JSONDatabase(work_dir=log_dir)
     tasks = tunable_tasks(mod, target)
     todo = [t for t in tasks if not _has_record(db, t, target)]
     report = {"tasks": len(tasks), "tuned": len(todo), "reused": len(tasks) - len(todo), "trials": 0,
-              "log_dir": log_dir}
+              "log_dir": log_dir, "measured_on": label}
     if verbose:
-        print(f"relayq: tuning {len(todo)} of {len(tasks)} tasks ({len(tasks) - len(todo)} reuse records in "
-              f"{log_dir}), {trials} trials, cost model {_cost_model()}", flush=True)
+        where = f", measured on {remote}" if remote is not None else ""
+        _log.info("tuning %d of %d tasks (%d reuse records in %s), %d trials, cost model %s%s", len(todo), len(tasks),
+                  len(tasks) - len(todo), log_dir, trials, _cost_model(), where)
     if not todo or trials <= 0:
         return report
     trials = max(int(trials), len(todo))
@@ -163,11 +205,16 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, log_dir: str
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         todo, work_dir=log_dir, space=search_space(target), strategy=strategy,
         num_threads=int(target.attrs["num-cores"]), seed=seed)
-    cores = int(target.attrs["num-cores"])
-    builder = ms.builder.LocalBuilder(f_build=_make_fast_build(), max_workers=cores, timeout_sec=BUILD_TIMEOUT)
-    runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT, evaluator_config=ms.runner.EvaluatorConfig(
-        number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
     per_iter = max(1, min(16, trials // len(todo)))
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    if remote is None:
+        cores = int(target.attrs["num-cores"])
+        builder = ms.builder.LocalBuilder(f_build=_make_fast_build(), max_workers=cores, timeout_sec=BUILD_TIMEOUT)
+        runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT, evaluator_config=evaluator)
+    else:
+        # The builders compile here, so they get this machine's cores whatever the target's num-cores says.
+        builder = remote.builder(target, _make_fast_build(), os.cpu_count() or 1, BUILD_TIMEOUT)
+        runner = remote.runner(evaluator, per_iter)
     with Progress("tuning trials", total=trials, enabled=verbose) as progress:
         callbacks = list(ms.MeasureCallback.create("default")) + [_progress_callback(progress)]
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=log_dir, max_trials_global=trials,
@@ -188,22 +235,36 @@ def apply_records(mod: tvm.IRModule, target: tvm.target.Target, log_dir: str) ->
 
 
 def tune_and_compile(mod: tvm.IRModule, target: tvm.target.Target, trials: int, log_dir: str | None = None,
-                     *, verbose: bool = True, seed: int = 0):
+                     *, verbose: bool = True, seed: int = 0, rpc=None, device_key: str | None = None):
     """Tune ``mod``'s tasks (those without records in ``log_dir``), then compile with the best records.
 
-    ``log_dir`` ``None`` tunes into a temporary folder (nothing is kept). Returns the VM executable; the
-    tuning report of the call is attached as ``executable.relayq_tuning`` when possible.
+    ``log_dir`` ``None`` tunes into a temporary folder (nothing is kept). ``rpc="host:port"`` and
+    ``device_key``: measure on the devices of that key behind that RPC tracker (a target without
+    ``num-cores`` gets the devices' thread count). Returns the VM executable; the call's tuning report
+    is in :data:`LAST_REPORT`.
 
     >>> # ex = tune_and_compile(lower_quantized(realized, "x86-avx2"), target, 64, "tuning/resnet18")
     """
+    remote = None
+    if rpc is not None or device_key is not None:
+        from .rpc import RemoteDevices
+
+        if rpc is None or device_key is None:
+            raise ConfigError("measuring on remote devices needs both rpc='host:port' (the RPC tracker) and "
+                              "device_key (the key its servers registered with)")
+        if target.kind.name != "llvm":
+            raise ConfigError(f"relayq tunes CPU (llvm) targets on remote devices, got {target.kind.name!r}")
+        remote = RemoteDevices(rpc, device_key)
+        target = remote.tuning_target(target)
     tmp = None
     if log_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="relayq_tune_")
         log_dir = tmp.name
     try:
-        report = tune(mod, target, trials, str(log_dir), seed=seed, verbose=verbose)
-        tuned = apply_records(mod, target, str(log_dir))
-        ex = tvm.compile(tuned, target=target)
+        report = tune(mod, target, trials, str(log_dir), seed=seed, verbose=verbose, remote=remote)
+        with stage("compiling with the tuned schedules", enabled=verbose):
+            tuned = apply_records(mod, target, str(log_dir))
+            ex = tvm.compile(tuned, target=target)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -33,6 +33,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MissingDataError",
+    "calibration_photo_dir",
     "preprocess",
     "load_image",
     "imagenet_labelled",
@@ -100,6 +101,17 @@ def _calibration_files() -> list[str]:
             f"the calibration photos (ai_benchmark/data/classification/*.jpg) are not installed: {_AIB_PIP}"
         )
     return [path for _, path in sorted(found)]
+
+
+def calibration_photo_dir() -> str:
+    """The folder holding the 100 calibration photos (JPEG files), e.g. for ``relayq quantize --calib DIR``.
+
+    Example::
+
+        >>> calibration_photo_dir()                        # doctest: +SKIP
+        '.../site-packages/ai_benchmark/data/classification'
+    """
+    return os.path.dirname(_calibration_files()[0])
 
 
 def has_imagenet_samples() -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import warnings
 from typing import Any
 
@@ -31,8 +32,11 @@ from .. import qmath
 from ..config import QConfig
 from ..errors import CalibrationWarning, ConfigError, DatasetError, RelayqError
 from ..runtime import compile_host
+from ..utils.log import get_logger
 from ..utils.progress import Progress
 from .common import bindings, const_value, dtype_of, main_function, op_name, shape_of, simq_info, substitute
+
+_log = get_logger("calibrate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +273,7 @@ def _fast_float(mod: tvm.IRModule, target=None) -> tvm.IRModule:
 
 def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = True, target=None,
             means: dict | None = None, ranges: dict | None = None, record=None,
-            samplers: dict | None = None) -> list:
+            samplers: dict | None = None, timings: dict | None = None) -> list:
     """Run ``dataset`` through the tap module, feeding every activation point to ``calibrator``.
 
     Returns the names of the activation points observed. When a ``means`` dict is given, it receives
@@ -282,12 +286,16 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
 
     A point that was constant over the whole dataset (all zero: a dead ReLU, a zeroed input) gets a
     :class:`~relayq.errors.CalibrationWarning` naming it: its scale says nothing about real data.
+    ``timings``, when given, receives the seconds spent compiling the tap module (``"compile"``) and
+    running the batches (``"batches"``).
     """
+    start = time.perf_counter()
     tmod, names = tap_module(annotated, input_means=means is not None, layer_inputs=bool(samplers))
     sums, batches = {}, 0
     lo_hi = {}
     specs = input_specs(annotated)
     fn = compile_host(_fast_float(tmod, target), target)
+    compiled = time.perf_counter()
     total = len(dataset) if hasattr(dataset, "__len__") else None
     method = getattr(calibrator, "name", type(calibrator).__name__)
     seen = 0
@@ -314,6 +322,8 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
                 record(arrays, taps, outs[len(names):])
             seen += 1
             prog.step()
+    if timings is not None:
+        timings.update(compile=compiled - start, batches=time.perf_counter() - compiled)
     if seen == 0:
         raise DatasetError("the calibration dataset is empty: pass at least one batch")
     if means is not None:
@@ -626,6 +636,8 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
         simulated, qpoints = calibrate(annotated, [x0, x1, x2], "kl")
     """
     config = config or QConfig()
+    start = time.perf_counter()
+    timings = {}
     calibrator, method = _make_calibrator(calibration, config)
     func = main_function(annotated)
     points = {}
@@ -651,7 +663,8 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
             from . import rounding as adaround
             samplers = adaround.samplers(annotated, weights, config.adaround_samples,
                                          len(dataset) if hasattr(dataset, "__len__") else None)
-        observe(annotated, dataset, calibrator, config.show_progress, target, means, ranges, record, samplers)
+        observe(annotated, dataset, calibrator, config.show_progress, target, means, ranges, record, samplers,
+                timings)
         if stats is not None:
             stats.calibrator, stats.method, stats.ranges = calibrator, method, ranges
         for name, bits in act_bits.items():
@@ -675,4 +688,12 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
             raise DatasetError("the calibration dataset is empty: pass at least one batch")
     from .realize import simulate
 
-    return simulate(annotated, points), points
+    simulated = simulate(annotated, points)
+    if config.show_progress and timings:
+        # The whole time, not only the batches: compiling the tap module and the threshold searches
+        # (KL, MSE) can take longer than the data itself.
+        total = time.perf_counter() - start
+        _log.info(f"calibration {method!r}: {total:.1f} s (compiling the tap model {timings['compile']:.1f} s, "
+                  f"batches {timings['batches']:.1f} s, thresholds and weights "
+                  f"{total - timings['compile'] - timings['batches']:.1f} s)")
+    return simulated, points

@@ -227,11 +227,12 @@ def prepare(mod: tvm.IRModule, params: dict | None = None, config=None) -> tvm.I
 
         mod, report = equalize(mod, config.cle_replace_relu6, config.high_bias_absorption, bn_stats)
         if config.show_progress:
-            import sys
+            from ..utils.log import get_logger
+
             skipped = f", {len(report['skipped'])} ReLU6 chains left alone" if report["skipped"] else ""
             absorbed = f", biases absorbed in {report['absorbed']}" if config.high_bias_absorption else ""
-            sys.stderr.write(f"relayq: cross-layer equalization: {report['chains']} conv chains in "
-                             f"{report['sweeps']} sweeps{skipped}{absorbed}\n")
+            get_logger("prepare").info(f"cross-layer equalization: {report['chains']} conv chains in "
+                                       f"{report['sweeps']} sweeps{skipped}{absorbed}")
     if record:
         mod = source_names.attach(mod, carry_source_names(record, before, main_function(mod)))
     return mod
