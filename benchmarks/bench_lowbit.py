@@ -197,11 +197,15 @@ def report_rows(photos, everything, args) -> dict:
     noisy = set(sorted(score, key=score.get)[:10]) | {"conv2d_0", "dense_0"}
     sens = q.sensitivity([everything[i:i + 1] for i in range(len(everything))],
                          layers=[n for n in q.layers if n in noisy])
+    import shutil
+    import tempfile
+
     out = os.path.join(HERE, "results", "report_mobilenet_v2_w4a8")
-    q.report(os.path.join(out, "report.html"))
-    for name in ("sqnr", "histograms", "sensitivity"):        # the PNGs beside the page, kept in the repo
-        os.replace(os.path.join(out, "report_files", f"{name}.png"), os.path.join(out, f"{name}.png"))
-    os.rmdir(os.path.join(out, "report_files"))
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:       # the page embeds the PNGs: only the PNGs are kept
+        q.report(os.path.join(tmp, "report.html"))
+        for name in ("sqnr", "histograms", "sensitivity"):
+            shutil.copy(os.path.join(tmp, "report_files", f"{name}.png"), os.path.join(out, f"{name}.png"))
     with open(os.path.join(out, "sensitivity_table.txt"), "w") as f:
         f.write(sens.table() + "\n")
     print(sens.table(), flush=True)
