@@ -98,8 +98,10 @@ def test_export_and_load_round_trip(model, tmp_path):
     lib2 = relayq.load(path)
     np.testing.assert_array_equal(lib2(x), y)
     np.testing.assert_array_equal(lib2(data=x), y)
-    with pytest.raises(relayq.DatasetError):
-        lib2(np.zeros((1, 3, 8, 8), "float32"))
+    assert lib2.batch == x.shape[0]
+    np.testing.assert_array_equal(lib2(x[:1]), y[:1])     # another batch size: split / padded (see CompiledModel)
+    with pytest.raises(relayq.DatasetError, match="'data'"):
+        lib2(np.zeros((x.shape[0], 3, 9, 8), "float32"))
 
 
 def test_simulated_module_equals_realized(model):

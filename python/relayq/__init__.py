@@ -23,7 +23,7 @@ _LAZY = {
                                    "ConfigError", "DatasetError", "FloatFallbackWarning", "FrontendError",
                                    "ModelError", "NothingQuantizedWarning", "OverflowRiskError", "RelayqError",
                                    "UnsupportedOpError", "RemoteError", "TrackerUnreachableError",
-                                   "NoFreeDeviceError")},
+                                   "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError")},
 }
 #: Subpackages and modules reachable as attributes (``relayq.frontend.from_onnx``) without an explicit import.
 _SUBMODULES = ("analysis", "api", "artefact", "backend", "calibration", "cli", "config", "errors", "frontend",
@@ -48,4 +48,4 @@ __all__ = ["quantize_model", "auto_mixed_precision", "build", "load", "load_quan
            "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
            "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
            "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning",
-           "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError"]
+           "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError"]

@@ -14,11 +14,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import warnings
-from typing import Any
 
 import numpy as np
 import tvm
@@ -27,12 +25,12 @@ from tvm import relax
 from .analysis.check import HeldBatches, check_accuracy
 from .config import CALIBRATION_METHODS, QConfig, as_config, check_layer_names, closest
 from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning, RelayqError
-from .runtime import flatten_outputs, host_target
+from .runtime import CompiledModel, host_target, splittable_batch
+from .runtime import load as _load_compiled
 from .transform.annotate import annotate, layer_aliases, layers
-from .transform.calibrate import CalibrationStats, QPoint, batch_to_arrays, calibrate, input_specs
+from .transform.calibrate import CalibrationStats, QPoint, calibrate, input_specs
 from .transform.prepare import prepare
 from .transform.realize import realize
-from .utils.log import tvm_chatter_filtered
 from .utils.progress import stage
 
 
@@ -428,79 +426,6 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
     return qmodel
 
 
-class CompiledModel:
-    """A compiled model: call it with numpy arrays (or a dict name -> array), get numpy back.
-
-    Example::
-
-        lib = relayq.build(qmodel)
-        y = lib(x)
-        lib.export("model.so"); lib2 = relayq.load("model.so")
-    """
-
-    def __init__(self, executable, specs: list, target, device=None):
-        self.executable = executable
-        self.specs = specs
-        self.target = target
-        self.device = device or tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.device)
-
-    @property
-    def input_names(self) -> list:
-        return [s[0] for s in self.specs]
-
-    def _args(self, inputs, kw):
-        if kw:
-            if inputs:
-                raise DatasetError("pass inputs either positionally or by name, not both")
-            batch = kw
-        elif len(inputs) == 1:
-            batch = inputs[0]
-        else:
-            batch = tuple(inputs)
-        arrays = batch_to_arrays(batch, self.specs, where="model input")
-        return [tvm.runtime.tensor(a, self.device) for a in arrays]
-
-    def __call__(self, *inputs, **named):
-        outs = flatten_outputs(self.vm["main"](*self._args(inputs, named)))
-        return outs[0] if len(outs) == 1 else outs
-
-    def benchmark(self, *inputs, number: int = 10, repeat: int = 5) -> dict:
-        """Median / mean / min latency in milliseconds, measured by TVM's time evaluator."""
-        args = self._args(inputs, {})
-        self.vm.set_input("main", *args)
-        timer = self.vm.time_evaluator("invoke_stateful", self.device, number=number, repeat=repeat)
-        res = timer("main")
-        results = np.array(res.results) * 1e3
-        return {"median_ms": float(np.median(results)), "mean_ms": float(results.mean()),
-                "min_ms": float(results.min())}
-
-    def export(self, path: str, cross_compile=None) -> str:
-        """Write a shared library (and ``path + '.json'`` with the input specs).
-
-        ``cross_compile``: the compiler (a name such as ``"aarch64-linux-gnu-g++"``, or a TVM
-        ``fcompile`` function) that links the library; by default the host's, or for a model built
-        for another architecture (``target="arm-dotprod"``) that architecture's cross compiler.
-        """
-        from .backend import presets
-
-        path = str(path)
-        if cross_compile is None:
-            cross_compile = presets.default_cross_compile(self.target)
-        if isinstance(cross_compile, str):
-            from tvm.support import cc
-
-            cross_compile = cc.cross_compiler(cross_compile)
-        try:
-            with stage(f"exporting {path}"), tvm_chatter_filtered():
-                self.executable.export_library(path, fcompile=cross_compile)
-        except Exception as e:
-            raise BuildError(f"export to {path} failed: {e}") from None
-        with open(path + ".json", "w") as f:
-            json.dump({"inputs": [[n, list(s), d] for n, s, d in self.specs], "target": str(self.target)}, f)
-        return path
-
-
 def _resolve_target(target):
     if target is None:
         return host_target(), "host"
@@ -534,7 +459,8 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
     host_build = getattr(model, "_host_build", None)     # (realized, executable) kept by an earlier host build
     if isinstance(model, QuantizedModel) and target is None and lower and not tune_trials:
         if host_build is not None and host_build[0] is model.realized:
-            return CompiledModel(host_build[1], input_specs(model.realized), host_target())
+            return CompiledModel(host_build[1], input_specs(model.realized), host_target(),
+                                 batch=splittable_batch(model.realized))
     if isinstance(model, QuantizedModel):
         mod = model.realized
     elif isinstance(model, tvm.IRModule):
@@ -543,6 +469,7 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
         raise ConfigError(f"build expects a QuantizedModel or an IRModule, got {type(model).__name__}")
     tgt, preset = _resolve_target(target)
     specs = input_specs(mod)
+    batch = splittable_batch(mod)         # before lowering: relayq's kernels are opaque calls
     from .backend import presets
 
     label = presets.preset_of(tgt) if tgt.kind.name == "llvm" else str(tgt.kind.name)
@@ -564,10 +491,10 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
     from .backend import presets
 
     if tgt.kind.name != "llvm" or presets.is_cross(tgt):
-        return presets.compiled_model(ex, specs, tgt)       # a GPU / ARM, or compile-only where none exists
+        return presets.compiled_model(ex, specs, tgt, batch=batch)   # a GPU / ARM, or compile-only where none exists
     if isinstance(model, QuantizedModel) and target is None and lower and not tune_trials:
         model._host_build = (model.realized, ex)
-    return CompiledModel(ex, specs, tgt)
+    return CompiledModel(ex, specs, tgt, batch=batch)
 
 
 def load_quantized(path: str) -> QuantizedModel:
@@ -583,24 +510,13 @@ def load_quantized(path: str) -> QuantizedModel:
 
 
 def load(path: str) -> CompiledModel:
-    """Load a model written by :meth:`CompiledModel.export`.
+    """Load a model written by :meth:`CompiledModel.export` (checked first: see :func:`relayq.runtime.load`).
 
     Example::
 
         lib = relayq.load("model.so"); y = lib(x)
     """
-    path = str(path)
-    if not os.path.exists(path):
-        raise ModelError(f"no compiled model at {path}")
-    meta_path = path + ".json"
-    if not os.path.exists(meta_path):
-        raise ModelError(f"{meta_path} (the input description written by export) is missing")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    specs = [(n, tuple(s), d) for n, s, d in meta["inputs"]]
-    with tvm_chatter_filtered():
-        lib = tvm.runtime.load_module(path)
-    return CompiledModel(lib, specs, meta.get("target"))
+    return _load_compiled(path)
 
 
 __all__ = ["quantize_model", "build", "load", "load_quantized", "QuantizedModel", "CompiledModel", "QPoint"]

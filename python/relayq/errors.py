@@ -58,6 +58,17 @@ class NoFreeDeviceError(RemoteError):
     timeout; the message names the key and what the tracker reports (servers, free, pending)."""
 
 
+class ArtefactError(ModelError):
+    """A saved or exported model file (``.so`` + ``.so.json``, ``.rqz``) cannot be written, or is missing,
+    corrupt, truncated, of an unknown format version, or does not match its metadata; names the file."""
+
+
+class UnsupportedCPUError(RelayqError, RuntimeError):
+    """A compiled model needs CPU features (an instruction set) that this machine lacks, e.g. a library built
+    for ``x86-vnni`` on an AVX2-only host; names what the model needs and what the host has. Running it
+    would kill the process with SIGILL, so relayq refuses before any of its code runs."""
+
+
 class FloatFallbackWarning(UserWarning):
     """Ops left in float (unsupported by the quantizer, or skipped by the QConfig), named in the message."""
 

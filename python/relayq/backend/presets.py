@@ -21,7 +21,7 @@ import shutil
 import tvm
 
 from ..errors import ConfigError
-from ..runtime import host_cpu_flags
+from ..runtime import CompiledModel, export_library, host_cpu_flags, required_isa
 
 PRESETS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "arm-dotprod", "arm-neon", "generic")
 #: The kernel family (``relayq.backend.lower`` target kind) of presets that have none of their own:
@@ -130,17 +130,18 @@ def _device_of(target: tvm.target.Target):
         return None
 
 
-def compiled_model(executable, specs, target: tvm.target.Target):
-    """The :class:`relayq.api.CompiledModel` of a build; for a GPU target without a GPU here, a
-    :class:`CrossCompiledModel` (inspectable and exportable, not callable)."""
-    from ..api import CompiledModel
+def compiled_model(executable, specs, target: tvm.target.Target, batch: int | None = None):
+    """The :class:`relayq.runtime.CompiledModel` of a build; for a GPU target without a GPU here, or
+    another CPU architecture, a :class:`CrossCompiledModel` (inspectable and exportable, not callable).
 
+    >>> # compiled_model(tvm.compile(mod, target=t), input_specs(mod), t)
+    """
     if target.kind.name == "llvm" and not is_cross(target):
-        return CompiledModel(executable, specs, target)
+        return CompiledModel(executable, specs, target, batch=batch)
     dev = _device_of(target)
     if dev is not None:
-        return CompiledModel(executable, specs, target, dev)
-    return CrossCompiledModel(executable, specs, target)
+        return CompiledModel(executable, specs, target, dev, batch=batch)
+    return CrossCompiledModel(executable, specs, target, batch=batch)
 
 
 class CrossCompiledModel:
@@ -148,15 +149,16 @@ class CrossCompiledModel:
     preset on an x86 machine).
 
     It carries the executable and the device source (:meth:`device_source`, :meth:`ptx`, :meth:`asm`)
-    and exports like a :class:`relayq.api.CompiledModel`; calling it raises
+    and exports like a :class:`relayq.runtime.CompiledModel`; calling it raises
     :class:`relayq.errors.BuildError`.
 
     >>> # m = relayq.build(qmodel, target="cuda-dp4a"); "dp4a" in m.ptx()
     >>> # m = relayq.build(qmodel, target="arm-dotprod"); m.export("model_arm64.so")
     """
 
-    def __init__(self, executable, specs, target):
-        self.executable, self.specs, self.target = executable, specs, target
+    def __init__(self, executable, specs, target, batch: int | None = None):
+        self.executable, self.specs, self.target, self.batch = executable, specs, target, batch
+        self.isa = required_isa(target)
 
     @property
     def input_names(self) -> list:
@@ -174,10 +176,11 @@ class CrossCompiledModel:
     __call__ = benchmark = _no_device
 
     def export(self, path: str, cross_compile=None) -> str:
-        """Write a shared library for the target (and ``path + '.json'``), as CompiledModel.export."""
-        from ..api import CompiledModel
-
-        return CompiledModel.export(self, path, cross_compile=cross_compile)
+        """Write a shared library for the target (and ``path + '.json'``), as CompiledModel.export; by
+        default linked with the target's cross compiler (:func:`default_cross_compile`)."""
+        if cross_compile is None:
+            cross_compile = default_cross_compile(self.target)
+        return export_library(self, path, cross_compile)
 
     def asm(self) -> str:
         """The assembly of the CPU kernels (for an LLVM target: e.g. look for ``sdot``)."""

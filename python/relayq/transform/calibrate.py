@@ -31,7 +31,7 @@ from tvm import relax
 from .. import qmath
 from ..config import QConfig
 from ..errors import CalibrationWarning, ConfigError, DatasetError, RelayqError
-from ..runtime import compile_host
+from ..runtime import batch_to_arrays, compile_host
 from ..utils.log import get_logger
 from ..utils.progress import Progress
 from .common import bindings, const_value, dtype_of, main_function, op_name, shape_of, simq_info, substitute
@@ -93,99 +93,6 @@ class QPoint:
 def input_specs(mod: tvm.IRModule) -> list:
     """``[(name, shape, dtype)]`` of main's inputs."""
     return [(p.name, shape_of(p), dtype_of(p)) for p in main_function(mod).params]
-
-
-def _to_numpy(a):
-    """A numpy view of an array-like: numpy, torch (detached, on the host), TVM tensors, nested lists."""
-    if isinstance(a, np.ndarray):
-        return a
-    if hasattr(a, "detach") and hasattr(a, "cpu"):          # a torch tensor, maybe on a GPU or with grad
-        a = a.detach().cpu()
-    if hasattr(a, "numpy") and callable(a.numpy):
-        a = a.numpy()
-    return np.asarray(a)
-
-
-def batch_to_arrays(batch, specs: list, where: str = "batch") -> list:
-    """Validate one dataset batch against the model inputs and return the arrays in input order.
-
-    A batch is an array (numpy, torch, TVM; single-input models), a tuple/list of arrays in input order,
-    or a dict name -> array. Raises :class:`DatasetError` naming ``where`` (the batch index) and the
-    input at fault. Float arrays of another float dtype are cast; an int or bool array for a float input
-    is refused (it is usually data that was not preprocessed, e.g. uint8 pixels in [0, 255]).
-
-    >>> batch_to_arrays({"x": np.zeros((2, 3), "float32")}, [("x", (2, 3), "float32")])[0].shape
-    (2, 3)
-    """
-    names = [s[0] for s in specs]
-    if batch is None:
-        raise DatasetError(f"{where} is None; the model expects inputs {names}")
-    if isinstance(batch, (str, bytes)):
-        raise DatasetError(f"{where} is a {type(batch).__name__} ({batch[:40]!r}), not an array; "
-                           f"the model expects inputs {names}")
-    if isinstance(batch, dict):
-        unknown = sorted((k for k in batch if k not in names), key=str)
-        missing = [n for n in names if n not in batch]
-        if unknown or missing:
-            raise DatasetError(f"{where}: input names {sorted(batch, key=str)} do not match the model inputs {names}"
-                               + (f" (unknown: {unknown})" if unknown else "") + (f" (missing: {missing})" if missing else ""))
-        arrays = [batch[n] for n in names]
-    elif isinstance(batch, (list, tuple)):
-        if len(batch) != len(names):
-            if len(names) == 1:
-                # Nested lists of numbers are an array literal: take them when they have the input's shape.
-                try:
-                    literal = np.asarray(batch)
-                except (ValueError, TypeError):
-                    literal = None
-                if literal is not None and literal.dtype.kind in "biuf" and literal.shape == tuple(specs[0][1]):
-                    return batch_to_arrays(literal, specs, where)
-                raise DatasetError(f"{where}: a {type(batch).__name__} of {len(batch)} items was given, but the model "
-                                   f"has one input {names[0]!r}: pass the array itself (e.g. np.asarray(...)) or a "
-                                   "1-tuple" + (" (if these are (input, label) pairs, pass only the inputs)"
-                                                if len(batch) == 2 else ""))
-            raise DatasetError(f"{where}: got {len(batch)} arrays, the model has {len(names)} inputs {names}")
-        arrays = list(batch)
-    else:
-        if len(names) != 1:
-            raise DatasetError(f"{where}: a bare array was given but the model has inputs {names}: pass a dict")
-        arrays = [batch]
-    out = []
-    for (name, shape, dtype), a in zip(specs, arrays):
-        if a is None:
-            raise DatasetError(f"{where}: input {name!r} is None")
-        if isinstance(a, (str, bytes)):
-            raise DatasetError(f"{where}: input {name!r} is a {type(a).__name__}, not an array")
-        try:
-            a = _to_numpy(a)
-        except Exception as e:
-            raise DatasetError(f"{where}: input {name!r} ({type(a).__name__}) cannot be read as an array: {e}") from e
-        if a.dtype.kind not in "biufc":
-            raise DatasetError(f"{where}: input {name!r} is not numeric (dtype {a.dtype}), the model expects "
-                               f"{dtype} of shape {tuple(shape)}")
-        if tuple(a.shape) != tuple(shape):
-            hint = ""
-            if a.ndim and a.shape[0] == 0:
-                hint = " (an empty batch)"
-            elif a.ndim == len(shape) and a.ndim and tuple(a.shape[1:]) == tuple(shape[1:]):
-                hint = f" (the model was built for batch size {shape[0]}: every batch must have it)"
-            raise DatasetError(f"{where}: input {name!r} has shape {tuple(a.shape)}, the model expects "
-                               f"{tuple(shape)}{hint}")
-        if str(a.dtype) != dtype:
-            if a.dtype.kind == "f" and np.dtype(dtype).kind == "f":
-                a = a.astype(dtype)
-            else:
-                raise DatasetError(f"{where}: input {name!r} has dtype {a.dtype}, the model expects {dtype}"
-                                   + (" (convert and scale it as the model was trained, e.g. x.astype('float32'))"
-                                      if np.dtype(dtype).kind == "f" else ""))
-        if a.dtype.kind == "f":
-            bad = ~np.isfinite(a)
-            if bad.any():
-                raise DatasetError(f"{where}: input {name!r} contains NaN or Inf ({int(bad.sum())} of {a.size} "
-                                   "values)")
-        # np.ascontiguousarray would turn a rank-0 array into shape (1,).
-        out.append(np.require(a, requirements="C"))
-    return out
 
 
 def tap_module(annotated: tvm.IRModule, input_means: bool = False, layer_inputs: bool = False):
@@ -291,7 +198,7 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     """
     start = time.perf_counter()
     tmod, names = tap_module(annotated, input_means=means is not None, layer_inputs=bool(samplers))
-    sums, batches = {}, 0
+    sums = {}
     lo_hi = {}
     specs = input_specs(annotated)
     fn = compile_host(_fast_float(tmod, target), target)
