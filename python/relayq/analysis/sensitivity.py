@@ -40,8 +40,8 @@ from tvm import relax
 from ..config import LayerConfig
 from ..errors import ConfigError, DatasetError, FloatFallbackWarning
 from ..transform.annotate import annotate, layer_sources, layers as layers_of, point_tensors
-from ..transform.calibrate import (CalibrationStats, _fast_float, batch_to_arrays, input_specs, recalibrate,
-                                   tap_module)
+from ..runtime import batch_to_arrays
+from ..transform.calibrate import CalibrationStats, _fast_float, input_specs, recalibrate, tap_module
 from ..transform.common import bindings, main_function, simq_info
 from ..transform.realize import Realizer, realize
 from ..utils.progress import Progress
