@@ -17,6 +17,7 @@ _LAZY = {
     **{name: "api" for name in ("CompiledModel", "QuantizedModel", "build", "finetune", "load", "load_quantized",
                                 "quantize_model")},
     **{name: "config" for name in ("LayerConfig", "QConfig")},
+    "auto_mixed_precision": "mixed_precision",
     **{name: "backend.rpc" for name in ("RemoteResult", "remote")},
     **{name: "errors" for name in ("AccuracyCollapseWarning", "BiasClampWarning", "BuildError", "CalibrationWarning",
                                    "ConfigError", "DatasetError", "FloatFallbackWarning", "FrontendError",
@@ -27,7 +28,7 @@ _LAZY = {
 }
 #: Subpackages and modules reachable as attributes (``relayq.frontend.from_onnx``) without an explicit import.
 _SUBMODULES = ("analysis", "api", "artefact", "backend", "calibration", "cli", "config", "errors", "frontend",
-               "qmath", "runtime", "testing", "training", "transform", "utils")
+               "mixed_precision", "onnx_export", "qmath", "runtime", "testing", "training", "transform", "utils")
 
 
 def __getattr__(name):
@@ -44,7 +45,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__all__ = ["quantize_model", "finetune", "build", "load", "load_quantized", "remote", "RemoteResult", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
+__all__ = ["quantize_model", "finetune", "auto_mixed_precision", "build", "load", "load_quantized", "remote", "RemoteResult", "QuantizedModel", "CompiledModel", "QConfig", "LayerConfig",
            "frontend", "qmath", "transform", "RelayqError", "ConfigError", "DatasetError", "ModelError",
            "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
            "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning",

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 import os
 import time
 import warnings
@@ -28,7 +29,7 @@ from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQu
 from .runtime import CompiledModel, host_target, splittable_batch
 from .runtime import load as _load_compiled
 from .transform.annotate import annotate, layer_aliases, layers
-from .transform.calibrate import QPoint, calibrate, input_specs
+from .transform.calibrate import CalibrationStats, QPoint, calibrate, input_specs
 from .transform.prepare import prepare
 from .transform.realize import realize
 from .utils.progress import stage
@@ -62,6 +63,11 @@ class QuantizedModel:
     accuracy: dict | None = None
     #: After :func:`finetune`: the loss, steps, seconds and per-epoch losses of the training.
     training: dict | None = None
+    #: Compact calibration statistics (:class:`~relayq.transform.calibrate.CalibrationStats`): the
+    #: activation histograms (256 bins a point) and input means, for reports and re-quantization.
+    calibration_stats: Any = dataclasses.field(default=None, repr=False)
+    #: The ONNX model the float model was imported from, when ``quantize_model`` imported it (for export_onnx).
+    source_model: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def thresholds(self) -> list:
@@ -91,6 +97,49 @@ class QuantizedModel:
         from .transform.annotate import layer_sources
 
         return layer_sources(self.annotated)
+
+    def export_onnx(self, path: str, onnx_model=None) -> str:
+        """Write the source ONNX graph with QuantizeLinear / DequantizeLinear pairs carrying relayq's scales.
+
+        ``onnx_model``: the ONNX model (ModelProto or path) the float model was imported from; by default
+        the one ``quantize_model`` imported itself. See :mod:`relayq.onnx_export`.
+
+        Example::
+
+            qmodel = relayq.quantize_model("mobilenet_v2.onnx", None, calib, "kl")
+            qmodel.export_onnx("mobilenet_v2_qdq.onnx")       # runs in ONNX Runtime
+        """
+        from .onnx_export import export_onnx
+
+        return export_onnx(self, path, onnx_model)
+
+    def sensitivity(self, data, metric=None, bits=None, **kwargs):
+        """Per-layer SQNR and metric deltas (see :func:`relayq.analysis.sensitivity`); the result is kept
+        for :meth:`report`.
+
+        Example::
+
+            print(qmodel.sensitivity(batches).table())
+        """
+        from .analysis.sensitivity import sensitivity
+
+        self._sensitivity = sensitivity(self, data, metric=metric, bits=bits, **kwargs)
+        return self._sensitivity
+
+    def report(self, path: str, sensitivity=None, worst: int = 4) -> str:
+        """Write an HTML report with plots (needs matplotlib: ``pip install relayq[plots]``).
+
+        Per-layer SQNR, the activation histograms of the ``worst`` layers with their thresholds, the
+        accuracy check and the sensitivity table (``sensitivity``, or the last :meth:`sensitivity`).
+        See :mod:`relayq.analysis.report`.
+
+        Example::
+
+            qmodel.report("report.html")
+        """
+        from .analysis.report import write_report
+
+        return write_report(self, path, sensitivity or getattr(self, "_sensitivity", None), worst=worst)
 
     def summary(self) -> str:
         """A short text report: layers (with the source model's names), points and calibration time."""
@@ -158,6 +207,19 @@ def _import(sym, params, shapes):
         return from_mxnet(sym, arg, aux, shapes)
     raise ModelError(f"cannot quantize a {type(sym).__name__}: pass a Relax IRModule (with params), an ONNX "
                      "model or path, or an MXNet symbol (JSON path/string or mxnet.sym.Symbol)")
+
+
+def _onnx_source(sym):
+    """The ONNX model (a ModelProto or a path) ``sym`` is, or None: what export_onnx rewrites."""
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - onnx is a core dependency
+        return None
+    if isinstance(sym, onnx.ModelProto):
+        return sym
+    if isinstance(sym, (str, os.PathLike)) and str(sym).lower().endswith(".onnx"):
+        return os.path.abspath(str(sym))
+    return None
 
 
 def _check_calibration(calibration) -> None:
@@ -350,7 +412,8 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
         check_layer_names(config, _all_layer_names(prepared, annotated, config))
     start = time.perf_counter()
     held = HeldBatches() if config.check_accuracy else None
-    simulated, qpoints = calibrate(annotated, dataset, calibration, config, record=held)
+    stats = CalibrationStats()
+    simulated, qpoints = calibrate(annotated, dataset, calibration, config, record=held, stats=stats)
     seconds = time.perf_counter() - start
     method = calibration if isinstance(calibration, str) else type(calibration).__name__
     if not layers(annotated):
@@ -358,7 +421,8 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
                       NothingQuantizedWarning, stacklevel=2)
         return QuantizedModel(prepared, {}, prepared, annotated, simulated, {}, method, config, seconds, False)
     realized, int_params = realize(annotated, qpoints, return_params=True)
-    qmodel = QuantizedModel(realized, int_params, prepared, annotated, simulated, qpoints, method, config, seconds)
+    qmodel = QuantizedModel(realized, int_params, prepared, annotated, simulated, qpoints, method, config, seconds,
+                            calibration_stats=stats.compact(), source_model=_onnx_source(sym))
     if held is not None:
         # The check runs the host build; build(qmodel) for the host reuses it (see _host_build).
         qmodel.accuracy = check_accuracy(annotated, realized, qpoints, held, lambda: build(qmodel))
@@ -425,7 +489,7 @@ def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=No
     realized, int_params = realize(result.annotated, result.qpoints, return_params=True)
     return QuantizedModel(realized, int_params, qmodel.prepared, result.annotated, simulated, result.qpoints,
                           f"{qmodel.calibration}+finetune", qmodel.config, qmodel.calibration_seconds, True,
-                          None, result.summary())
+                          None, result.summary(), source_model=qmodel.source_model)
 
 
 def _resolve_target(target):

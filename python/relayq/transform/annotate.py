@@ -456,6 +456,40 @@ def annotate(mod: tvm.IRModule, config: QConfig | None = None) -> tvm.IRModule:
     return result
 
 
+def point_tensors(prepared: tvm.IRModule, config: QConfig | None = None) -> dict:
+    """Activation point name -> the variable of ``prepared``'s ``main`` whose float value it quantizes.
+
+    Two annotations of the same prepared module (with different skip lists or bit widths) name their
+    points differently (``conv2d_4:in0`` where ``conv2d_3:out`` was), but a point of each that maps
+    to the same variable observes the same float tensor: its calibration statistics can be shared.
+
+    >>> # point_tensors(prepared, QConfig())["conv2d_0:out"]   -> the Var of conv2d_0's ReLU output
+    """
+    config = config or QConfig()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FloatFallbackWarning)
+        plan = _Plan(main_function(prepared), config)
+    out = {}
+    for layer, kind in plan.layer_kind.items():
+        if kind == PASS:
+            continue
+        for k, a in enumerate(plan.act_inputs(plan.root[layer])):
+            out[f"{layer}:in{k}"] = a
+        out[f"{layer}:out"] = plan.group_out[layer]
+    return out
+
+
+def pass_through_source(prepared: tvm.IRModule, var):
+    """The input variable of the data-movement / pooling op bound to ``var`` (None for any other op):
+    the tensor whose quantization a max pool, reshape or average keeps."""
+    value = {b.var: b.value for b in bindings(main_function(prepared))}.get(var)
+    rule = RULES.get(op_name(value)) if value is not None else None
+    if rule is None or op_name(value) in ("relax.nn.conv2d", "relax.matmul", "relax.add", "relax.concat"):
+        return None
+    src = value.args[0]
+    return src if isinstance(src, relax.Var) else None
+
+
 def _float_name(b) -> str | None:
     name = op_name(b.value)
     if name == "relax.call_tir":

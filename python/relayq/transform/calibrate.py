@@ -393,12 +393,150 @@ def _naming(annotated, point: str, method: str):
                           f"{type(e).__name__}: {e}") from e
 
 
+#: Bins of the compact activation histograms kept for reports (the observer's 4096 merged 16 to 1):
+#: enough to see a distribution and its clipping threshold, 2 kB per point.
+COMPACT_BINS = 256
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """What calibration measured, kept so that a point can be re-calibrated without running the data again.
+
+    Filled by :func:`calibrate` when passed as ``stats``. ``calibrator`` holds the streamed histograms
+    of every activation point (the built-in calibrators keep one 4096-bin histogram per point);
+    ``means`` the per-channel mean input of every conv2d / dense (bias correction), keyed by weight
+    point; ``ranges`` the observed ``(min, max)`` of every activation point.
+
+    Example::
+
+        stats = CalibrationStats()
+        simulated, qpoints = calibrate(annotated, batches, "kl", stats=stats)
+        stats.compact_histogram("conv2d_0:out")     # (counts, edges) for a plot
+    """
+
+    calibrator: Any = None
+    method: str = ""
+    means: dict = dataclasses.field(default_factory=dict)
+    ranges: dict = dataclasses.field(default_factory=dict)
+
+    def compact_histogram(self, point: str, bins: int = COMPACT_BINS):
+        """``(counts, edges)`` of an activation point's values (signed, over ``[-R, R]``), or None."""
+        if isinstance(self.calibrator, CompactHistograms):
+            return self.calibrator.hists.get(point)
+        observers = getattr(self.calibrator, "observers", None)
+        obs = observers.get(point) if observers else None
+        if obs is None or obs.range <= 0:
+            return None
+        merge = max(1, len(obs.hist) // bins)
+        counts = obs.hist.reshape(-1, merge).sum(axis=1)
+        return counts, np.linspace(-obs.range, obs.range, len(counts) + 1)
+
+    def compact(self, bins: int = COMPACT_BINS) -> "CalibrationStats":
+        """A copy that keeps only compact histograms (for a QuantizedModel that is stored or reported).
+
+        Its calibrator is a :class:`CompactHistograms`: it answers ``compact_histogram`` and, for the
+        built-in methods, thresholds from the coarser histogram (re-calibration is then approximate).
+        """
+        hists = {}
+        for name in getattr(self.calibrator, "observers", {}) or {}:
+            h = self.compact_histogram(name, bins)
+            if h is not None:
+                hists[name] = h
+        return CalibrationStats(CompactHistograms(hists), self.method, dict(self.means), dict(self.ranges))
+
+
+class CompactHistograms:
+    """Downsampled activation histograms by point (see :meth:`CalibrationStats.compact`)."""
+
+    def __init__(self, hists: dict):
+        self.hists = hists
+
+    @property
+    def observers(self):
+        return {}
+
+
+def recalibrate(annotated: tvm.IRModule, stats: CalibrationStats, config: QConfig, reuse: dict,
+                tensors: dict, reuse_tensors: dict, prepared: tvm.IRModule | None = None) -> dict:
+    """QPoints for ``annotated`` from earlier statistics, without running any data.
+
+    ``reuse``: the points of an earlier calibration of the same prepared module (another annotation of
+    it: a layer skipped or at another width). ``tensors`` / ``reuse_tensors`` map the point names of
+    ``annotated`` / of ``reuse`` to the prepared variables they quantize
+    (:func:`relayq.transform.annotate.point_tensors`). A point is taken over unchanged where it has the
+    same name and width (AdaRound codes and bias correction included); an activation point on a tensor
+    that another point observed gets that point's statistics (re-thresholded from its histogram when
+    the width differs, when ``stats`` holds the calibrator); a tensor that was never observed but is a
+    max pool / reshape / average of one that was takes that one's threshold (``prepared`` is needed
+    for that walk). A weight point at a new width is calibrated from the constant, with bias
+    correction from ``stats.means``. Raises :class:`ConfigError` naming a point it cannot derive.
+
+    Example::
+
+        qp2 = recalibrate(annotate(prepared, cfg2), stats, cfg2, qmodel.qpoints,
+                          point_tensors(prepared, cfg2), point_tensors(prepared, cfg))
+    """
+    by_tensor = {}
+    for name, var in reuse_tensors.items():
+        if name in reuse:
+            by_tensor.setdefault(var, name)
+    out = {}
+    for b in bindings(main_function(annotated)):
+        info = simq_info(b.value)
+        if info is None or info[1] in out:
+            continue
+        x, name, role, bits, axis = info
+        old = reuse.get(name)
+        if role == "weight":
+            if old is not None and old.bits == bits and old.axis == axis:
+                out[name] = old
+                continue
+            w = const_value(x)
+            p = weight_qpoint(name, w, bits, axis, config.weight_method, config.power_of_two_scale)
+            if config.bias_correction and name in stats.means:
+                p = dataclasses.replace(p, bias_corr=bias_correction(w, p, stats.means[name]))
+            out[name] = p
+            continue
+        if old is not None and old.bits == bits:
+            out[name] = old
+            continue
+        var = tensors.get(name)
+        src = by_tensor.get(var) if var is not None else None
+        while src is None and var is not None and prepared is not None:
+            from .annotate import pass_through_source
+
+            var = pass_through_source(prepared, var)
+            src = by_tensor.get(var) if var is not None else None
+        if src is None:
+            raise ConfigError(f"recalibrate: point {name!r} quantizes a tensor that calibration did not observe; "
+                              "quantize the model again with this configuration")
+        sp = reuse[src]
+        if sp.bits == bits:
+            out[name] = dataclasses.replace(sp, name=name)
+            continue
+        observers = getattr(stats.calibrator, "observers", None)
+        if observers and src in observers:
+            p = act_qpoint(src, stats.calibrator, stats.method, bits, config, stats.ranges.get(src))
+            out[name] = dataclasses.replace(p, name=name)
+        else:
+            # No histogram kept: keep the clipping range, at the new width's step.
+            t = sp.threshold
+            if isinstance(t, tuple):
+                scale, zp = qmath.asymmetric_params(t[0], t[1], bits)
+                out[name] = dataclasses.replace(sp, name=name, bits=bits, scale=scale, zero_point=zp)
+            else:
+                out[name] = dataclasses.replace(sp, name=name, bits=bits, scale=qmath.scale_from_threshold(t, bits))
+    return out
+
+
 def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QConfig | None = None,
-              target=None, record=None):
+              target=None, record=None, stats: CalibrationStats | None = None):
     """Calibrate every quantization point of ``annotated``.
 
     Returns ``(simulated_module, qpoints)`` with ``qpoints`` a dict name -> :class:`QPoint`.
     ``record`` is handed to :func:`observe` (called with every batch's inputs, taps and float outputs).
+    ``stats``, when given, receives the calibrator (its histograms), the input means and the ranges
+    (see :class:`CalibrationStats`), for :func:`recalibrate` and reports.
 
     Example::
 
@@ -434,6 +572,8 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
                                          len(dataset) if hasattr(dataset, "__len__") else None)
         observe(annotated, dataset, calibrator, config.show_progress, target, means, ranges, record, samplers,
                 timings)
+        if stats is not None:
+            stats.calibrator, stats.method, stats.ranges = calibrator, method, ranges
         for name, bits in act_bits.items():
             with _naming(annotated, name, method):
                 points[name] = act_qpoint(name, calibrator, method, bits, config, ranges.get(name))
@@ -442,6 +582,8 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
             points.update(adaround.learn_rounding(annotated, weights, points, samplers, config))
         for name, m in (means or {}).items():
             points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
+        if stats is not None:
+            stats.means = dict(means or {})
     else:
         # Nothing to observe, but the dataset must still be valid for the model.
         specs = input_specs(annotated)
