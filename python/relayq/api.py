@@ -14,10 +14,10 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 import os
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import tvm
