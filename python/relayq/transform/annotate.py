@@ -385,9 +385,17 @@ def _float_name(b) -> str | None:
     return None if name is None else name.replace("relax.", "")
 
 
-def float_ops(plan_or_mod) -> Counter:
-    """Count the ops of ``main`` left in float (not quantized, not pure data movement)."""
-    plan = plan_or_mod
+def float_ops(plan_or_mod, config: QConfig | None = None) -> Counter:
+    """Count the ops of ``main`` left in float (not quantized, not pure data movement).
+
+    ``plan_or_mod``: annotate's plan, or a *prepared* module (planned here with ``config``).
+
+    Example::
+
+        >>> float_ops(prepare(mod, params))                 # doctest: +SKIP
+        Counter({'nn.softmax': 6, 'nn.layer_norm': 13})
+    """
+    plan = plan_or_mod if isinstance(plan_or_mod, _Plan) else _Plan(main_function(plan_or_mod), config or QConfig())
     left = Counter()
     for b in plan.binds:
         name = op_name(b.value)
