@@ -206,12 +206,16 @@ def _linear_nd_rewriters():
 
     def flat(m):
         xs, ws = _static_shape(m[x]), _static_shape(m[w])
-        if xs is None or ws is None or len(xs) <= 2 or len(ws) != 2 or xs[-1] != ws[0] \
+        # torch.export writes a linear on a non-contiguous input as a batched matmul whose weight has
+        # leading unit dims ((1, K, N)): the same 2-D weight.
+        if xs is None or ws is None or len(xs) <= 2 or len(ws) < 2 or len(ws) > len(xs) \
+                or any(d != 1 for d in ws[:-2]) or xs[-1] != ws[-2] \
                 or str(m[mm].attrs.out_dtype) not in ("", "void", "None", "float32"):
             return None
         rows = int(np.prod(xs[:-1]))
-        y = relax.op.matmul(relax.op.reshape(m[x], (rows, ws[0])), m[w])
-        return y, xs[:-1] + [ws[1]]
+        weight = m[w] if len(ws) == 2 else relax.const(const_value(m[w]).reshape(ws[-2:]))
+        y = relax.op.matmul(relax.op.reshape(m[x], (rows, ws[-2])), weight)
+        return y, xs[:-1] + [ws[-1]]
 
     def rw_bias(expr, m):
         got = flat(m)
@@ -226,7 +230,15 @@ def _linear_nd_rewriters():
         got = flat(m)
         return expr if got is None else relax.op.reshape(got[0], got[1])
 
-    return [(mm_b, rw_bias), (mm, rw_plain)]
+    # broadcast_to a tensor's own shape (torch.export's expand before a batched matmul) is a no-op.
+    bx, bshape = wildcard(), wildcard()
+    bcast = is_op("relax.broadcast_to")(bx, bshape)
+
+    def rw_bcast(expr, m):
+        src, dst = _static_shape(m[bx]), _static_shape(m[bcast])
+        return m[bx] if src is not None and src == dst else expr
+
+    return [(bcast, rw_bcast), (mm_b, rw_bias), (mm, rw_plain)]
 
 
 def canonicalize(mod: tvm.IRModule) -> tvm.IRModule:
