@@ -263,7 +263,8 @@ def text_inputs(n: int, seq: int = 16, dim: int = 64, seed: int = 1) -> np.ndarr
 def calibrate_batchnorm(net, images, batch: int = 8):
     """Set every BatchNorm's running statistics to the mean/variance its input has on ``images``.
 
-    Forward passes in train mode with ``momentum=None`` (a cumulative average), then ``eval()``.
+    Forward passes with the BatchNorms in train mode and ``momentum=None`` (a cumulative average), the
+    rest of the network in eval mode; then ``eval()``.
     Returns ``net``.
 
     Example::
@@ -273,10 +274,13 @@ def calibrate_batchnorm(net, images, batch: int = 8):
     import torch
 
     bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    # Only the BatchNorms train: dropout and stochastic depth (EfficientNet, ConvNeXt) in train mode would
+    # drop branches and leave statistics that eval-mode activations do not have.
+    net.eval()
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    net.train()
+        m.train()
     with torch.no_grad():
         for i in range(0, len(images), batch):
             net(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
