@@ -339,10 +339,17 @@ def onnx_export(net, example, input_name: str = "input") -> "onnx.ModelProto":  
     examples = tuple(torch.from_numpy(np.ascontiguousarray(e)) if isinstance(e, np.ndarray) else e for e in examples)
     names = [input_name] + [f"{input_name}_{i}" for i in range(1, len(examples))]
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net.eval(), examples, buf, dynamo=False, opset_version=OPSET, input_names=names,
-                          output_names=["output"])
+    # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention, ViT) has no ONNX
+    # export; users export with it off.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net.eval(), examples, buf, dynamo=False, opset_version=OPSET, input_names=names,
+                              output_names=["output"])
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return onnx.load_from_string(buf.getvalue())
 
 

@@ -90,7 +90,8 @@ def _model_inputs(name: str, n: int, offset: int, size):
     if name == "minilm":
         return [tuple(p) for p in tz.minilm_inputs(
             [tz.SENTENCES[(offset + i) % len(tz.SENTENCES)] for i in range(n)], seq=size or 128)]
-    x = tz.eval_inputs(name, n, size=size, offset=offset)
+    x = tz.photos(n, 224, offset=offset) if name == "mobilenet_v2_real" else \
+        tz.eval_inputs(name, n, size=size, offset=offset)
     return [(x[i:i + 1],) for i in range(n)]
 
 
