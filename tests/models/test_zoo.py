@@ -59,7 +59,7 @@ class Case:
 # what a fully quantized CNN keeps with realistic activations (issue 7's acceptance for MobileNetV3 /
 # EfficientNet / MiniLM); top1: agreement of INT8 with FP32 on real-weight classifiers.
 CASES = {
-    "squeezenet1_1": Case(size=32, fast=True, n_calib=4, n_eval=4),
+    "squeezenet1_1": Case(size=32, n_calib=4, n_eval=4),
     "unet_small": Case(size=32, fast=True, n_calib=4, n_eval=4, float_ops_xfail=RESIZE),
     "detector_fpn": Case(size=32, n_calib=4, n_eval=4, float_ops_xfail=f"{LUT}; {RESIZE}"),
     "lstm_text": Case(float_ops_xfail=f"{LUT}; {MUL}; {SLICE}"),
