@@ -85,7 +85,10 @@ CASES = {
     # Real weights: issue 7's acceptance bounds.
     # bench_accuracy.py's protocol: calibrate on the 100 photos, agreement on them and the 20 labelled ones.
     "mobilenet_v2_real": Case(top1=0.975, n_calib=100, n_eval=120),
-    "minilm": Case(n_calib=8, n_eval=12, float_ops_xfail=f"{LUT} (GELU); {ATTN}; embedding lookup (take)"),
+    "minilm": Case(n_calib=8, n_eval=12, float_ops_xfail=f"{LUT} (GELU); {ATTN}; embedding lookup (take)",
+                   accuracy_xfail="sentence-embedding cosine 0.87 mean / 0.74 min (ONNX Runtime 0.41): per-tensor "
+                   "int8 activations of the 36 dense inputs (BERT's residual-stream outliers) with naive max "
+                   "thresholds: calibration, issue 7 item 4"),
 }
 
 

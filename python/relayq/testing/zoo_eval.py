@@ -179,8 +179,7 @@ def evaluate(name: str, *, size: int | None = None, n_calib: int = 16, n_eval: i
         got = [lib(*x) for x in evals]
         cos = cosines(got, ref)
         r["int8_cosine_mean"], r["int8_cosine_min"] = float(cos.mean()), float(cos.min())
-        if name == "minilm" or tz.ARCHITECTURES.get(name, tz.ZooModel(None)).kind == "classifier" \
-                or name == "mobilenet_v2_real" or name == "lstm_text":
+        if name == "mobilenet_v2_real" or name in tz.ARCHITECTURES and tz.ARCHITECTURES[name].kind in ("classifier", "text"):
             r["int8_top1_agreement"] = _top1_agreement(got, ref)
         if ort:
             stage = "ort_int8"
