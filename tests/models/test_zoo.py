@@ -84,7 +84,10 @@ CASES = {
     "vit_b_16": Case(float_ops_xfail=f"{LUT} (GELU); {ATTN}"),
     # Real weights: issue 7's acceptance bounds.
     # bench_accuracy.py's protocol: calibrate on the 100 photos, agreement on them and the 20 labelled ones.
-    "mobilenet_v2_real": Case(top1=0.975, n_calib=100, n_eval=120),
+    "mobilenet_v2_real": Case(top1=0.975, n_calib=100, n_eval=120,
+                              accuracy_xfail="torch-exported MobileNetV2 at W8A8 per-channel, naive: top-1 agreement "
+                              "94.2% (ONNX Runtime 93.3%), cosine min 0.889, below the 97.5% of issue 7's acceptance; "
+                              "cause not yet isolated (calibrator choice, issue 7 item 4)"),
     "minilm": Case(n_calib=8, n_eval=12, float_ops_xfail=f"{LUT} (GELU); {ATTN}; embedding lookup (take)",
                    accuracy_xfail="sentence-embedding cosine 0.87 mean / 0.74 min (ONNX Runtime 0.41): per-tensor "
                    "int8 activations of the 36 dense inputs (BERT's residual-stream outliers) with naive max "

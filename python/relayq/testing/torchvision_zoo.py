@@ -211,6 +211,17 @@ def _tv(name, **kw):
     return lambda models: getattr(models, name)(weights=None, **kw)
 
 
+def _nonzero_head(net):
+    """torchvision zero-initializes ViT's classifier (fine-tuning starts there); with random weights that
+    makes every output 0, so it gets the seeded random init of an ordinary linear layer instead."""
+    import torch
+
+    head = net.heads.head
+    torch.nn.init.normal_(head.weight, std=head.in_features ** -0.5)
+    torch.nn.init.zeros_(head.bias)
+    return net
+
+
 #: Zoo name -> :class:`ZooModel`. Input sizes are the smallest that keep every architecture's strides
 #: meaningful (inception_v3 needs 75, ViT a multiple of 16; the rest downsample 32x).
 ARCHITECTURES = {
@@ -228,7 +239,7 @@ ARCHITECTURES = {
     "regnet_y_400mf": ZooModel(_tv("regnet_y_400mf")),
     "mnasnet1_0": ZooModel(_tv("mnasnet1_0")),
     "convnext_tiny": ZooModel(_tv("convnext_tiny")),
-    "vit_b_16": ZooModel(_tv("vit_b_16", image_size=64), size=64),
+    "vit_b_16": ZooModel(lambda models: _nonzero_head(models.vit_b_16(weights=None, image_size=64)), size=64),
     "detector_fpn": ZooModel(lambda models: DetectorFPN(), kind="detector"),
     "unet_small": ZooModel(lambda models: UNetSmall(), kind="segmenter"),
     "lstm_text": ZooModel(lambda models: LSTMText(), size=16, kind="text"),
