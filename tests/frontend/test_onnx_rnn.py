@@ -98,11 +98,12 @@ def test_torch_rnn_quantizes_and_builds(tmp_path, case):
     with pytest.warns(relayq.errors.FloatFallbackWarning, match="sigmoid"):
         q = relayq.quantize_model(str(path), dataset=batches)
     # The input projections and the recurrent matmuls (all but the first step's, whose zero state
-    # folds away) are quantized dense layers.
+    # folds away) are quantized dense layers, and so is the head's Linear on the (batch, steps, hidden)
+    # output (an N-D linear layer, flattened to 2-D by prepare).
     dense = [n for n, t in q.layers.items() if t == "dense"]
     num_dir = 2 if kw.get("bidirectional") else 1
     layers = kw.get("num_layers", 1)
-    assert len(dense) == layers * num_dir * STEPS
+    assert len(dense) == layers * num_dir * STEPS + 1
     x = np.random.RandomState(9).randn(*shape).astype("float32")
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert _cosine(relayq.build(q)(x), ref) > MIN_COSINE

@@ -251,6 +251,16 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
                 out = w.max(axis=0)
             elif name in ("relax.reshape", "relax.flatten"):
                 out = q.codes.reshape(shape_of(call))
+            elif name == "relax.permute_dims":
+                axes = call.attrs.axes
+                out = q.codes.transpose(None if axes is None else [int(a) for a in axes])
+            elif name == "relax.strided_slice":
+                axes, begin, end, *rest = ([int(f.value) for f in t.fields] for t in call.args[1:])
+                steps = rest[0] if rest else [1] * len(axes)
+                index = [slice(None)] * q.codes.ndim
+                for ax, b, e, st in zip(axes, begin, end, steps):
+                    index[ax] = slice(b, e, st)
+                out = q.codes[tuple(index)]
             elif name in ("relax.mean", "relax.nn.adaptive_avg_pool2d"):
                 h, wd = q.codes.shape[2:]
                 out = qmath.avg_pool_divide(q.codes.sum(axis=(2, 3)), h * wd).reshape(shape_of(call))

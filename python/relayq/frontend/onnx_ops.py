@@ -113,6 +113,23 @@ class PadToRelax(_Converter):
         return before, after, value
 
 
+# --------------------------------------------------------------------------------------------- Expand
+
+class ExpandToRelax(_Converter):
+    """Expand whose target shape is an initializer (a folded ``Shape``, as ``F.normalize`` exports):
+    TVM's converter reads it as a constant only when it is one, and the importer keeps initializers as
+    parameters, which would leave a run-time shape (a symbolic ``broadcast_to``). Hand it the constant."""
+
+    @staticmethod
+    def _impl(bb, inputs, attr, params, opset):
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        shape = _get_constant(inputs[1], params)
+        if shape is not None:
+            inputs = [inputs[0], shape] + list(inputs[2:])
+        return onnx_frontend.Expand.get_converter(opset)(bb, inputs, attr, params)
+
+
 # ----------------------------------------------------------------------------------------- LSTM / GRU
 
 class _Recurrent(_Converter):
@@ -335,6 +352,7 @@ class GRUToRelax(_Recurrent):
 CONVERTERS = {
     "Clip": ClipToRelax,
     "Pad": PadToRelax,
+    "Expand": ExpandToRelax,
     "LSTM": LSTMToRelax,
     "GRU": GRUToRelax,
 }

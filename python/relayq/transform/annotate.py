@@ -137,6 +137,23 @@ def _rule_reshape(call):
     return ("reshape", PASS) if is_tensor(call.args[0]) else None
 
 
+def _static_ints(t):
+    try:
+        return [int(f.value) for f in t.fields]
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _rule_strided_slice(call):
+    # Slicing codes is exact with one scale per tensor. Only static, forward slices: their numpy
+    # equivalent (the reference executor's) is then the same as TVM's.
+    parts = [_static_ints(a) for a in call.args[1:]]
+    if not is_tensor(call.args[0]) or any(p is None for p in parts) or \
+            (len(parts) > 3 and any(st <= 0 for st in parts[3])):
+        return None
+    return "reshape", PASS
+
+
 def _rule_act(call):
     if op_name(call) == "relax.clip":
         lo, hi = call.args[1], call.args[2]
@@ -158,6 +175,8 @@ RULES = {
     "relax.mean": _rule_mean,
     "relax.reshape": _rule_reshape,
     "relax.flatten": _rule_reshape,
+    "relax.permute_dims": _rule_reshape,
+    "relax.strided_slice": _rule_strided_slice,
     "relax.nn.relu": _rule_act,
     "relax.clip": _rule_act,
 }
@@ -497,9 +516,17 @@ def _float_name(b) -> str | None:
     return None if name is None else name.replace("relax.", "")
 
 
-def float_ops(plan_or_mod) -> Counter:
-    """Count the ops of ``main`` left in float (not quantized, not pure data movement)."""
-    plan = plan_or_mod
+def float_ops(plan_or_mod, config: QConfig | None = None) -> Counter:
+    """Count the ops of ``main`` left in float (not quantized, not pure data movement).
+
+    ``plan_or_mod``: annotate's plan, or a *prepared* module (planned here with ``config``).
+
+    Example::
+
+        >>> float_ops(prepare(mod, params))                 # doctest: +SKIP
+        Counter({'nn.softmax': 6, 'nn.layer_norm': 13})
+    """
+    plan = plan_or_mod if isinstance(plan_or_mod, _Plan) else _Plan(main_function(plan_or_mod), config or QConfig())
     left = Counter()
     for b in plan.binds:
         name = op_name(b.value)

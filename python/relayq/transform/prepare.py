@@ -20,7 +20,7 @@ from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wild
 
 from ..errors import ModelError
 from ..utils import names as source_names
-from .common import bindings, const_value, is_const_expr, main_function, map_functions, op_name, vars_of
+from .common import bindings, const_value, is_const_expr, main_function, map_functions, op_name, shape_of, vars_of
 
 #: Ops whose second argument is a weight: a parameter missing from ``params`` there is a missing weight.
 WEIGHT_CONSUMERS = ("relax.nn.conv2d", "relax.matmul", "relax.nn.batch_norm")
@@ -210,10 +210,66 @@ def fold_batch_norm(mod: tvm.IRModule, stats: dict | None = None) -> tvm.IRModul
     return mod
 
 
+def _static_shape(e):
+    try:
+        return list(shape_of(e))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _linear_nd_rewriters():
+    """``matmul(x, W) [+ b]`` with ``x`` of rank > 2 and a constant 2-D ``W`` (a linear layer on
+    ``(batch, tokens, features)``) becomes ``reshape(matmul(reshape(x, (-1, K)), W) [+ b], shape)``: the
+    2-D dense that annotate quantizes and the backend has kernels for. Exact: the same dot products."""
+    x, w, b = wildcard(), is_const(), is_const()
+    mm = is_op("relax.matmul")(x, w)
+    mm_b = is_op("relax.add")(mm, b)
+
+    def flat(m):
+        xs, ws = _static_shape(m[x]), _static_shape(m[w])
+        # torch.export writes a linear on a non-contiguous input as a batched matmul whose weight has
+        # leading unit dims ((1, K, N)): the same 2-D weight.
+        if xs is None or ws is None or len(xs) <= 2 or len(ws) < 2 or len(ws) > len(xs) \
+                or any(d != 1 for d in ws[:-2]) or xs[-1] != ws[-2] \
+                or str(m[mm].attrs.out_dtype) not in ("", "void", "None", "float32"):
+            return None
+        rows = int(np.prod(xs[:-1]))
+        weight = m[w] if len(ws) == 2 else relax.const(const_value(m[w]).reshape(ws[-2:]))
+        y = relax.op.matmul(relax.op.reshape(m[x], (rows, ws[-2])), weight)
+        return y, xs[:-1] + [ws[-1]]
+
+    def rw_bias(expr, m):
+        got = flat(m)
+        bias = const_value(m[b])
+        if got is None or bias.size != got[1][-1] or bias.ndim > len(got[1]) or \
+                any(d != 1 for d in bias.shape[:-1]) or bias.shape[-1] != got[1][-1]:
+            return expr
+        y = relax.op.add(got[0], relax.const(bias.reshape(-1), str(bias.dtype)))
+        return relax.op.reshape(y, got[1])
+
+    def rw_plain(expr, m):
+        got = flat(m)
+        return expr if got is None else relax.op.reshape(got[0], got[1])
+
+    # broadcast_to a tensor's own shape (torch.export's expand before a batched matmul) is a no-op.
+    bx, bshape = wildcard(), wildcard()
+    bcast = is_op("relax.broadcast_to")(bx, bshape)
+
+    def rw_bcast(expr, m):
+        src, dst = _static_shape(m[bx]), _static_shape(m[bcast])
+        return m[bx] if src is not None and src == dst else expr
+
+    return [(bcast, rw_bcast), (mm_b, rw_bias), (mm, rw_plain)]
+
+
 def canonicalize(mod: tvm.IRModule) -> tvm.IRModule:
-    """Turn max/min pairs into ``clip``, ``maximum(x, 0)`` into ``relu``, put constants second, and spell
-    torch's ``where(x > 0, x, x * alpha)`` as ``nn.prelu`` / ``nn.leakyrelu`` (as ONNX's PRelu imports)."""
+    """Turn max/min pairs into ``clip``, ``maximum(x, 0)`` into ``relu``, put constants second, spell
+    torch's ``where(x > 0, x, x * alpha)`` as ``nn.prelu`` / ``nn.leakyrelu`` (as ONNX's PRelu imports),
+    and flatten linear layers on N-D inputs to 2-D dense (see :func:`_linear_nd_rewriters`)."""
     for pattern, rw in _clip_rewriters():
+        mod = map_functions(mod, lambda f, p=pattern, r=rw: rewrite_call(p, r, f))
+    mod = relax.transform.FoldConstant()(mod)    # permute_dims(W) of torch's linear becomes a constant
+    for pattern, rw in _linear_nd_rewriters():
         mod = map_functions(mod, lambda f, p=pattern, r=rw: rewrite_call(p, r, f))
     return mod
 

