@@ -190,6 +190,20 @@ def _walk(g, e, op_name, interior):
     return val
 
 
+def _widened_codes(g, t, dtype: str, inner: list):
+    """``astype(q, dtype) [- c]`` ending at ``t``: ``(q, c)`` (``c`` = 0 without the subtract), or None."""
+    offset = 0
+    if _op(g.producer(t)) == "relax.subtract":
+        sub = _walk(g, t, "relax.subtract", inner)
+        if sub is None or _scalar(sub.args[1]) is None:
+            return None
+        t, offset = sub.args[0], _scalar(sub.args[1])
+    cast = _walk(g, t, "relax.astype", inner)
+    if cast is None or str(cast.attrs.dtype) != dtype:
+        return None
+    return cast.args[0], offset
+
+
 def _bias_add(g, e, inner):
     """``(accumulator var, int32 bias const or None)`` for ``add(acc, Bq)`` or a bare ``acc`` (no bias)."""
     val = g.producer(e)
@@ -355,16 +369,11 @@ def _add_term(g, e, inner):
     mul = _walk(g, t, "relax.multiply", inner)
     if mul is None or _scalar(mul.args[1]) is None:
         return None
-    m, t, zp = _scalar(mul.args[1]), mul.args[0], 0
-    if _op(g.producer(t)) == "relax.subtract":
-        sub = _walk(g, t, "relax.subtract", inner)
-        if sub is None or _scalar(sub.args[1]) is None:
-            return None
-        t, zp = sub.args[0], _scalar(sub.args[1])
-    cast = _walk(g, t, "relax.astype", inner)
-    if cast is None or str(cast.attrs.dtype) != "int64":
+    m, t = _scalar(mul.args[1]), mul.args[0]
+    found = _widened_codes(g, t, "int64", inner)
+    if found is None:
         return None
-    q = cast.args[0]
+    q, zp = found
     if not isinstance(q, relax.Var) or _dtype(q) not in ("int8", "uint8"):
         return None
     return q, generic.AddTerm(zp, m, r, s)
@@ -438,16 +447,11 @@ def match_lut_chain(g: _Graph, head) -> _ElementwiseChain | None:
     """``take(table, astype(q, int32) [- qmin])`` with a constant 1-D table, ``q`` an int8/uint8/int16 var."""
     if _op(head) != "relax.take" or not _is_const(head.args[0]) or len(_shape(head.args[0]) or ()) != 1:
         return None
-    inner, offset, t = [], 0, head.args[1]
-    if _op(g.producer(t)) == "relax.subtract":
-        sub = _walk(g, t, "relax.subtract", inner)
-        if sub is None or _scalar(sub.args[1]) is None:
-            return None
-        t, offset = sub.args[0], _scalar(sub.args[1])
-    cast = _walk(g, t, "relax.astype", inner)
-    if cast is None or str(cast.attrs.dtype) != "int32":
+    inner, t = [], head.args[1]
+    found = _widened_codes(g, t, "int32", inner)
+    if found is None:
         return None
-    q = cast.args[0]
+    q, offset = found
     if not isinstance(q, relax.Var) or _dtype(q) not in ("int8", "uint8", "int16") or _shape(q) is None:
         return None
     table = _np(head.args[0])

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import relax
 
-from .common import const_value, is_const_expr, op_name, shape_of
+from .common import const_value, is_const_expr, op_name, shape_of, vars_of
 
 # Op kinds: how an op combines inside a region.
 UNARY = "unary"          # any function of its one tensor operand (scalar constants allowed): LUT only
@@ -339,7 +339,7 @@ def find_regions(binds, output_vars=(), boundaries=()) -> dict:
     order = {b.var: i for i, b in enumerate(binds)}
     users = {}
     for b in binds:
-        for a in _operands(b.value):
+        for a in vars_of(b.value):
             users.setdefault(a, []).append(b.var)
     outputs_set = set(output_vars)
     excluded = set(boundaries)
@@ -361,21 +361,6 @@ def find_regions(binds, output_vars=(), boundaries=()) -> dict:
             regions[v] = Region(i.root, v, members, kind, i.axis if i.cls == CHANNEL else None, ops)
         if not again:
             return regions
-
-
-def _operands(e):
-    if isinstance(e, relax.Var):
-        return [e]
-    out = []
-    if isinstance(e, relax.Call):
-        for a in e.args:
-            out += _operands(a)
-    elif isinstance(e, relax.Tuple):
-        for f in e.fields:
-            out += _operands(f)
-    elif isinstance(e, relax.TupleGetItem):
-        out += _operands(e.tuple_value)
-    return out
 
 
 def region_function(member_bindings, root):
