@@ -25,7 +25,7 @@ import os
 from ..errors import FrontendError, UnsupportedOpError
 from .detect import check_model_path
 
-#: The pinned schema package (setup.py's ``tflite`` extra).
+#: The pinned schema package (pyproject.toml's ``tflite`` extra).
 TFLITE_PACKAGE = "tflite==2.18.0"
 #: TFLite flatbuffers carry their file identifier at offset 4.
 _MAGIC = b"TFL3"
