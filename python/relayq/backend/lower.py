@@ -217,11 +217,11 @@ def _bias_add(g, e, inner):
     return None, None
 
 
-def match_int_chain(g: _Graph, head) -> _IntChain | None:
-    """Match the realized int8 conv/dense requant chain that ends at the Call ``head``."""
+def _requant_tail(g: _Graph, head, inner: list):
+    """The realized requantization ending at ``head``: ``astype(clip((astype(acc, int64) * M + R) >> S),
+    int8)`` with constant M, R, S. Returns the calls ``(clip, shr, add, mul, cast)``, or None."""
     if _op(head) != "relax.astype" or str(head.attrs.dtype) != "int8":
         return None
-    inner = []
     clip = _walk(g, head.args[0], "relax.clip", inner)
     if clip is None:
         return None
@@ -237,6 +237,16 @@ def match_int_chain(g: _Graph, head) -> _IntChain | None:
     cast = _walk(g, mul.args[0], "relax.astype", inner)
     if cast is None or str(cast.attrs.dtype) != "int64":
         return None
+    return clip, shr, add_r, mul, cast
+
+
+def match_int_chain(g: _Graph, head) -> _IntChain | None:
+    """Match the realized int8 conv/dense requant chain that ends at the Call ``head``."""
+    inner = []
+    tail = _requant_tail(g, head, inner)
+    if tail is None:
+        return None
+    clip, shr, add_r, mul, cast = tail
     acc_var, bias_c = _bias_add(g, cast.args[0], inner)
     if acc_var is None:
         return None
@@ -470,23 +480,12 @@ def match_lut_chain(g: _Graph, head) -> _ElementwiseChain | None:
 
 def match_mul_chain(g: _Graph, head) -> _ElementwiseChain | None:
     """``astype(a, int32) * astype(b, int32)`` (int8, broadcasting) -> ``* M + R >> S`` -> clip -> int8."""
-    if _op(head) != "relax.astype" or str(head.attrs.dtype) != "int8":
-        return None
     inner = []
-    clip = _walk(g, head.args[0], "relax.clip", inner)
-    if clip is None:
+    tail = _requant_tail(g, head, inner)
+    if tail is None:
         return None
-    shr = _walk(g, clip.args[0], "relax.right_shift", inner)
-    if shr is None or _scalar(shr.args[1]) is None:
-        return None
-    add_r = _walk(g, shr.args[0], "relax.add", inner)
-    if add_r is None or _scalar(add_r.args[1]) is None:
-        return None
-    mul = _walk(g, add_r.args[0], "relax.multiply", inner)
-    if mul is None or _scalar(mul.args[1]) is None:
-        return None
-    cast = _walk(g, mul.args[0], "relax.astype", inner)
-    if cast is None or str(cast.attrs.dtype) != "int64":
+    clip, shr, add_r, mul, cast = tail
+    if any(_scalar(c.args[1]) is None for c in (shr, add_r, mul)):     # one multiplier for the whole tensor
         return None
     prod = _walk(g, cast.args[0], "relax.multiply", inner)
     if prod is None or _dtype(cast.args[0]) != "int32":
