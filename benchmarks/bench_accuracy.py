@@ -228,6 +228,27 @@ def ort_predict(path: str, batches: list) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: b})[0].argmax(1) for b in batches])
 
 
+def mobilenet_photos_and_fp32():
+    """The MobileNetV2 agreement protocol shared by the low-bit benchmarks.
+
+    Returns ``(photos, labelled, labels, everything, calib, fp32)``: the 100 ai-benchmark photos, the 20
+    labelled ImageNet samples and their labels, both together (the 120 evaluation images), the photos as
+    calibration batches of one, and ONNX Runtime's FP32 top-1 on the 120 images.
+    """
+    import onnx
+    from relayq.testing import data, zoo
+
+    photos = data.calibration_photos(100)
+    labelled, labels = data.imagenet_labelled()
+    everything = np.concatenate([photos, labelled])
+    calib = [photos[i:i + 1] for i in range(len(photos))]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "mbv2.onnx")
+        onnx.save(zoo.mobilenet_v2(batch=MOBILENET_BATCH_ORT), path)
+        fp32 = ort_predict(path, [everything[i:i + MOBILENET_BATCH_ORT]
+                                  for i in range(0, len(everything), MOBILENET_BATCH_ORT)])
+    return photos, labelled, labels, everything, calib, fp32
+
 class _Reader:
     """An ONNX Runtime CalibrationDataReader over a list of batches."""
 

