@@ -968,7 +968,9 @@ def _warn_slow_layers(kind: str, stats: list, unlowered: list) -> None:
 
 
 def unlowered_int_layers(mod: tvm.IRModule) -> list:
-    """Names of the integer conv2d / matmul layers (int32 accumulators) left to TVM in ``mod``.
+    """Names of the integer conv2d / matmul layers left to TVM in ``mod``: int32 accumulators that are
+    requantized or dequantized (through an ``astype``, possibly after the bias add). Realize's integer
+    average pooling (a conv with unit weights and a rounding division) is not a layer.
 
     >>> # unlowered_int_layers(lower_quantized(realized, "x86-avx2"))  ->  []
     """
@@ -976,11 +978,28 @@ def unlowered_int_layers(mod: tvm.IRModule) -> list:
     for _, f in mod.functions_items():
         if not isinstance(f, relax.Function):
             continue
-        for block in f.body.blocks:
-            for b in block.bindings:
-                if isinstance(b, relax.VarBinding) and _op(b.value) in ("relax.nn.conv2d", "relax.matmul") \
-                        and _dtype_range(b.var) is not None:
-                    names.append(b.var.name)
+        users = {}
+        binds = [b for block in f.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+        for b in binds:
+            if isinstance(b.value, relax.Call):
+                for a in b.value.args:
+                    if isinstance(a, relax.Var):
+                        users.setdefault(a, []).append(b.value)
+
+        def requantized(v, depth=0):
+            for u in users.get(v, []):
+                if _op(u) == "relax.astype":
+                    return True
+                if depth == 0 and _op(u) == "relax.add":
+                    owner = next((b.var for b in binds if b.value.same_as(u)), None)
+                    if owner is not None and requantized(owner, 1):
+                        return True
+            return False
+
+        for b in binds:
+            if _op(b.value) in ("relax.nn.conv2d", "relax.matmul") and _dtype_range(b.var) is not None \
+                    and requantized(b.var):
+                names.append(b.var.name)
     return names
 
 
