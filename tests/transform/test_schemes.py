@@ -218,10 +218,21 @@ def test_every_scheme_runs_on_the_fused_kernels(name):
 
 
 def test_fallback_to_the_int16_path_warns_naming_the_layers():
-    q, _ = _quantize(CFG.replace(act_symmetric=False))
+    """Asymmetric uint8 codes with 8-bit weights could saturate vpmaddubsw: the build names the layers;
+    7-bit weights on exactly those layers (fast_path_overrides) put all of them on the u8 x s8 path."""
+    from relayq.backend.lower import fast_path_overrides
+
+    q, rng = _quantize(CFG.replace(act_symmetric=False))
     with pytest.warns(relayq.SlowKernelWarning, match=r"exact int16 path.*conv2d_0") as rec:
         relayq.build(q, target="x86-avx2")
     assert "weight_bits=7" in str(rec[0].message)
+    over = fast_path_overrides(q.realized)
+    assert "conv2d_0" in over and all(lc.weight_bits == 7 for lc in over.values())
+    q7, rng = _quantize(CFG.replace(act_symmetric=False, layer_overrides=over))
+    assert fast_path_overrides(q7.realized) == {}
+    assert {p.bits for n, p in q7.qpoints.items() if p.role == "weight" and n.split(":")[0] not in over} == {8}
     with warnings.catch_warnings():
         warnings.simplefilter("error", relayq.SlowKernelWarning)
-        relayq.build(_quantize(CFG.replace(act_symmetric=False, weight_bits=7))[0], target="x86-avx2")
+        lib = relayq.build(q7, target="x86-avx2")
+    x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
+    np.testing.assert_array_equal(lib(x), reference_run(q7.annotated, q7.qpoints, x))

@@ -1003,6 +1003,25 @@ def unlowered_int_layers(mod: tvm.IRModule) -> list:
     return names
 
 
+def fast_path_overrides(realized: tvm.IRModule, target_kind: str = "x86-avx2") -> dict:
+    """``{layer: LayerConfig(weight_bits=7)}`` for every layer of a realized module that takes the exact
+    int16 path on ``target_kind`` with 8-bit codes and 8-bit weights: quantizing again with these
+    ``layer_overrides`` puts those layers on the u8 x s8 path (7-bit weights never saturate
+    ``vpmaddubsw``: ``255 * 126 <= 32767``), and leaves every other layer at 8 bits.
+
+    >>> # over = fast_path_overrides(qmodel.realized)
+    >>> # qmodel = relayq.quantize_model(mod, params, data, config=relayq.QConfig(layer_overrides=over))
+    """
+    from ..config import LayerConfig
+
+    stats = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowKernelWarning)
+        _Lowerer(realized, target_kind, True, False, stats).transform()
+    return {s["layer"]: LayerConfig(weight_bits=7) for s in stats
+            if s.get("layer") and s.get("path") == "int16" and s.get("in_dtype") != "int16" and s.get("w_dtype") == "int8"}
+
+
 def lower_quantized(mod: tvm.IRModule, target_kind: str, include_float: bool = True,
                     stats: list | None = None) -> tvm.IRModule:
     """Replace every realized int8 conv2d/dense requant chain by a fused relayq kernel.
