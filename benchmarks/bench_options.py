@@ -47,8 +47,13 @@ SCHEMES = {
     "a12": ("12-bit activations (int16 codes)", {"act_bits": 12}),
     "a16w4": ("16-bit activations, 4-bit per-channel weights", {"act_bits": 16, "weight_bits": 4, "per_channel": True}),
     "pow2": ("power-of-two scales", {"power_of_two_scale": True}),
+    # the default / asymmetric scheme again, with 7-bit weights on exactly the layers that took the int16
+    # path (relayq.backend.lower.fast_path_overrides of the first quantization)
+    "default_fast": ("default + 7-bit weights on its int16-path layers", "default"),
+    "asym_fast": ("asymmetric + 7-bit weights on its int16-path layers", "asym"),
 }
 GENERIC_ROW = "generic preset (default scheme)"
+GENERIC_ROUNDS = 3
 
 
 def load_model(name):
@@ -60,7 +65,11 @@ def quantized(model, key, mod, params, photos, cache):
     path = os.path.join(cache, f"{model}_{key}.rqz") if cache else None
     if path and os.path.exists(path):
         return relayq.load_quantized(path)
-    cfg = relayq.QConfig(show_progress=False, check_accuracy=False, **SCHEMES[key][1])
+    fields = SCHEMES[key][1]
+    if isinstance(fields, str):                     # a scheme derived from another one's int16-path layers
+        first = quantized(model, fields, mod, params, photos, cache)
+        fields = dict(SCHEMES[fields][1], layer_overrides=L.fast_path_overrides(first.realized))
+    cfg = relayq.QConfig(show_progress=False, check_accuracy=False, **fields)
     q = relayq.quantize_model(mod, params, [photos[i:i + 1] for i in range(len(photos))], "naive", cfg)
     if path:
         q.save(path)
@@ -127,13 +136,15 @@ def main():
                 old[key] = f"{key} (baseline)"
                 np.testing.assert_array_equal(engines[key](x), engines[old[key]](x))   # same model, same codes
             print(f"{model} {key}: built; paths {paths[key]}", flush=True)
+        ms = interleaved(engines, x, args.rounds)
         if not args.no_generic:
+            # timed on its own, with few rounds: seconds per image on ResNet-18
             q = quantized(model, "default", mod, params, calib, args.cache)
             paths[GENERIC_ROW] = kernel_paths(q, "generic")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                engines[GENERIC_ROW] = relayq.build(q, target="generic")
-        ms = interleaved(engines, x, args.rounds)
+                lib = relayq.build(q, target="generic")
+            ms[GENERIC_ROW] = interleaved({GENERIC_ROW: lib}, x, GENERIC_ROUNDS)[GENERIC_ROW]
         base = ms["default"]
         rows = {}
         print(f"\n{model}, {args.target}, batch 1, {results['threads']} threads, median of {args.rounds} "

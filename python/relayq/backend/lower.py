@@ -71,7 +71,7 @@ RESIDUAL_ADD = "fuse"
 _X86_ISA = {"x86-avx2": "avx2", "x86-vnni": "vnni", "arm-dotprod": "sdot"}
 # Ops through which a non-negative value stays non-negative (they only move or select elements).
 _SIGN_PRESERVING = ("relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
-                    "relax.squeeze", "relax.expand_dims", "relax.astype", "relax.nn.relu")
+                    "relax.squeeze", "relax.expand_dims", "relax.nn.relu", "relax.strided_slice")
 
 
 def _op(expr):
@@ -221,10 +221,52 @@ class _Graph:
             if any(p is None for p in parts):
                 return full
             return _meet((min(p[0] for p in parts), max(p[1] for p in parts)), full)
+        if name == "relax.astype":
+            # a cast keeps the value only where it fits the new type (otherwise it wraps)
+            inner = self.code_range(arg)
+            return inner if inner is not None and full[0] <= inner[0] and inner[1] <= full[1] else full
         if name in _SIGN_PRESERVING:
             inner = self.code_range(arg)
             return full if inner is None else _meet(inner, full)
-        return full
+        got = self._arith_range(name, val)
+        return full if got is None else _meet(got, full)
+
+    def _range_or_const(self, e):
+        if _is_const(e):
+            a = _np(e)
+            return (int(a.min()), int(a.max())) if a.size and a.dtype.kind in "iu" else None
+        return self.code_range(e)
+
+    def _arith_range(self, name, val):
+        """Interval arithmetic through the integer ops of realize's average pooling (sum or a unit-weight
+        conv, + half, floor_divide by the count, negative, where): the average of codes stays in their
+        range, which lets a classifier after a pool of ReLU codes take the u8 x s8 path."""
+        args = [self._range_or_const(a) for a in val.args[:2]] if len(val.args) >= 1 else []
+        if name == "relax.add" and len(args) == 2 and None not in args:
+            return args[0][0] + args[1][0], args[0][1] + args[1][1]
+        if name == "relax.negative" and args and args[0] is not None:
+            return -args[0][1], -args[0][0]
+        if name == "relax.floor_divide" and len(args) == 2 and None not in args and args[1][0] > 0:
+            (lo, hi), (c0, c1) = args
+            return min(lo // c0, lo // c1), max(hi // c0, hi // c1)
+        if name == "relax.where" and len(val.args) == 3:
+            a, b = self._range_or_const(val.args[1]), self._range_or_const(val.args[2])
+            return None if a is None or b is None else (min(a[0], b[0]), max(a[1], b[1]))
+        if name == "relax.sum" and args and args[0] is not None:
+            src, out = _shape(val.args[0]), _shape(val)
+            if src is None or out is None:
+                return None
+            n = int(np.prod(src)) // max(1, int(np.prod(out)))
+            return args[0][0] * n, args[0][1] * n
+        if name == "relax.nn.conv2d" and len(args) == 2 and args[0] is not None and _is_const(val.args[1]):
+            w = _np(val.args[1]).astype(np.int64)
+            lo, hi = args[0]
+            if any(int(p) for p in val.attrs.padding):
+                lo, hi = min(lo, 0), max(hi, 0)                 # padding reads zeros
+            axes = tuple(range(1, w.ndim))
+            pos, neg = np.clip(w, 0, None).sum(axis=axes), np.clip(w, None, 0).sum(axis=axes)
+            return int((pos * lo + neg * hi).min()), int((pos * hi + neg * lo).max())
+        return None
 
 
 # ----------------------------------------------------------------------------- chain matching
