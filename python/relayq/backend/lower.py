@@ -229,7 +229,8 @@ class _Graph:
             inner = self.code_range(arg)
             return full if inner is None else _meet(inner, full)
         got = self._arith_range(name, val)
-        return full if got is None else _meet(got, full)
+        # a result that may leave the dtype wraps around: then nothing narrower than the dtype is known
+        return got if got is not None and full[0] <= got[0] and got[1] <= full[1] else full
 
     def _range_or_const(self, e):
         if _is_const(e):
