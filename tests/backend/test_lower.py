@@ -178,3 +178,18 @@ def test_code_ranges_are_sound():
     assert g.code_range(wrap) == (0, 255)           # -128 + 200 .. 127 + 200 does not fit uint8
     assert g.code_range(avg) == (0, 100)
     assert g.code_range(big) == (-2 ** 31, 2 ** 31 - 1)
+
+
+def test_shift_only_requant_is_rewritten_exactly():
+    """Power-of-two requantization (M = 1) runs as M = 2^30 on the 32-bit split path, with the same results."""
+    from relayq.backend.generic import Requant
+
+    rng = np.random.default_rng(5)
+    t = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, 20000), [-2 ** 31, 2 ** 31 - 1, 0, -1, 1]]).astype(np.int64)
+    for shift in (2, 7, 20, 33):
+        m, r, s = (np.asarray([v], np.int64) for v in (1, 1 << (shift - 1), shift))
+        m2, r2, s2 = L._split_friendly(m, r, s)
+        assert Requant.from_arrays(m2, r2, s2, -127, 127).split_shift
+        np.testing.assert_array_equal((t * m2 + r2) >> s2, (t + r) >> s)
+    m, r, s = (np.asarray([v], np.int64) for v in (1, 0, 0))
+    assert L._split_friendly(m, r, s) == (m, r, s)          # no shift: nothing to gain, left as it is

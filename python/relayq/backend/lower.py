@@ -369,6 +369,21 @@ def _requant_tail(g: _Graph, head, inner: list) -> _Tail | None:
     return _Tail(cast.args[0], m, r, sh, zp, lo, hi, str(head.attrs.dtype), scalar)
 
 
+# Shift-only requantization (power-of-two scales) is rewritten with this multiplier so that it runs on the
+# 32-bit split path of generic.requant_expr (AVX2 has no 64-bit arithmetic shift, min or max).
+_SPLIT_MULTIPLIER_BITS = 30
+
+
+def _split_friendly(m, r, s):
+    """``(M, R, S)`` computing the same ``(t * M + R) >> S`` for every int32 ``t``: a shift-only form
+    (``M = 1``, ``2 <= S <= 33``) becomes ``(t * 2^30 + R * 2^30) >> (S + 30)``, exact since
+    ``(t + R) * 2^30`` stays inside int64, and on the split path (``S >= 32``)."""
+    k = _SPLIT_MULTIPLIER_BITS
+    if np.all(m == 1) and np.all(s >= 32 - k) and np.all(s <= 63 - k) and np.all(np.abs(r) < (1 << 32)):
+        return np.full_like(m, 1 << k), np.left_shift(r.astype(np.int64), k), s + k
+    return m, r, s
+
+
 def _absorbed_pad(g: _Graph, x, inner):
     """``(input, (top, left, bottom, right), pad code)`` when ``x`` is a constant-mode ``nn.pad`` of H and W
     only with an integer pad value and no other user (realize pads asymmetric codes with the zero point
@@ -413,7 +428,7 @@ def match_int_chain(g: _Graph, head) -> _IntChain | None:
     m, r, s = tail.m, tail.r, tail.s
     if any(a.size not in (1, channels) for a in (m, r, s)):
         return None
-    rq = Requant.from_arrays(m, r, s, tail.lo, tail.hi, tail.zp, tail.out_dtype)
+    rq = Requant.from_arrays(*_split_friendly(m, r, s), tail.lo, tail.hi, tail.zp, tail.out_dtype)
     bias = np.zeros(1, np.int32) if bias_c is None else _np(bias_c).reshape(-1)
     if bias.size not in (1, channels):
         return None
