@@ -24,7 +24,7 @@ _LAZY = {
                                    "ModelError", "NothingQuantizedWarning", "OverflowRiskError", "RelayqError",
                                    "UnsupportedOpError", "RemoteError", "TrackerUnreachableError",
                                    "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError",
-                                   "MissingDependencyError")},
+                                   "MissingDependencyError", "SlowKernelWarning")},
 }
 #: Subpackages and modules reachable as attributes (``relayq.frontend.from_onnx``) without an explicit import.
 _SUBMODULES = ("analysis", "api", "artefact", "backend", "calibration", "cli", "config", "errors", "frontend",
@@ -50,4 +50,4 @@ __all__ = ["quantize_model", "finetune", "auto_mixed_precision", "build", "load"
            "FrontendError", "UnsupportedOpError", "OverflowRiskError", "BuildError", "FloatFallbackWarning",
            "NothingQuantizedWarning", "BiasClampWarning", "CalibrationWarning", "AccuracyCollapseWarning",
            "RemoteError", "TrackerUnreachableError", "NoFreeDeviceError", "ArtefactError", "UnsupportedCPUError",
-           "MissingDependencyError"]
+           "MissingDependencyError", "SlowKernelWarning"]

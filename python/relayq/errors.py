@@ -92,3 +92,8 @@ class CalibrationWarning(UserWarning):
 class AccuracyCollapseWarning(UserWarning):
     """The quantized model disagrees badly with the float model on the check batches (see
     :mod:`relayq.analysis.check`); the message names the points with the worst quantization noise."""
+
+
+class SlowKernelWarning(UserWarning):
+    """A quantized layer falls back to slower code than its target's fast integer kernels (the build lists
+    the layers and says what would put them on the fast path)."""

@@ -152,3 +152,44 @@ def test_presets():
     assert L.best_host_preset() in L.TARGET_KINDS
     with pytest.raises(ValueError):
         L.lower_quantized(tvm.IRModule(), "x86-sse")
+
+
+def test_code_ranges_are_sound():
+    """The proven ranges the u8 x s8 path relies on: clips narrow, casts that could wrap and sums that could
+    leave int32 widen to the whole dtype, realize's rounding average keeps its input's range."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 6, 6), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c = bb.emit(relax.op.clip(x, 0, 100))
+            wide = bb.emit(relax.op.astype(x, "int32"))
+            wrap = bb.emit(relax.op.astype(bb.emit(relax.op.add(wide, relax.const(np.int32(200)))), "uint8"))
+            total = bb.emit(relax.op.sum(relax.op.astype(c, "int32"), axis=[2, 3], keepdims=True))
+            cnt, half = relax.const(np.int32(36)), relax.const(np.int32(18))
+            pos = bb.emit(relax.op.floor_divide(relax.op.add(total, half), cnt))
+            neg = bb.emit(relax.op.negative(relax.op.floor_divide(relax.op.add(relax.op.negative(total), half), cnt)))
+            avg = bb.emit(relax.op.astype(bb.emit(relax.op.where(relax.op.greater_equal(total, relax.const(np.int32(0))),
+                                                                  pos, neg)), "int8"))
+            big = bb.emit(relax.op.add(wide, relax.const(np.int32(2 ** 31 - 100))))
+            out = bb.emit_output(relax.Tuple([c, wrap, avg, big]))
+        bb.emit_func_output(out)
+    g = L._Graph(bb.get()["main"])
+    assert g.code_range(c) == (0, 100)
+    assert g.code_range(wrap) == (0, 255)           # -128 + 200 .. 127 + 200 does not fit uint8
+    assert g.code_range(avg) == (0, 100)
+    assert g.code_range(big) == (-2 ** 31, 2 ** 31 - 1)
+
+
+def test_shift_only_requant_is_rewritten_exactly():
+    """Power-of-two requantization (M = 1) runs as M = 2^30 on the 32-bit split path, with the same results."""
+    from relayq.backend.generic import Requant
+
+    rng = np.random.default_rng(5)
+    t = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, 20000), [-2 ** 31, 2 ** 31 - 1, 0, -1, 1]]).astype(np.int64)
+    for shift in (2, 7, 20, 33):
+        m, r, s = (np.asarray([v], np.int64) for v in (1, 1 << (shift - 1), shift))
+        m2, r2, s2 = L._split_friendly(m, r, s)
+        assert Requant.from_arrays(m2, r2, s2, -127, 127).split_shift
+        np.testing.assert_array_equal((t * m2 + r2) >> s2, (t + r) >> s)
+    m, r, s = (np.asarray([v], np.int64) for v in (1, 0, 0))
+    assert L._split_friendly(m, r, s) == (m, r, s)          # no shift: nothing to gain, left as it is

@@ -172,3 +172,67 @@ def test_bias_correction_removes_the_mean_shift_and_stays_exact():
         shift[bc] = np.abs(err.mean(axis=(0, 1))).mean()
     # 3-bit weights shift every logit's mean; the correction must remove a good part of it.
     assert shift[True] < 0.7 * shift[False]
+
+
+# Every documented scheme on the fused x86 kernels: (QConfig fields, the paths its conv/dense layers may take)
+KERNEL_SCHEMES = {
+    "asymmetric": ({"act_symmetric": False}, {"u8s8", "int16", "depthwise"}),
+    "asymmetric-per-channel-w7": ({"act_symmetric": False, "per_channel": True, "weight_bits": 7}, {"u8s8", "depthwise"}),
+    "power-of-two": ({"power_of_two_scale": True}, {"u8s8", "int16", "depthwise"}),
+    "w4-per-channel": ({"weight_bits": 4, "per_channel": True}, {"u8s8", "depthwise"}),
+    "a12": ({"act_bits": 12}, {"int16", "depthwise"}),
+    # the classifier reads realize's integer average pool: the lowering proves it keeps the 7-bit range
+    "asymmetric-a7": ({"act_symmetric": False, "act_bits": 7}, {"u8s8", "depthwise"}),
+}
+_SLOW_SCHEMES = ("w4-per-channel", "a12", "asymmetric-a7")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_SCHEMES else n
+                                  for n in KERNEL_SCHEMES])
+def test_every_scheme_runs_on_the_fused_kernels(name):
+    """No integer conv/dense is left to TVM's generic lowering on x86-avx2, the 7-bit and 4-bit schemes put
+    every layer on the u8 x s8 path, and the build equals the qmath reference bit for bit."""
+    from relayq.backend.lower import lower_quantized, unlowered_int_layers
+    from relayq.runtime import host_cpu_flags
+
+    fields, allowed = KERNEL_SCHEMES[name]
+    q, rng = _quantize(CFG.replace(**fields))
+    stats = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowered = lower_quantized(q.realized, "x86-avx2", stats=stats)
+    assert unlowered_int_layers(lowered) == []
+    layers = [s for s in stats if s.get("layer")]
+    assert layers and {s["path"] for s in layers} <= allowed, [(s["layer"], s["path"]) for s in layers]
+    if not fields.get("act_symmetric", True):
+        assert {s["in_dtype"] for s in layers} == {"uint8"} and "uint8" in {s["out_dtype"] for s in layers}
+        # the zero-point padding in front of the padded conv is absorbed into its kernel
+        assert "relax.nn.pad" not in {op_name(b.value) for b in bindings(lowered["main"])}
+    if "avx2" not in host_cpu_flags():
+        pytest.skip("x86-avx2 kernels cannot run on this CPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lib = relayq.build(q, target="x86-avx2")
+    x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
+    np.testing.assert_array_equal(lib(x), reference_run(q.annotated, q.qpoints, x))
+
+
+def test_fallback_to_the_int16_path_warns_naming_the_layers():
+    """Asymmetric uint8 codes with 8-bit weights could saturate vpmaddubsw: the build names the layers;
+    7-bit weights on exactly those layers (fast_path_overrides) put all of them on the u8 x s8 path."""
+    from relayq.backend.lower import fast_path_overrides
+
+    q, rng = _quantize(CFG.replace(act_symmetric=False))
+    with pytest.warns(relayq.SlowKernelWarning, match=r"exact int16 path.*conv2d_0") as rec:
+        relayq.build(q, target="x86-avx2")
+    assert "weight_bits=7" in str(rec[0].message)
+    over = fast_path_overrides(q.realized)
+    assert "conv2d_0" in over and all(lc.weight_bits == 7 for lc in over.values())
+    q7, rng = _quantize(CFG.replace(act_symmetric=False, layer_overrides=over))
+    assert fast_path_overrides(q7.realized) == {}
+    assert {p.bits for n, p in q7.qpoints.items() if p.role == "weight" and n.split(":")[0] not in over} == {8}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", relayq.SlowKernelWarning)
+        lib = relayq.build(q7, target="x86-avx2")
+    x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
+    np.testing.assert_array_equal(lib(x), reference_run(q7.annotated, q7.qpoints, x))

@@ -41,7 +41,9 @@ OP_PATTERN_OPAQUE = 8
 
 @dataclass
 class Requant:
-    """Integer requantization ``clip((acc * M + R) >> S, lo, hi)`` (scalars or per-channel vectors).
+    """Integer requantization ``cast(clip(((acc * M + R) >> S) + zp, lo, hi), out_dtype)`` (M, R, S
+    scalars or per-channel vectors; ``zp`` the output zero point of asymmetric codes, ``out_dtype``
+    int8, uint8 or int16).
 
     >>> Requant.from_arrays(3, 4, 3, 0, 127).per_channel
     False
@@ -52,21 +54,29 @@ class Requant:
     shift: np.ndarray
     lo: int
     hi: int
+    zp: int = 0
+    out_dtype: str = "int8"
 
     @classmethod
-    def from_arrays(cls, multiplier, addend, shift, lo, hi) -> "Requant":
+    def from_arrays(cls, multiplier, addend, shift, lo, hi, zp=0, out_dtype="int8") -> "Requant":
         """Build from anything numpy can read; size-1 vectors become scalars.
 
         >>> Requant.from_arrays([5], [2], [2], -127, 127).multiplier.shape
         ()
+        >>> Requant.from_arrays(5, 2, 2, 0, 255, zp=128, out_dtype="uint8").out_dtype
+        'uint8'
         """
+        if out_dtype not in CODE_DTYPES:
+            raise ValueError(f"requantized codes are one of {CODE_DTYPES}, got {out_dtype!r}")
         arrs = [np.asarray(a, dtype=np.int64).reshape(-1) for a in (multiplier, addend, shift)]
         n = max(a.size for a in arrs)
         if n == 1:
             arrs = [a.reshape(()) for a in arrs]
         else:
             arrs = [np.broadcast_to(a, (n,)).copy() for a in arrs]
-        return cls(arrs[0], arrs[1], arrs[2], int(lo), int(hi))
+        info = np.iinfo(out_dtype)
+        return cls(arrs[0], arrs[1], arrs[2], max(int(lo), int(info.min)), min(int(hi), int(info.max)), int(zp),
+                   out_dtype)
 
     @property
     def split_shift(self) -> bool:
@@ -104,7 +114,43 @@ class Requant:
             shape = [1] * acc.ndim
             shape[1] = -1
             m, r, s = m.reshape(shape), r.reshape(shape), s.reshape(shape)
-        return np.clip((acc * m + r) >> s, self.lo, self.hi).astype(np.int8)
+        return np.clip(((acc * m + r) >> s) + self.zp, self.lo, self.hi).astype(self.out_dtype)
+
+
+#: Storage types of the integer codes relayq's kernels read and write (8-bit symmetric, 8-bit
+#: asymmetric with a zero point, and 9..16-bit codes).
+CODE_DTYPES = ("int8", "uint8", "int16")
+
+
+@dataclass(frozen=True)
+class Codes:
+    """What a kernel knows about the integer codes of its input: storage ``dtype``, a proven range
+    ``[lo, hi]`` (from the producer's clip: a fused ReLU gives ``lo >= 0``) and ``pad``, the code that
+    padding holds (the zero point of asymmetric codes, whose real zero is not code 0).
+
+    >>> Codes.of("uint8", pad=128).hi, Codes.of("int8", lo=0).lo
+    (255, 0)
+    """
+
+    dtype: str = "int8"
+    lo: int = -128
+    hi: int = 127
+    pad: int = 0
+
+    @classmethod
+    def of(cls, dtype: str, lo=None, hi=None, pad: int = 0) -> "Codes":
+        """The codes of ``dtype`` narrowed to ``[lo, hi]`` where given (never wider than the dtype)."""
+        if dtype not in CODE_DTYPES:
+            raise ValueError(f"kernel inputs are one of {CODE_DTYPES}, got {dtype!r}")
+        info = np.iinfo(dtype)
+        lo = int(info.min) if lo is None else max(int(lo), int(info.min))
+        hi = int(info.max) if hi is None else min(int(hi), int(info.max))
+        return cls(dtype, lo, hi, int(pad))
+
+    @property
+    def span(self) -> tuple:
+        """The range of every value the kernel reads, padding included."""
+        return min(self.lo, self.pad), max(self.hi, self.pad)
 
 
 @dataclass
@@ -130,6 +176,21 @@ class Kernel:
                 .with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.noalias", True))
 
 
+def weight_codes(weight) -> np.ndarray:
+    """Integer weight codes as int8, or int16 where they need it (weights above 8 bits).
+
+    >>> weight_codes(np.array([3, -5])).dtype, weight_codes(np.array([300])).dtype
+    (dtype('int8'), dtype('int16'))
+    """
+    w = np.asarray(weight)
+    if w.dtype in (np.int8, np.int16):
+        return w
+    w64 = w.astype(np.int64)
+    if w64.size == 0 or (w64.min() >= -128 and w64.max() <= 127):
+        return w64.astype(np.int8)
+    return w64.astype(np.int16)
+
+
 # ----------------------------------------------------------------------------- shared expressions
 def requant_expr(acc_i32, o, rq: Requant, table):
     """TE expression of the fused requantization of an int32 value (``table``: (3, O) or None).
@@ -153,15 +214,20 @@ def requant_expr(acc_i32, o, rq: Requant, table):
             sh = te.max(te.min(table[2, o].astype("int32") - tirx.const(32, "int32"), tirx.const(31, "int32")),
                         tirx.const(0, "int32"))
             r = hi >> sh
+        if rq.zp:
+            # |acc * M + R| < 2^62 (M < 2^31) and S >= 32, so r + zp stays far inside int32
+            r = r + tirx.const(rq.zp, "int32")
         r = te.max(te.min(r, tirx.const(rq.hi, "int32")), tirx.const(rq.lo, "int32"))
-        return r.astype("int8")
+        return r.astype(rq.out_dtype)
     if table is None:
         t = (t * tirx.const(int(rq.multiplier), "int64") + tirx.const(int(rq.addend), "int64")) \
             >> tirx.const(int(rq.shift), "int64")
     else:
         t = (t * table[0, o] + table[1, o]) >> table[2, o]
+    if rq.zp:
+        t = t + tirx.const(rq.zp, "int64")
     t = te.max(te.min(t, tirx.const(rq.hi, "int64")), tirx.const(rq.lo, "int64"))
-    return t.astype("int8")
+    return t.astype(rq.out_dtype)
 
 
 def act_expr(y, act):
@@ -216,14 +282,14 @@ def _padded_hw(x_shape, kh, kw, strides, padding, dilation, oh, ow):
 
 
 # ----------------------------------------------------------------------------- generic kernels
-def _conv_compute(x_shape, w_shape, dtype, acc_dtype, strides, padding, dilation, groups):
+def _conv_compute(x_shape, w_shape, dtype, acc_dtype, strides, padding, dilation, groups, w_dtype=None, fill=0):
     n, c, h, w = x_shape
     o, cg, kh, kw = w_shape
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     hp, wp = _padded_hw(x_shape, kh, kw, strides, padding, dilation, oh, ow)
     X = te.placeholder(x_shape, dtype, name="x")
-    W = te.placeholder(w_shape, dtype, name="w")
-    Xp = pad_nchw(X, padding, hp, wp, 0, "pad")
+    W = te.placeholder(w_shape, w_dtype or dtype, name="w")
+    Xp = pad_nchw(X, padding, hp, wp, fill, "pad")
     og = o // groups
     ic = te.reduce_axis((0, cg), "ic")
     ry = te.reduce_axis((0, kh), "kh")
@@ -254,16 +320,19 @@ def _schedule_generic_conv(func):
     return sch.mod["main"]
 
 
-def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, groups) -> Kernel:
-    """Fused int8 conv2d (any ``groups``) + int32 bias + requant + clip + cast, simple schedule.
+def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, groups, codes=None) -> Kernel:
+    """Fused integer conv2d (any ``groups``) + int32 bias + requant + clip + cast, simple schedule.
 
-    ``weight`` is the OIHW int8 numpy array, ``bias`` an int32 vector of length O.
+    ``weight`` is the OIHW int8 (or int16) numpy array, ``bias`` an int32 vector of length O, ``codes``
+    the input's :class:`Codes` (int8 padded with 0 by default; uint8 / int16 inputs, and the zero point
+    as padding, otherwise).
 
     >>> # k = conv2d_int8((1, 8, 8, 8), w, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1); k.func, k.consts
     """
-    weight = np.asarray(weight, np.int8)
-    X, W, acc, oshape = _conv_compute(tuple(x_shape), weight.shape, "int8", "int32", strides, padding,
-                                      dilation, groups)
+    codes = codes or Codes()
+    weight = weight_codes(weight)
+    X, W, acc, oshape = _conv_compute(tuple(x_shape), weight.shape, codes.dtype, "int32", strides, padding,
+                                      dilation, groups, str(weight.dtype), codes.pad)
     o = weight.shape[0]
     B = te.placeholder((o,), "int32", name="bias")
     tbl = te.placeholder((3, o), "int64", name="rq") if rq.per_channel else None
@@ -272,7 +341,7 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     args = [X, W, B] + ([tbl] if tbl is not None else []) + [out]
     func = _schedule_generic_conv(te.create_prim_func(args))
     consts = [weight, np.asarray(bias, np.int32).reshape(-1)] + ([rq.table(o)] if tbl is not None else [])
-    return Kernel(func, consts, oshape, "int8", "qconv2d_generic")
+    return Kernel(func, consts, oshape, rq.out_dtype, "qconv2d_generic")
 
 
 def conv2d_fp32(x_shape, weight, bias, act, strides, padding, dilation, groups) -> Kernel:
@@ -312,24 +381,26 @@ def _schedule_generic_dense(func, n_cols):
     return sch.mod["main"]
 
 
-def _dense_compute(x_shape, w_shape, dtype, acc_dtype):
+def _dense_compute(x_shape, w_shape, dtype, acc_dtype, w_dtype=None):
     m, k = x_shape
     k2, n = w_shape
     A = te.placeholder((m, k), dtype, name="x")
-    W = te.placeholder((k, n), dtype, name="w")
+    W = te.placeholder((k, n), w_dtype or dtype, name="w")
     r = te.reduce_axis((0, k), "k")
     acc = te.compute((m, n), lambda i, j: te.sum(A[i, r].astype(acc_dtype) * W[r, j].astype(acc_dtype), axis=r),
                      name="acc")
     return A, W, acc
 
 
-def dense_int8(x_shape, weight_kn, bias, rq: Requant) -> Kernel:
-    """Fused int8 dense ``(M, K) x (K, N)`` + bias + requant + clip + cast, simple schedule.
+def dense_int8(x_shape, weight_kn, bias, rq: Requant, codes=None) -> Kernel:
+    """Fused integer dense ``(M, K) x (K, N)`` + bias + requant + clip + cast, simple schedule
+    (``codes``: the input's :class:`Codes`, int8 by default).
 
     >>> # k = dense_int8((1, 64), w_kn, b, rq)
     """
-    weight_kn = np.asarray(weight_kn, np.int8)
-    A, W, acc = _dense_compute(tuple(x_shape), weight_kn.shape, "int8", "int32")
+    codes = codes or Codes()
+    weight_kn = weight_codes(weight_kn)
+    A, W, acc = _dense_compute(tuple(x_shape), weight_kn.shape, codes.dtype, "int32", str(weight_kn.dtype))
     n = weight_kn.shape[1]
     B = te.placeholder((n,), "int32", name="bias")
     tbl = te.placeholder((3, n), "int64", name="rq") if rq.per_channel else None
@@ -337,7 +408,7 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant) -> Kernel:
     args = [A, W, B] + ([tbl] if tbl is not None else []) + [out]
     func = _schedule_generic_dense(te.create_prim_func(args), n)
     consts = [weight_kn, np.asarray(bias, np.int32).reshape(-1)] + ([rq.table(n)] if tbl is not None else [])
-    return Kernel(func, consts, (x_shape[0], n), "int8", "qdense_generic")
+    return Kernel(func, consts, (x_shape[0], n), rq.out_dtype, "qdense_generic")
 
 
 def dense_fp32(x_shape, weight_kn, bias, act) -> Kernel:

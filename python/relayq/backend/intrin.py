@@ -7,14 +7,16 @@ accumulators of ``lanes`` output channels).
 Exactness scheme (mandatory: every kernel must equal :func:`relayq.qmath.requantize` bit for bit)
 ----------------------------------------------------------------------------------------------------
 * ``vpmaddubsw`` (AVX2, :data:`AVX2_U8S8`) multiplies unsigned by signed bytes and **saturates each
-  pair sum to int16**. relayq's signed int8 codes lie in ``[-127, 127]``. When the layer input is
-  provably non-negative (its producer is a requant chain clipped at ``lo >= 0``, i.e. a fused ReLU),
-  the codes are in ``[0, 127]``; reinterpreted as uint8 a pair sum is at most
-  ``2 * 127 * 128 = 32512 < 32767``, so the instruction never saturates and the result is exact.
-* Otherwise (inputs that may be negative) the kernels use :data:`AVX2_S8S8`: both operands are
-  sign-extended to int16 (once: the input by the kernel's packing stage, the weight in numpy) and
-  multiplied by ``vpmaddwd`` (int16 x int16 -> int32 pair sums), which is exact for any int8 input
-  (pair sum <= 2 * 128 * 128 < 2^31).
+  pair sum to int16**. The kernels first make the codes unsigned (``x + offset``, ``offset = -lo`` for
+  codes that may be negative, taken back through the bias as ``offset * sum(W)``) and use it only when
+  ``(hi + offset) * P <= 32767``, ``P`` the largest same-sign pair of weights
+  (:func:`relayq.backend.x86.select_path`). Codes in ``[0, 127]`` (a fused ReLU, 7-bit activations)
+  with any int8 weights: ``127 * 254 = 32258``; any 8-bit codes with weights of at most 7 bits:
+  ``255 * 126 = 32130``. Both never saturate, so the result is exact.
+* Otherwise the kernels use :data:`AVX2_S8S8`: both operands are sign- (or zero-) extended to int16
+  (once: the input by the kernel's packing stage, the weight in numpy) and multiplied by
+  ``vpmaddwd`` (int16 x int16 -> int32 pair sums), which is exact for any 8-bit input and for int16
+  codes and weights (pair sum <= 2 * 32767^2 < 2^31). It is the path of 9..16-bit codes.
 * ``vpdpbusd`` (VNNI, :data:`VNNI_U8S8`) sums four u8 x s8 products straight into int32 with no
   intermediate saturation, so it is exact for the full uint8 range. Possibly negative inputs are
   shifted to uint8 by ``+128`` (padding with 128) and ``128 * sum(W)`` is subtracted through the

@@ -29,10 +29,15 @@ The kernel family comes from the target kind:
 * ``"arm-dotprod"``: :mod:`relayq.backend.x86`'s tiling with the AArch64 ``sdot`` intrinsic,
 * ``"generic"``: :mod:`relayq.backend.generic` (portable schedules, no intrinsics).
 
-Whether an int8 input is non-negative (which allows the fast u8 x s8 AVX2 path, see
-:mod:`relayq.backend.intrin`) is proven from the graph: the producer is a clip with ``lo >= 0``
-(the realized requant chain of a layer with a fused ReLU), a ReLU, or a max_pool2d / reshape /
-flatten / concat of such values.
+The chains may read and write int8, uint8 (asymmetric codes: the realized ``nn.pad`` with the zero
+point in front of a padded conv is absorbed into the kernel, which pads with the zero point) or int16
+codes (activations above 8 bits), with int8 or int16 weights, per-tensor or per-channel, and with the
+power-of-two requantization (a rounding shift without multiply). The range of every input's codes is
+proven from the graph (:meth:`_Graph.code_range`: a clip's bounds, a ReLU, and ops that only move or
+select elements), and the x86 kernels pick the fastest exact dot product for that range and the
+layer's weights (:func:`relayq.backend.x86.select_path`). Layers that fall back to slower code (the
+exact int16 path on AVX2, the portable kernels, TVM's generic lowering) are named in one
+:class:`relayq.errors.SlowKernelWarning` per build; ``stats`` records each layer's ``path``.
 
 Example::
 
@@ -46,13 +51,15 @@ Example::
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from ..errors import SlowKernelWarning
 from . import generic
-from .generic import Requant
+from .generic import CODE_DTYPES, Codes, Requant
 from .presets import best_host_preset, target_from_preset  # noqa: F401  (re-exported API)
 
 TARGET_KINDS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "arm-dotprod", "generic")
@@ -64,7 +71,7 @@ RESIDUAL_ADD = "fuse"
 _X86_ISA = {"x86-avx2": "avx2", "x86-vnni": "vnni", "arm-dotprod": "sdot"}
 # Ops through which a non-negative value stays non-negative (they only move or select elements).
 _SIGN_PRESERVING = ("relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.permute_dims",
-                    "relax.squeeze", "relax.expand_dims", "relax.astype", "relax.nn.relu")
+                    "relax.squeeze", "relax.expand_dims", "relax.nn.relu", "relax.strided_slice")
 
 
 def _op(expr):
@@ -106,6 +113,26 @@ def _prim_int(e):
     return int(_prim_num(e))
 
 
+def _dtype_range(e):
+    """The (min, max) of an integer tensor's dtype, or None."""
+    try:
+        dt = _dtype(e)
+    except AttributeError:
+        return None
+    if not dt.startswith(("int", "uint")) or dt in ("int", "uint"):
+        return None
+    info = np.iinfo(dt)
+    return int(info.min), int(info.max)
+
+
+def _meet(a, b):
+    """The intersection of two ranges (bounds may be floats or infinite), as ints."""
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    lo = int(np.ceil(lo)) if np.isfinite(lo) else lo
+    hi = int(np.floor(hi)) if np.isfinite(hi) else hi
+    return lo, hi
+
+
 class _Graph:
     """Bindings, use counts and the non-negativity facts of one Relax function."""
 
@@ -120,10 +147,11 @@ class _Graph:
                     self.order.append(b.var)
                     self._count(b.value)
         self._count(func.body.body)
-        self.nonneg = set()
+        self.ranges = {}
         for v in self.order:
-            if self._value_nonneg(self.var2val[v]):
-                self.nonneg.add(v)
+            r = self._value_range(self.var2val[v], v)
+            if r is not None:
+                self.ranges[v] = r
 
     def _count(self, e):
         if isinstance(e, relax.Var):
@@ -145,40 +173,110 @@ class _Graph:
         return isinstance(e, relax.Var) and self.uses.get(e, 0) == 1 and e in self.var2val
 
     def is_nonneg(self, e) -> bool:
-        if isinstance(e, relax.Var):
-            return e in self.nonneg
-        return self._value_nonneg(e)
+        """Whether the integer codes of ``e`` are proven >= 0."""
+        r = self.code_range(e)
+        return r is not None and r[0] >= 0
 
-    def _value_nonneg(self, val) -> bool:
+    def code_range(self, e):
+        """``(lo, hi)``: bounds proven for the integer codes of ``e`` (its dtype's range at worst), or None
+        for a non-integer value."""
+        if isinstance(e, relax.Var) and e in self.ranges:
+            return self.ranges[e]
+        return _dtype_range(e)
+
+    def _value_range(self, val, var):
+        full = _dtype_range(var)
+        if full is None:
+            return None
         name = _op(val)
         if name is None:
             if isinstance(val, relax.Tuple):
-                return all(self.is_nonneg(f) for f in val.fields)
-            return False
-        if name == "relax.nn.relu":
-            return True
+                return None
+            return full
+        arg = val.args[0] if len(val.args) else None
         if name == "relax.clip":
+            inner = self.code_range(arg) or full
             try:
-                # compared as a number: a float clip may be open below (-inf, ONNX Clip with only a max)
-                if _prim_num(val.args[1]) >= 0:
-                    return True
+                lo, hi = _prim_num(val.args[1]), _prim_num(val.args[2])
             except (TypeError, ValueError, AttributeError):
-                pass
-            return self.is_nonneg(val.args[0])
+                return _meet(inner, full)
+            return _meet(_meet(inner, (lo, hi)), full)
+        if name == "relax.nn.relu":
+            inner = self.code_range(arg) or full
+            return _meet((max(0, inner[0]), inner[1]), full)
+        if name == "relax.nn.pad":
+            inner = self.code_range(arg)
+            try:
+                pv = float(val.attrs.pad_value)
+            except (AttributeError, TypeError, ValueError):
+                return full
+            if inner is None:
+                return full
+            return _meet((min(inner[0], pv), max(inner[1], pv)), full)
         if name == "relax.concat":
-            t = val.args[0]
-            t = self.producer(t) if isinstance(t, relax.Var) else t
-            return isinstance(t, relax.Tuple) and all(self.is_nonneg(f) for f in t.fields)
+            t = self.producer(arg) if isinstance(arg, relax.Var) else arg
+            if not isinstance(t, relax.Tuple):
+                return full
+            parts = [self.code_range(f) for f in t.fields]
+            if any(p is None for p in parts):
+                return full
+            return _meet((min(p[0] for p in parts), max(p[1] for p in parts)), full)
+        if name == "relax.astype":
+            # a cast keeps the value only where it fits the new type (otherwise it wraps)
+            inner = self.code_range(arg)
+            return inner if inner is not None and full[0] <= inner[0] and inner[1] <= full[1] else full
         if name in _SIGN_PRESERVING:
-            return self.is_nonneg(val.args[0])
-        return False
+            inner = self.code_range(arg)
+            return full if inner is None else _meet(inner, full)
+        got = self._arith_range(name, val)
+        # a result that may leave the dtype wraps around: then nothing narrower than the dtype is known
+        return got if got is not None and full[0] <= got[0] and got[1] <= full[1] else full
+
+    def _range_or_const(self, e):
+        if _is_const(e):
+            a = _np(e)
+            return (int(a.min()), int(a.max())) if a.size and a.dtype.kind in "iu" else None
+        return self.code_range(e)
+
+    def _arith_range(self, name, val):
+        """Interval arithmetic through the integer ops of realize's average pooling (sum or a unit-weight
+        conv, + half, floor_divide by the count, negative, where): the average of codes stays in their
+        range, which lets a classifier after a pool of ReLU codes take the u8 x s8 path."""
+        args = [self._range_or_const(a) for a in val.args[:2]] if len(val.args) >= 1 else []
+        if name == "relax.add" and len(args) == 2 and None not in args:
+            return args[0][0] + args[1][0], args[0][1] + args[1][1]
+        if name == "relax.negative" and args and args[0] is not None:
+            return -args[0][1], -args[0][0]
+        if name == "relax.floor_divide" and len(args) == 2 and None not in args and args[1][0] > 0:
+            (lo, hi), (c0, c1) = args
+            return min(lo // c0, lo // c1), max(hi // c0, hi // c1)
+        if name == "relax.where" and len(val.args) == 3:
+            a, b = self._range_or_const(val.args[1]), self._range_or_const(val.args[2])
+            return None if a is None or b is None else (min(a[0], b[0]), max(a[1], b[1]))
+        if name == "relax.sum" and args and args[0] is not None:
+            src, out = _shape(val.args[0]), _shape(val)
+            if src is None or out is None:
+                return None
+            n = int(np.prod(src)) // max(1, int(np.prod(out)))
+            return args[0][0] * n, args[0][1] * n
+        if name == "relax.nn.conv2d" and len(args) == 2 and args[0] is not None and _is_const(val.args[1]):
+            w = _np(val.args[1]).astype(np.int64)
+            lo, hi = args[0]
+            if any(int(p) for p in val.attrs.padding):
+                lo, hi = min(lo, 0), max(hi, 0)                 # padding reads zeros
+            axes = tuple(range(1, w.ndim))
+            pos, neg = np.clip(w, 0, None).sum(axis=axes), np.clip(w, None, 0).sum(axis=axes)
+            return int((pos * lo + neg * hi).min()), int((pos * hi + neg * lo).max())
+        return None
 
 
 # ----------------------------------------------------------------------------- chain matching
 class _IntChain:
-    def __init__(self, kind, x, weight, bias, rq, attrs, out_shape):
+    def __init__(self, kind, x, weight, bias, rq, attrs, out_shape, codes=None, layer=None):
         self.kind, self.x, self.weight, self.bias, self.rq = kind, x, weight, bias, rq
         self.attrs, self.out_shape = attrs, out_shape
+        self.codes = codes or Codes()
+        self.layer = layer
 
 
 def _walk(g, e, op_name, interior):
@@ -217,61 +315,125 @@ def _bias_add(g, e, inner):
     return None, None
 
 
-def _requant_tail(g: _Graph, head, inner: list):
-    """The realized requantization ending at ``head``: ``astype(clip((astype(acc, int64) * M + R) >> S),
-    int8)`` with constant M, R, S. Returns the calls ``(clip, shr, add, mul, cast)``, or None."""
-    if _op(head) != "relax.astype" or str(head.attrs.dtype) != "int8":
+class _Tail:
+    """A realized requantization ``astype(clip(((astype(acc, int64) [* M] [+ R >> S]) [+ zp]), lo, hi))``."""
+
+    def __init__(self, src, m, r, s, zp, lo, hi, out_dtype, scalar):
+        self.src, self.m, self.r, self.s, self.zp = src, m, r, s, zp
+        self.lo, self.hi, self.out_dtype, self.scalar = lo, hi, out_dtype, scalar
+
+
+def _requant_tail(g: _Graph, head, inner: list) -> _Tail | None:
+    """The realized requantization ending at ``head``: ``astype(clip(((astype(acc, int64) * M + R) >> S)
+    [+ zp]), int8 | uint8 | int16)`` with constant M, R, S (per tensor or per channel) and a scalar output
+    zero point; the power-of-two form drops the multiply (and the shift where it is 0). None if not.
+    """
+    if _op(head) != "relax.astype" or str(head.attrs.dtype) not in CODE_DTYPES:
         return None
     clip = _walk(g, head.args[0], "relax.clip", inner)
     if clip is None:
         return None
-    shr = _walk(g, clip.args[0], "relax.right_shift", inner)
-    if shr is None or not _is_const(shr.args[1]):
+    try:
+        lo, hi = _prim_int(clip.args[1]), _prim_int(clip.args[2])
+    except (TypeError, ValueError, AttributeError, OverflowError):
         return None
-    add_r = _walk(g, shr.args[0], "relax.add", inner)
-    if add_r is None or not _is_const(add_r.args[1]):
-        return None
-    mul = _walk(g, add_r.args[0], "relax.multiply", inner)
-    if mul is None or not _is_const(mul.args[1]):
-        return None
-    cast = _walk(g, mul.args[0], "relax.astype", inner)
+    t, zp = clip.args[0], 0
+    # The rounding addend R is always followed by the shift, so an add right before the clip is the zero point.
+    if _op(g.producer(t)) == "relax.add":
+        add_zp = _walk(g, t, "relax.add", inner)
+        if add_zp is None or _scalar(add_zp.args[1]) is None:
+            return None
+        t, zp = add_zp.args[0], _scalar(add_zp.args[1])
+    one, zero = np.ones(1, np.int64), np.zeros(1, np.int64)
+    m, r, sh, scalar = one, zero, zero, True
+    if _op(g.producer(t)) == "relax.right_shift":
+        shr = _walk(g, t, "relax.right_shift", inner)
+        if shr is None or not _is_const(shr.args[1]):
+            return None
+        add_r = _walk(g, shr.args[0], "relax.add", inner)
+        if add_r is None or not _is_const(add_r.args[1]):
+            return None
+        r, sh, t = _np(add_r.args[1]).reshape(-1), _np(shr.args[1]).reshape(-1), add_r.args[0]
+        scalar = scalar and r.size == 1 and sh.size == 1
+    if _op(g.producer(t)) == "relax.multiply":
+        mul = _walk(g, t, "relax.multiply", inner)
+        if mul is None or not _is_const(mul.args[1]):
+            return None
+        m, t = _np(mul.args[1]).reshape(-1), mul.args[0]
+        scalar = scalar and m.size == 1
+    cast = _walk(g, t, "relax.astype", inner)
     if cast is None or str(cast.attrs.dtype) != "int64":
         return None
-    return clip, shr, add_r, mul, cast
+    if np.any(sh < 0) or np.any(sh > 63):
+        return None
+    return _Tail(cast.args[0], m, r, sh, zp, lo, hi, str(head.attrs.dtype), scalar)
+
+
+# Shift-only requantization (power-of-two scales) is rewritten with this multiplier so that it runs on the
+# 32-bit split path of generic.requant_expr (AVX2 has no 64-bit arithmetic shift, min or max).
+_SPLIT_MULTIPLIER_BITS = 30
+
+
+def _split_friendly(m, r, s):
+    """``(M, R, S)`` computing the same ``(t * M + R) >> S`` for every int32 ``t``: a shift-only form
+    (``M = 1``, ``2 <= S <= 33``) becomes ``(t * 2^30 + R * 2^30) >> (S + 30)``, exact since
+    ``(t + R) * 2^30`` stays inside int64, and on the split path (``S >= 32``)."""
+    k = _SPLIT_MULTIPLIER_BITS
+    if np.all(m == 1) and np.all(s >= 32 - k) and np.all(s <= 63 - k) and np.all(np.abs(r) < (1 << 32)):
+        return np.full_like(m, 1 << k), np.left_shift(r.astype(np.int64), k), s + k
+    return m, r, s
+
+
+def _absorbed_pad(g: _Graph, x, inner):
+    """``(input, (top, left, bottom, right), pad code)`` when ``x`` is a constant-mode ``nn.pad`` of H and W
+    only with an integer pad value and no other user (realize pads asymmetric codes with the zero point
+    in front of the conv); None otherwise."""
+    val = g.producer(x)
+    if _op(val) != "relax.nn.pad" or not g.single_use(x):
+        return None
+    a = val.attrs
+    try:
+        widths = [int(v) for v in a.pad_width]
+        pad_value = float(a.pad_value)
+        mode = str(getattr(a, "pad_mode", "constant"))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if mode != "constant" or len(widths) != 8 or any(widths[:4]) or pad_value != int(pad_value):
+        return None
+    inner.append(x)
+    return val.args[0], (widths[4], widths[6], widths[5], widths[7]), int(pad_value)
 
 
 def match_int_chain(g: _Graph, head) -> _IntChain | None:
-    """Match the realized int8 conv/dense requant chain that ends at the Call ``head``."""
+    """Match the realized integer conv/dense requant chain that ends at the Call ``head`` (int8, uint8
+    or int16 codes in and out, int8 or int16 weights; see the module docstring)."""
     inner = []
     tail = _requant_tail(g, head, inner)
     if tail is None:
         return None
-    clip, shr, add_r, mul, cast = tail
-    acc_var, bias_c = _bias_add(g, cast.args[0], inner)
+    acc_var, bias_c = _bias_add(g, tail.src, inner)
     if acc_var is None:
         return None
     acc = g.producer(acc_var)
     if acc is None or not g.single_use(acc_var) or _op(acc) not in ("relax.nn.conv2d", "relax.matmul"):
         return None
     x, w = acc.args[0], acc.args[1]
-    if not _is_const(w) or _dtype(w) != "int8" or _dtype(x) != "int8" or _dtype(acc_var) != "int32":
+    if not _is_const(w) or _dtype(w) not in ("int8", "int16") or _dtype(x) not in CODE_DTYPES \
+            or _dtype(acc_var) != "int32":
         return None
     xs, out_shape = _shape(x), _shape(head)
     if xs is None or out_shape is None:
         return None
     channels = out_shape[1]
-    try:
-        lo, hi = _prim_int(clip.args[1]), _prim_int(clip.args[2])
-    except (TypeError, ValueError, AttributeError):
+    m, r, s = tail.m, tail.r, tail.s
+    if any(a.size not in (1, channels) for a in (m, r, s)):
         return None
-    m, r, s = (_np(c.args[1]).reshape(-1) for c in (mul, add_r, shr))
-    if any(a.size not in (1, channels) for a in (m, r, s)) or np.any(s < 0) or np.any(s > 63):
-        return None
-    rq = Requant.from_arrays(m, r, s, max(lo, -128), min(hi, 127))
+    rq = Requant.from_arrays(*_split_friendly(m, r, s), tail.lo, tail.hi, tail.zp, tail.out_dtype)
     bias = np.zeros(1, np.int32) if bias_c is None else _np(bias_c).reshape(-1)
     if bias.size not in (1, channels):
         return None
     bias = np.broadcast_to(bias, (channels,)).astype(np.int32)
+    layer = acc_var.name
     if _op(acc) == "relax.nn.conv2d":
         a = acc.attrs
         if (str(a.data_layout), str(a.kernel_layout)) != ("NCHW", "OIHW") or \
@@ -281,10 +443,20 @@ def match_int_chain(g: _Graph, head) -> _IntChain | None:
                  "dilation": tuple(int(v) for v in a.dilation), "groups": int(a.groups)}
         if len(attrs["padding"]) == 2:
             attrs["padding"] = attrs["padding"] * 2
-        return _IntChain("conv2d", x, _np(w), bias, rq, attrs, out_shape)
+        pad_code = 0
+        pad = _absorbed_pad(g, x, inner) if not any(attrs["padding"]) else None
+        if pad is not None:
+            x, attrs["padding"], pad_code = pad
+            xs = _shape(x)
+            if xs is None or _dtype(x) not in CODE_DTYPES:
+                return None
+        lo, hi = g.code_range(x)
+        codes = Codes.of(_dtype(x), lo, hi, pad_code)
+        return _IntChain("conv2d", x, _np(w), bias, rq, attrs, out_shape, codes, layer)
     if len(xs) != 2 or len(_shape(w)) != 2:
         return None
-    return _IntChain("dense", x, _np(w), bias, rq, {}, out_shape)
+    lo, hi = g.code_range(x)
+    return _IntChain("dense", x, _np(w), bias, rq, {}, out_shape, Codes.of(_dtype(x), lo, hi), layer)
 
 
 def match_dequant_dense_chain(g: _Graph, head) -> _IntChain | None:
@@ -311,7 +483,7 @@ def match_dequant_dense_chain(g: _Graph, head) -> _IntChain | None:
     if acc is None or not g.single_use(acc_var) or _op(acc) != "relax.matmul" or _dtype(acc_var) != "int32":
         return None
     x, w = acc.args[0], acc.args[1]
-    if not _is_const(w) or _dtype(w) != "int8" or _dtype(x) != "int8":
+    if not _is_const(w) or _dtype(w) not in ("int8", "int16") or _dtype(x) not in CODE_DTYPES:
         return None
     xs, out_shape, ws = _shape(x), _shape(head), _shape(w)
     if xs is None or out_shape is None or ws is None or len(xs) != 2 or len(ws) != 2 or len(out_shape) != 2:
@@ -322,7 +494,9 @@ def match_dequant_dense_chain(g: _Graph, head) -> _IntChain | None:
     if scale.size not in (1, n) or scale.size != 1 and scale.shape[-1] != n or bias.size not in (1, n):
         return None
     bias = np.broadcast_to(bias, (n,)).astype(np.int32)
-    return _IntChain("dense_deq", x, _np(w), bias, None, {"scale": scale.reshape(-1)}, out_shape)
+    lo, hi = g.code_range(x)
+    return _IntChain("dense_deq", x, _np(w), bias, None, {"scale": scale.reshape(-1)}, out_shape,
+                     Codes.of(_dtype(x), lo, hi), acc_var.name)
 
 
 class _AddChain:
@@ -482,13 +656,11 @@ def match_mul_chain(g: _Graph, head) -> _ElementwiseChain | None:
     """``astype(a, int32) * astype(b, int32)`` (int8, broadcasting) -> ``* M + R >> S`` -> clip -> int8."""
     inner = []
     tail = _requant_tail(g, head, inner)
-    if tail is None:
+    # one multiplier for the whole tensor, int8 codes out
+    if tail is None or not tail.scalar or tail.zp or tail.out_dtype != "int8":
         return None
-    clip, shr, add_r, mul, cast = tail
-    if any(_scalar(c.args[1]) is None for c in (shr, add_r, mul)):     # one multiplier for the whole tensor
-        return None
-    prod = _walk(g, cast.args[0], "relax.multiply", inner)
-    if prod is None or _dtype(cast.args[0]) != "int32":
+    prod = _walk(g, tail.src, "relax.multiply", inner)
+    if prod is None or _dtype(tail.src) != "int32":
         return None
     ops = []
     for e in prod.args:
@@ -497,14 +669,7 @@ def match_mul_chain(g: _Graph, head) -> _ElementwiseChain | None:
                 or _dtype(c.args[0]) != "int8" or _shape(c.args[0]) is None:
             return None
         ops.append(c.args[0])
-    try:
-        lo, hi = _prim_int(clip.args[1]), _prim_int(clip.args[2])
-    except (TypeError, ValueError, AttributeError):
-        return None
-    m, r, sh = _scalar(mul.args[1]), _scalar(add_r.args[1]), _scalar(shr.args[1])
-    if not 0 <= sh <= 63:
-        return None
-    rq = Requant.from_arrays(m, r, sh, max(lo, -128), min(hi, 127))
+    rq = Requant.from_arrays(tail.m, tail.r, tail.s, tail.lo, tail.hi)
     out_shape = _shape(head)
     from . import elementwise as ew
     return _ElementwiseChain("multiply", ops, lambda: ew.multiply_kernel(_shape(ops[0]), _shape(ops[1]), "int8", "int8",
@@ -609,24 +774,28 @@ def _make_float(core, bias, act, head):
 
 
 # ----------------------------------------------------------------------------- kernel selection
-def _int_kernel(chain: _IntChain, kind: str, nonneg: bool):
-    xs = _shape(chain.x)
+def _int_kernel(chain: _IntChain, kind: str):
+    xs, codes = _shape(chain.x), chain.codes
     if chain.kind == "dense_deq":
         if kind not in _X86_ISA:
             return None
         from . import x86
-        return x86.dense_int8(xs, chain.weight, chain.bias, None, isa=_X86_ISA[kind], nonneg=nonneg,
-                              out_scale=chain.attrs["scale"])
+        if x86.select_path(_X86_ISA[kind], codes, chain.weight, 0) is None:
+            return None
+        return x86.dense_int8(xs, chain.weight, chain.bias, None, isa=_X86_ISA[kind], out_scale=chain.attrs["scale"],
+                              codes=codes)
     if kind in _X86_ISA:
         from . import x86
         isa = _X86_ISA[kind]
         if chain.kind == "conv2d":
             a = chain.attrs
             return x86.conv2d_int8(xs, chain.weight, chain.bias, chain.rq, a["strides"], a["padding"],
-                                   a["dilation"], a["groups"], isa=isa, nonneg=nonneg)
-        return x86.dense_int8(xs, chain.weight, chain.bias, chain.rq, isa=isa, nonneg=nonneg)
+                                   a["dilation"], a["groups"], isa=isa, codes=codes)
+        return x86.dense_int8(xs, chain.weight, chain.bias, chain.rq, isa=isa, codes=codes)
     if kind == "cuda-dp4a":
         from . import cuda
+        if codes.dtype != "int8" or chain.weight.dtype != np.int8 or chain.rq.out_dtype != "int8":
+            return None
         if chain.kind == "conv2d":
             a = chain.attrs
             if a["groups"] != 1:
@@ -636,12 +805,15 @@ def _int_kernel(chain: _IntChain, kind: str, nonneg: bool):
         return cuda.dense_int8(xs, chain.weight, chain.bias, chain.rq)
     if chain.kind == "conv2d":
         a = chain.attrs
-        return generic.conv2d_int8(xs, chain.weight, chain.bias, chain.rq, a["strides"], a["padding"],
-                                   a["dilation"], a["groups"])
-    return generic.dense_int8(xs, chain.weight, chain.bias, chain.rq)
+        k = generic.conv2d_int8(xs, chain.weight, chain.bias, chain.rq, a["strides"], a["padding"],
+                                a["dilation"], a["groups"], codes=codes)
+    else:
+        k = generic.dense_int8(xs, chain.weight, chain.bias, chain.rq, codes=codes)
+    k.info["path"] = "generic"
+    return k
 
 
-def _add_kernel(chain: _AddChain, kind: str, nonneg: bool):
+def _add_kernel(chain: _AddChain, kind: str):
     if kind == "cuda-dp4a":
         return None
     if chain.conv is not None:
@@ -656,7 +828,7 @@ def _add_kernel(chain: _AddChain, kind: str, nonneg: bool):
         other = chain.inputs[1 - chain.conv_index]
         residual = (chain.conv_index, spec, _dtype(other))
         return x86.conv2d_int8(_shape(c.x), c.weight, c.bias, c.rq, a["strides"], a["padding"], a["dilation"],
-                               a["groups"], isa=_X86_ISA[kind], nonneg=nonneg, residual=residual)
+                               a["groups"], isa=_X86_ISA[kind], residual=residual, codes=c.codes)
     return generic.add_int8(chain.out_shape, [_dtype(q) for q in chain.inputs], chain.spec)
 
 
@@ -735,7 +907,10 @@ class _Lowerer(relax.PyExprMutator):
                     continue
                 conv = match_int_chain(g, g.producer(q))
                 if conv is None or conv.kind != "conv2d" or conv.attrs["groups"] != 1 or \
-                        tuple(conv.out_shape) != tuple(chain.out_shape) or _dtype(q) != "int8":
+                        tuple(conv.out_shape) != tuple(chain.out_shape) or _dtype(q) not in CODE_DTYPES:
+                    continue
+                from . import x86
+                if x86.select_path(_X86_ISA[self.kind], conv.codes, conv.weight, 1) is None:
                     continue
                 chain.conv, chain.conv_index = conv, i
                 break
@@ -766,12 +941,12 @@ class _Lowerer(relax.PyExprMutator):
             kernel = chain.make_kernel()
             inputs = chain.stop_vars()
         elif isinstance(chain, _AddChain):
-            nonneg = self.graph.is_nonneg(chain.x) if chain.conv is not None else None
-            kernel = _add_kernel(chain, self.kind, nonneg)
+            nonneg = chain.conv.codes.lo >= 0 if chain.conv is not None else None
+            kernel = _add_kernel(chain, self.kind)
             inputs = chain.stop_vars()
         elif isinstance(chain, _IntChain):
-            nonneg = self.graph.is_nonneg(chain.x)
-            kernel = _int_kernel(chain, self.kind, nonneg)
+            nonneg = chain.codes.lo >= 0
+            kernel = _int_kernel(chain, self.kind)
         else:
             nonneg = None
             kernel = _float_kernel(chain, self.kind)
@@ -781,9 +956,14 @@ class _Lowerer(relax.PyExprMutator):
         gv = self.builder_.add_func(kernel.finalize(symbol), symbol)
         args = [self.visit_expr(v) for v in inputs] + [_const(c) for c in kernel.consts]
         kind = chain.kind if not isinstance(chain, _AddChain) or chain.conv is None else "conv2d+add"
+        int_layer = chain if isinstance(chain, _IntChain) else getattr(chain, "conv", None)
+        extra = {}
+        if int_layer is not None:
+            extra = {"layer": int_layer.layer, "in_dtype": int_layer.codes.dtype, "w_dtype": str(int_layer.weight.dtype),
+                     "out_dtype": kernel.out_dtype}
         self.stats.append({"symbol": symbol, "kind": kind,
                            "int8": isinstance(chain, (_IntChain, _AddChain, _ElementwiseChain)),
-                           "nonneg": nonneg, **kernel.info})
+                           "nonneg": nonneg, **extra, **kernel.info})
         return relax.call_tir(gv, args, relax.TensorType(list(kernel.out_shape), kernel.out_dtype))
 
     def transform(self):
@@ -801,10 +981,103 @@ def _lower(mod, target_kind, do_int, do_float, stats):
     if target_kind not in TARGET_KINDS:
         raise ValueError(f"unknown target kind {target_kind!r}; known: {list(TARGET_KINDS)}")
     stats = [] if stats is None else stats
+    first = len(stats)
     out = _Lowerer(mod, target_kind, do_int, do_float, stats).transform()
-    if stats:
+    if len(stats) > first:
         out = relax.transform.DeadCodeElimination()(out)
+    if do_int:
+        _warn_slow_layers(target_kind, stats[first:], unlowered_int_layers(out))
     return out
+
+
+#: How many layer names a slow-path warning lists before "and N more".
+_NAMES_SHOWN = 12
+
+
+def _names(layers) -> str:
+    shown = ", ".join(layers[:_NAMES_SHOWN])
+    return shown + (f" and {len(layers) - _NAMES_SHOWN} more" if len(layers) > _NAMES_SHOWN else "")
+
+
+def _warn_slow_layers(kind: str, stats: list, unlowered: list) -> None:
+    """One :class:`SlowKernelWarning` per kind of slow code a build falls back to, naming the layers."""
+    if unlowered:
+        warnings.warn(f"relayq: {kind}: {len(unlowered)} integer conv/dense layer(s) have no relayq kernel and run "
+                      f"on TVM's generic lowering (int32 tensors in memory, several times slower): "
+                      f"{_names(unlowered)}", SlowKernelWarning, stacklevel=3)
+    # 9..16-bit codes have no faster exact path than int16: only 8-bit codes fall back to it
+    int16 = [s.get("layer") or s["symbol"] for s in stats if s.get("path") == "int16"
+             and s.get("in_dtype") != "int16" and s.get("w_dtype") == "int8"]
+    if int16 and kind == "x86-avx2":
+        warnings.warn(
+            f"relayq: x86-avx2: {len(int16)} layer(s) take the exact int16 path (about half the speed of the u8 x s8 "
+            f"vpmaddubsw path): {_names(int16)}. Their codes (after the offset that makes them unsigned) times "
+            "their 8-bit weights could saturate vpmaddubsw's int16 pair sums; weights of at most 7 bits "
+            "(QConfig(weight_bits=7), or LayerConfig(weight_bits=7) for these layers) or 7-bit activations "
+            "(act_bits=7) make them exact on the fast path", SlowKernelWarning, stacklevel=3)
+    portable = [s.get("layer") or s["symbol"] for s in stats if s.get("path") == "generic"]
+    if portable and kind != "generic":
+        warnings.warn(f"relayq: {kind}: {len(portable)} layer(s) run on the portable kernels (no SIMD dot product): "
+                      f"{_names(portable)}", SlowKernelWarning, stacklevel=3)
+    if portable and kind == "generic":
+        warnings.warn(f"relayq: the generic preset runs all {len(portable)} integer conv/dense layers on portable "
+                      "kernels without SIMD dot products (many times slower than x86-avx2 / x86-vnni / "
+                      "arm-dotprod); use it only where no other preset applies", SlowKernelWarning, stacklevel=3)
+
+
+def unlowered_int_layers(mod: tvm.IRModule) -> list:
+    """Names of the integer conv2d / matmul layers left to TVM in ``mod``: int32 accumulators that are
+    requantized or dequantized (through an ``astype``, possibly after the bias add). Realize's integer
+    average pooling (a conv with unit weights and a rounding division) is not a layer.
+
+    >>> # unlowered_int_layers(lower_quantized(realized, "x86-avx2"))  ->  []
+    """
+    names = []
+    for _, f in mod.functions_items():
+        if not isinstance(f, relax.Function):
+            continue
+        users = {}
+        binds = [b for block in f.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+        for b in binds:
+            if isinstance(b.value, relax.Call):
+                for a in b.value.args:
+                    if isinstance(a, relax.Var):
+                        users.setdefault(a, []).append(b.value)
+
+        def requantized(v, depth=0):
+            for u in users.get(v, []):
+                if _op(u) == "relax.astype":
+                    return True
+                if depth == 0 and _op(u) == "relax.add":
+                    owner = next((b.var for b in binds if b.value.same_as(u)), None)
+                    if owner is not None and requantized(owner, 1):
+                        return True
+            return False
+
+        for b in binds:
+            if _op(b.value) in ("relax.nn.conv2d", "relax.matmul") and _dtype_range(b.var) is not None \
+                    and requantized(b.var):
+                names.append(b.var.name)
+    return names
+
+
+def fast_path_overrides(realized: tvm.IRModule, target_kind: str = "x86-avx2") -> dict:
+    """``{layer: LayerConfig(weight_bits=7)}`` for every layer of a realized module that takes the exact
+    int16 path on ``target_kind`` with 8-bit codes and 8-bit weights: quantizing again with these
+    ``layer_overrides`` puts those layers on the u8 x s8 path (7-bit weights never saturate
+    ``vpmaddubsw``: ``255 * 126 <= 32767``), and leaves every other layer at 8 bits.
+
+    >>> # over = fast_path_overrides(qmodel.realized)
+    >>> # qmodel = relayq.quantize_model(mod, params, data, config=relayq.QConfig(layer_overrides=over))
+    """
+    from ..config import LayerConfig
+
+    stats = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowKernelWarning)
+        _Lowerer(realized, target_kind, True, False, stats).transform()
+    return {s["layer"]: LayerConfig(weight_bits=7) for s in stats
+            if s.get("layer") and s.get("path") == "int16" and s.get("in_dtype") != "int16" and s.get("w_dtype") == "int8"}
 
 
 def lower_quantized(mod: tvm.IRModule, target_kind: str, include_float: bool = True,

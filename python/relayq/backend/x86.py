@@ -14,16 +14,28 @@ int32 accumulators living only in a small register tile (no int32 tensor is writ
 * **dense** -- ``(M, K) x (K, N)`` with the weight packed into ``[N/L, K/kp, L, kp]`` and an
   ``mt x (nt * L)`` register tile.
 
-Which intrinsic is exact for which input (``nonneg`` is the caller's proof that the codes are >= 0):
+Every int8 kernel reads int8, uint8 (asymmetric codes, padded with their zero point) or int16 codes
+(activations above 8 bits), described by a :class:`~relayq.backend.generic.Codes` (dtype, proven range,
+padding code), and writes int8 / uint8 / int16 codes (``Requant.out_dtype``, with the output zero point).
+Which intrinsic computes a layer exactly (:func:`select_path`):
 
-====================  ======================  =========================================================
-isa                   input >= 0              input may be negative
-====================  ======================  =========================================================
-``"avx2"``            u8s8 pmaddubsw (kp=4)   s8s8 in int16 storage + pmaddwd (kp=2)
-``"vnni"``            u8s8 vpdpbusd (kp=4)    vpdpbusd on ``x + 128`` (padding 128), with
-                                              ``128 * sum(W[o])`` subtracted through the bias
-``"sdot"`` (AArch64)  s8s8 sdot (kp=4)        s8s8 sdot (kp=4)
-====================  ======================  =========================================================
+====================  =============================================================================
+isa                   path
+====================  =============================================================================
+``"avx2"``            u8s8 ``vpmaddubsw`` (kp=4) on ``x + offset`` (``offset = -lo`` when the codes
+                      may be negative, subtracted again as ``offset * sum(W)`` through the bias) when
+                      no pair of products can saturate int16: ``(hi + offset) * P <= 32767``, ``P``
+                      the largest same-sign pair of weights (see :func:`pair_bound`). That holds for
+                      codes in [0, 127] with 8-bit weights (a ReLU output, 7-bit activations) and for
+                      any 8-bit codes with weights of at most 7 bits. Otherwise the exact int16 path:
+                      codes sign- or zero-extended to int16 + ``vpmaddwd`` (kp=2), about half the
+                      speed; it is also the path of int16 codes and int16 weights.
+``"vnni"``            u8s8 ``vpdpbusd`` (kp=4; no intermediate saturation) on ``x + 128`` where the
+                      codes may be negative, uint8 codes as they are; int16 codes or weights take the
+                      AVX2 int16 path.
+``"sdot"`` (AArch64)  s8s8 ``sdot`` (kp=4) on int8 codes, on ``x - 128`` for uint8 codes above 127;
+                      int16 codes or weights: the portable kernels.
+====================  =============================================================================
 
 The fp32 kernels (the fair baseline) use the same tiling with FMA on ``L`` fp32 lanes (8 for AVX2,
 16 for AVX-512) and an NCHW output; conv weights are packed ``[O/L, C, KH, KW, L]``, dense weights
@@ -45,7 +57,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 
 from . import generic, intrin
-from .generic import Kernel, Requant, act_expr, conv_out_hw, requant_expr
+from .generic import Codes, Kernel, Requant, act_expr, conv_out_hw, requant_expr, weight_codes
 
 # "sdot" is AArch64 with +dotprod: the same tiling serves it (4 int32 / fp32 lanes per q register).
 ISAS = ("avx2", "vnni", "sdot")
@@ -65,6 +77,12 @@ TILE_W_CANDIDATES = (8, 7, 6, 5, 4)
 DW_TILE = 16
 # VNNI's uint8 shift for possibly negative inputs: x + 128 maps [-128, 127] onto [0, 255] exactly.
 U8_OFFSET = 128
+# vpmaddubsw adds two u8 x s8 products into an int16 with saturation: the largest pair sum that is exact.
+PMADDUBSW_LIMIT = 32767
+#: Kernel paths, as the lowering's statistics and the benchmark count them: "u8s8" (the fast
+#: vpmaddubsw / vpdpbusd / sdot dot products), "int16" (the exact int16 vpmaddwd path), "depthwise"
+#: (int32 vector multiply-adds), "generic" (the portable kernels: grouped convs, int16 on ARM).
+PATHS = ("u8s8", "int16", "depthwise", "generic")
 
 
 def _ceil(a, b):
@@ -88,7 +106,8 @@ def pick_tile_w(ow: int, max_w: int = 8) -> int:
 
 
 def select_intrin(isa: str, nonneg: bool) -> tuple[str, bool]:
-    """(intrinsic name, add_128_offset) for an ISA and the input sign knowledge.
+    """(intrinsic name, add_128_offset) for int8 codes and 8-bit weights of any value, knowing only
+    the sign of the input (the conservative choice; :func:`select_path` also looks at the weights).
 
     >>> select_intrin("avx2", False)
     ('relayq_dot_8x2_i16_s8s8s32_avx2', False)
@@ -104,29 +123,91 @@ def select_intrin(isa: str, nonneg: bool) -> tuple[str, bool]:
     raise ValueError(f"unknown isa {isa!r}; known: {ISAS}")
 
 
+def pair_bound(weight, axis: int) -> int:
+    """The largest |sum| of a same-sign pair of weights that ``vpmaddubsw`` multiplies together:
+    along the reduction ``axis`` (padded to a multiple of 4 with zeros) the weights pair up as
+    (0, 1), (2, 3), ... for every other index.
+
+    >>> pair_bound(np.array([[100, 90, -5, 7]], np.int8), 1), pair_bound(np.array([[100, -90, 5, 7]]), 1)
+    (190, 100)
+    """
+    w = np.moveaxis(np.asarray(weight, np.int64), axis, -1)
+    k = w.shape[-1]
+    w = np.concatenate([w, np.zeros(w.shape[:-1] + (-k % 4,), np.int64)], axis=-1).reshape(-1, 2)
+    if w.size == 0:
+        return 0
+    pos = np.clip(w, 0, None).sum(axis=1).max()
+    neg = -np.clip(w, None, 0).sum(axis=1).min()
+    return int(max(pos, neg))
+
+
+def select_path(isa: str, codes: Codes, weight, axis: int) -> tuple[str, int] | None:
+    """(intrinsic name, input offset) that computes a conv/dense exactly for ``codes`` and the integer
+    ``weight`` (reduction along ``axis``), or None where no tensorized path applies (the portable
+    kernel then). The offset is added to every input code (and padding) and taken back through the
+    bias as ``offset * sum(W)``.
+
+    >>> w = np.full((8, 16), 60, np.int8)                   # 7-bit weights: never saturate
+    >>> select_path("avx2", Codes.of("uint8", pad=128), w, 1)
+    ('relayq_dot_8x4_u8s8s32_avx2', 0)
+    >>> select_path("avx2", Codes.of("int8", -127, 127), w, 1)
+    ('relayq_dot_8x4_u8s8s32_avx2', 127)
+    >>> select_path("avx2", Codes.of("uint8"), np.full((8, 16), 127, np.int8), 1)
+    ('relayq_dot_8x2_i16_s8s8s32_avx2', 0)
+    """
+    if isa not in ISAS:
+        raise ValueError(f"unknown isa {isa!r}; known: {ISAS}")
+    weight = weight_codes(weight)
+    lo, hi = codes.span
+    if codes.dtype == "int16" or weight.dtype == np.int16:
+        return None if isa == "sdot" else (intrin.AVX2_S8S8, 0)
+    if isa == "sdot":
+        return intrin.ARM_SDOT, (0 if hi <= 127 else -U8_OFFSET)
+    if isa == "vnni":
+        return intrin.VNNI_U8S8, (U8_OFFSET if lo < 0 else 0)
+    offset = -lo if lo < 0 else 0
+    if (hi + offset) * pair_bound(weight, axis) <= PMADDUBSW_LIMIT:
+        return intrin.AVX2_U8S8, offset
+    return intrin.AVX2_S8S8, 0
+
+
+def path_of(name: str) -> str:
+    """The :data:`PATHS` entry of an intrinsic.
+
+    >>> path_of(intrin.AVX2_S8S8), path_of(intrin.VNNI_U8S8)
+    ('int16', 'u8s8')
+    """
+    return "int16" if name == intrin.AVX2_S8S8 else "u8s8"
+
+
+def _codes(codes, nonneg):
+    return codes if codes is not None else Codes.of("int8", 0 if nonneg else None)
+
+
 def _input_cast(a_dtype, offset):
     def cast(v):
         if offset:
-            return (v.astype("int32") + U8_OFFSET).astype("uint8")
+            return (v.astype("int32") + offset).astype(a_dtype)
         return v.astype(a_dtype)
     return cast
 
 
 def _offset_bias(bias, w_sum, offset):
-    """bias - 128 * sum(W) (int32, wrapping like the int32 adds of the kernel)."""
-    b = np.asarray(bias, np.int64)
-    if offset:
-        b = b - U8_OFFSET * w_sum.astype(np.int64)
+    """bias - offset * sum(W) (int32, wrapping like the int32 adds of the kernel)."""
+    b = np.asarray(bias, np.int64) - int(offset) * w_sum.astype(np.int64)
     return ((b + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
 
 
 # ============================================================================ int8 conv2d (groups=1)
 def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, groups=1, isa="avx2",
-                nonneg=False, residual=None) -> Kernel:
-    """Fused int8 conv2d + bias + requant + clip + cast (NCHW int8 in/out), tensorized for ``isa``.
+                nonneg=False, residual=None, codes: Codes | None = None) -> Kernel:
+    """Fused integer conv2d + bias + requant + clip + cast (NCHW codes in and out), tensorized for ``isa``.
 
-    Depthwise convs (groups == C == O) get :func:`depthwise_int8`; other grouped convs the
-    portable :func:`relayq.backend.generic.conv2d_int8`.
+    ``codes`` describes the input (:class:`~relayq.backend.generic.Codes`: int8 / uint8 / int16, range,
+    padding code); without it the input is int8, non-negative where ``nonneg``. The output is
+    ``rq.out_dtype`` (int8, or uint8 / int16 with ``rq.zp``). ``info["path"]`` says which dot product
+    runs (see :func:`select_path`). Depthwise convs (groups == C == O) get :func:`depthwise_int8`; other
+    grouped convs the portable :func:`relayq.backend.generic.conv2d_int8`.
 
     ``residual = (index, spec, dtype)`` (groups=1 only) fuses a quantized residual add into the
     epilogue: the requantized conv output is operand ``index`` of the
@@ -135,16 +216,20 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
 
     >>> # k = conv2d_int8((1, 64, 56, 56), w_oihw, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1, "avx2", True)
     """
-    weight = np.asarray(weight, np.int8)
+    weight = weight_codes(weight)
+    codes = _codes(codes, nonneg)
     n, c, h, w = (int(v) for v in x_shape)
     o, cg, kh, kw = weight.shape
-    if groups != 1:
+    chosen = select_path(isa, codes, weight, 1) if groups == 1 else None
+    if chosen is None:
         if residual is not None:
-            raise ValueError("a fused residual add needs a groups=1 conv")
+            raise ValueError("a fused residual add needs a groups=1 conv with a tensorized path")
         if groups == c == o and cg == 1:
-            return depthwise_int8(x_shape, weight, bias, rq, strides, padding, dilation, isa)
-        return generic.conv2d_int8(x_shape, weight, bias, rq, strides, padding, dilation, groups)
-    name, offset = select_intrin(isa, nonneg)
+            return depthwise_int8(x_shape, weight, bias, rq, strides, padding, dilation, isa, codes=codes)
+        k = generic.conv2d_int8(x_shape, weight, bias, rq, strides, padding, dilation, groups, codes=codes)
+        k.info["path"] = "generic"
+        return k
+    name, offset = chosen
     lanes, kp, a_dtype = intrin.LANES[name], intrin.KPACK[name], intrin.A_DTYPE[name]
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     reg_w = pick_tile_w(ow)
@@ -156,9 +241,9 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     pt, pl = padding[0], padding[1]
     hp = max(h + padding[0] + padding[2], (oh - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + padding[1] + padding[3], (owp - 1) * sw + (kw - 1) * dw + 1)
-    fill = U8_OFFSET if offset else 0
+    fill = codes.pad + offset
 
-    X = te.placeholder((n, c, h, w), "int8", name="x")
+    X = te.placeholder((n, c, h, w), codes.dtype, name="x")
     w_dtype = intrin.W_DTYPE[name]
     Wk = te.placeholder((op // lanes, cp // kp, kh, kw, lanes, kp), w_dtype, name="w")
     B = te.placeholder((op,), "int32", name="bias")
@@ -220,7 +305,7 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     sch.vectorize(oloops[-1])
 
     # numpy packing of the weight: OIHW -> [O/L, C/kp, KH, KW, L, kp]
-    wpad = np.zeros((op, cp, kh, kw), np.int8)
+    wpad = np.zeros((op, cp, kh, kw), weight.dtype)
     wpad[:o, :c] = weight
     wk = np.ascontiguousarray(wpad.reshape(op // lanes, lanes, cp // kp, kp, kh, kw).transpose(0, 2, 4, 5, 1, 3)
                               .astype(w_dtype))
@@ -228,11 +313,12 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     bpad[:o] = np.asarray(bias, np.int64).reshape(-1)
     wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
     consts = [wk, _offset_bias(bpad, wsum, offset)] + ([rq.table(op)] if tbl is not None else [])
-    info = {"intrin": name, "offset128": offset, "tile": (reg_o * lanes, reg_w), "lanes": lanes, "kpack": kp}
+    info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
+            "tile": (reg_o * lanes, reg_w), "lanes": lanes, "kpack": kp}
     if residual is not None:
         info["residual_add"] = {"int32": residual[1].int32_ok}
         return Kernel(sch.mod["main"], consts, (n, o, oh, ow), residual[1].out_dtype, f"qconv2d_add_{isa}", info)
-    return Kernel(sch.mod["main"], consts, (n, o, oh, ow), "int8", f"qconv2d_{isa}", info)
+    return Kernel(sch.mod["main"], consts, (n, o, oh, ow), rq.out_dtype, f"qconv2d_{isa}", info)
 
 
 def _schedule_pack(sch, name):
@@ -243,7 +329,7 @@ def _schedule_pack(sch, name):
 
 
 # ============================================================================ depthwise (int8 and fp32)
-def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fill, epilogue, extra):
+def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fill, epilogue, extra, w_dtype=None):
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = weight.shape
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
@@ -254,7 +340,7 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     hp = max(h + padding[0] + padding[2], (oh - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + padding[1] + padding[3], (owp - 1) * sw + (kw - 1) * dw + 1)
     X = te.placeholder((n, c, h, w), dtype, name="x")
-    Wd = te.placeholder((c, kh, kw), dtype, name="w")
+    Wd = te.placeholder((c, kh, kw), w_dtype or dtype, name="w")
     # The padded copy is split by column phase (column = jj * sw + phase): with stride 2 the taps of
     # one output row then read contiguous vectors instead of gathering every other element.
     wq = max(-(-wp // sw), owp + ((kw - 1) * dw) // sw)
@@ -301,14 +387,17 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     return sch.mod["main"], (n, o, oh, ow), tile
 
 
-def depthwise_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, isa="avx2") -> Kernel:
-    """Fused int8 depthwise conv (groups == C == O) + bias + requant, vectorized along the output row.
+def depthwise_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, isa="avx2",
+                   codes: Codes | None = None) -> Kernel:
+    """Fused integer depthwise conv (groups == C == O) + bias + requant, vectorized along the output row.
 
-    Exact for any input sign (int32 vector multiply-adds, no intrinsic).
+    Exact for any input codes (int32 vector multiply-adds, no intrinsic): int8, uint8 padded with
+    ``codes.pad`` (the zero point), int16.
 
     >>> # k = depthwise_int8((1, 32, 28, 28), w_o1hw, b, rq, (2, 2), (1, 1, 1, 1), (1, 1))
     """
-    weight = np.asarray(weight, np.int8)
+    weight = weight_codes(weight)
+    codes = codes or Codes()
     o = weight.shape[0]
     tbl = te.placeholder((3, o), "int64", name="rq") if rq.per_channel else None
     B = te.placeholder((o,), "int32", name="bias")
@@ -318,11 +407,12 @@ def depthwise_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilatio
                          name="out")
         return out, [B] + ([tbl] if tbl is not None else [])
 
-    func, oshape, tile = _depthwise(x_shape, weight, strides, padding, dilation, "int8", "int32", 0, epi, None)
+    func, oshape, tile = _depthwise(x_shape, weight, strides, padding, dilation, codes.dtype, "int32", codes.pad,
+                                    epi, None, str(weight.dtype))
     consts = [np.ascontiguousarray(weight[:, 0]), np.asarray(bias, np.int32).reshape(-1)]
     if tbl is not None:
         consts.append(rq.table(o))
-    return Kernel(func, consts, oshape, "int8", f"qdwconv2d_{isa}", {"tile": tile})
+    return Kernel(func, consts, oshape, rq.out_dtype, f"qdwconv2d_{isa}", {"tile": tile, "path": "depthwise"})
 
 
 def depthwise_fp32(x_shape, weight, bias, act, strides, padding, dilation, isa="avx2") -> Kernel:
@@ -412,8 +502,11 @@ def _dense_tiles(m, n, lanes, isa):
 
 
 def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=False,
-               out_scale=None) -> Kernel:
-    """Fused int8 dense ``(M, K) x (K, N)`` + bias + requant + clip + cast, tensorized for ``isa``.
+               out_scale=None, codes: Codes | None = None) -> Kernel:
+    """Fused integer dense ``(M, K) x (K, N)`` + bias + requant + clip + cast, tensorized for ``isa``.
+
+    ``codes`` (the input's :class:`~relayq.backend.generic.Codes`) and the output dtype as in
+    :func:`conv2d_int8`; without a tensorized path (int16 on ARM) the portable kernel.
 
     With ``rq=None`` and ``out_scale`` (a float32 scalar or ``(N,)`` vector) the epilogue dequantizes
     instead: ``float32(acc + bias) * out_scale`` (a classifier whose output stays in float), computed
@@ -421,14 +514,22 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
 
     >>> # k = dense_int8((1, 512), w_kn, b, rq, "avx2", nonneg=True)
     """
-    weight_kn = np.asarray(weight_kn, np.int8)
+    weight_kn = weight_codes(weight_kn)
+    codes = _codes(codes, nonneg)
     m, k = (int(v) for v in x_shape)
     n = weight_kn.shape[1]
-    name, offset = select_intrin(isa, nonneg)
+    chosen = select_path(isa, codes, weight_kn, 0)
+    if chosen is None:
+        if rq is None:
+            raise ValueError(f"no {isa} dense kernel for {codes.dtype} codes with a dequantizing epilogue")
+        kern = generic.dense_int8(x_shape, weight_kn, bias, rq, codes=codes)
+        kern.info["path"] = "generic"
+        return kern
+    name, offset = chosen
     lanes, kp, a_dtype = intrin.LANES[name], intrin.KPACK[name], intrin.A_DTYPE[name]
     mt, nt = _dense_tiles(m, n, lanes, isa)
     np_, kpad = _ceil(n, lanes * nt), _ceil(k, kp)
-    A = te.placeholder((m, k), "int8", name="x")
+    A = te.placeholder((m, k), codes.dtype, name="x")
     w_dtype = intrin.W_DTYPE[name]
     Wk = te.placeholder((np_ // lanes, kpad // kp, lanes, kp), w_dtype, name="w")
     B = te.placeholder((np_,), "int32", name="bias")
@@ -439,6 +540,7 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
     else:
         tbl = te.placeholder((3, np_), "int64", name="rq") if rq.per_channel else None
     cast = _input_cast(a_dtype, offset)
+    # padded K entries meet zero weights: any fill is exact, 0 keeps the pack simple
     Ap = te.compute((m, kpad // kp, kp), lambda i, kb, ki: tirx.if_then_else(
         kb * kp + ki < k, cast(A[i, tirx.min(kb * kp + ki, k - 1)]), tirx.const(0, a_dtype)), name="pack")
     kb_ = te.reduce_axis((0, kpad // kp), "kb")
@@ -471,7 +573,7 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ni, name)
     sch.vectorize(sch.get_loops(outb)[-1])
-    wpad = np.zeros((kpad, np_), np.int8)
+    wpad = np.zeros((kpad, np_), weight_kn.dtype)
     wpad[:k, :n] = weight_kn
     wk = np.ascontiguousarray(wpad.T.reshape(np_ // lanes, lanes, kpad // kp, kp).transpose(0, 2, 1, 3)
                               .astype(w_dtype))
@@ -485,8 +587,9 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
             consts.append(spad)
         else:
             consts.append(rq.table(np_))
-    info = {"intrin": name, "offset128": offset, "tile": (mt, nt * lanes), "dequantize": deq}
-    return Kernel(sch.mod["main"], consts, (m, n), "float32" if deq else "int8",
+    info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
+            "tile": (mt, nt * lanes), "dequantize": deq}
+    return Kernel(sch.mod["main"], consts, (m, n), "float32" if deq else rq.out_dtype,
                   f"qdense_deq_{isa}" if deq else f"qdense_{isa}", info)
 
 

@@ -1,0 +1,149 @@
+"""The fused kernels on uint8 (asymmetric, zero-point padded) and int16 codes in and out: bit-exact with
+qmath, and the u8 x s8 fast path taken exactly where vpmaddubsw cannot saturate."""
+import numpy as np
+import pytest
+
+from relayq import qmath
+from relayq.backend import generic, intrin, x86
+from relayq.backend.generic import Codes, Requant
+
+from .kutil import AVX2, GENERIC, VNNI, cpu_flags, rand_requant
+from .test_x86 import build_and_run
+
+HAS_AVX2 = "avx2" in cpu_flags()
+HAS_VNNI = "avx512_vnni" in cpu_flags()
+needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2 (kernels are only compiled)")
+
+# dtype, (lo, hi) of the input codes, pad code (the zero point), weight bits, output dtype + zero point
+SCHEMES = {
+    "u8_in_u8_out_w7": ("uint8", (0, 255), 131, 7, ("uint8", 128)),       # fast: 255 * 126 <= 32767
+    "u8_in_u8_out_w8": ("uint8", (0, 255), 131, 8, ("uint8", 0)),         # int16 path (could saturate)
+    "u8_relu_7bit_w8": ("uint8", (0, 127), 9, 8, ("uint8", 5)),           # fast: 127 * 254 <= 32767
+    "s8_in_u8_out_w7": ("int8", (-127, 127), 0, 7, ("uint8", 77)),        # fast with offset 127
+    "u8_in_s8_out_w4": ("uint8", (0, 255), 200, 4, ("int8", 0)),          # 4-bit weights: fast
+    "s16_in_s16_out": ("int16", (-2047, 2047), 0, 8, ("int16", 0)),       # 12-bit codes: int16 path
+}
+EXPECTED_PATH = {"u8_in_u8_out_w7": "u8s8", "u8_in_u8_out_w8": "int16", "u8_relu_7bit_w8": "u8s8",
+                 "s8_in_u8_out_w7": "u8s8", "u8_in_s8_out_w4": "u8s8", "s16_in_s16_out": "int16"}
+
+
+def _scheme(rng, key, x_shape, w_shape):
+    dtype, (lo, hi), pad, wbits, (odt, ozp) = SCHEMES[key]
+    x = rng.integers(lo, hi + 1, x_shape).astype(dtype)
+    wmax = qmath.qrange(wbits)[1]
+    w = rng.integers(-wmax, wmax + 1, w_shape).astype(qmath.storage_dtype(wbits))
+    # worst cases on purpose: some input codes at the top of the range, some weights at +-max
+    x.reshape(-1)[::5] = hi
+    w.reshape(-1)[::3] = wmax
+    w.reshape(-1)[1::7] = -wmax
+    olo, ohi = qmath.qrange(8 if odt != "int16" else 12, odt != "uint8")
+    return x, w, Codes.of(dtype, lo, hi, pad), (odt, ozp, olo, ohi)
+
+
+def _requant(rng, channels, per_channel, out):
+    odt, ozp, olo, ohi = out
+    base = rand_requant(rng, channels, per_channel)
+    return Requant.from_arrays(base.multiplier, base.addend, base.shift, olo, ohi, ozp, odt)
+
+
+def _conv_ref(x, w, b, rq, strides, padding, groups, pad_code):
+    pt, pl, pb, pr = padding
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=pad_code)
+    acc = qmath.conv2d_int(xp, w, strides, (0, 0, 0, 0), (1, 1), groups) + b.reshape(1, -1, 1, 1)
+    return rq.reference(acc)
+
+
+@needs_avx2
+@pytest.mark.parametrize("key", list(SCHEMES))
+def test_conv_codes_avx2_exact(key):
+    rng = np.random.default_rng(sum(map(ord, key)))
+    x, w, codes, out = _scheme(rng, key, (1, 12, 9, 9), (24, 12, 3, 3))
+    b = rng.integers(-3000, 3000, 24).astype(np.int32)
+    rq = _requant(rng, 24, True, out)
+    kern = x86.conv2d_int8(x.shape, w, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1, isa="avx2", codes=codes)
+    assert kern.info["path"] == EXPECTED_PATH[key] and kern.out_dtype == out[0]
+    got, _ = build_and_run(kern, x, AVX2)
+    np.testing.assert_array_equal(got, _conv_ref(x, w, b, rq, (1, 1), (1, 1, 1, 1), 1, codes.pad))
+
+
+@needs_avx2
+@pytest.mark.parametrize("key", ["u8_in_u8_out_w7", "u8_in_u8_out_w8", "s16_in_s16_out"])
+def test_depthwise_and_stride2_codes_exact(key):
+    rng = np.random.default_rng(5 + len(key))
+    x, w, codes, out = _scheme(rng, key, (1, 8, 11, 11), (8, 1, 3, 3))
+    b = rng.integers(-3000, 3000, 8).astype(np.int32)
+    rq = _requant(rng, 8, False, out)
+    kern = x86.conv2d_int8(x.shape, w, b, rq, (2, 2), (1, 1, 1, 1), (1, 1), 8, isa="avx2", codes=codes)
+    assert kern.info["path"] == "depthwise" and kern.out_dtype == out[0]
+    got, _ = build_and_run(kern, x, AVX2)
+    np.testing.assert_array_equal(got, _conv_ref(x, w, b, rq, (2, 2), (1, 1, 1, 1), 8, codes.pad))
+
+
+@needs_avx2
+@pytest.mark.parametrize("key", ["u8_in_u8_out_w7", "u8_in_u8_out_w8", "s8_in_u8_out_w7", "s16_in_s16_out"])
+def test_dense_codes_avx2_exact(key):
+    rng = np.random.default_rng(40 + len(key))
+    x, w, codes, out = _scheme(rng, key, (3, 70), (70, 20))
+    b = rng.integers(-3000, 3000, 20).astype(np.int32)
+    rq = _requant(rng, 20, True, out)
+    kern = x86.dense_int8(x.shape, w, b, rq, "avx2", codes=codes)
+    assert kern.info["path"] == EXPECTED_PATH[key]
+    got, _ = build_and_run(kern, x, AVX2)
+    np.testing.assert_array_equal(got, rq.reference(x.astype(np.int64) @ w.astype(np.int64) + b))
+
+
+@pytest.mark.parametrize("key", ["u8_in_u8_out_w8", "s8_in_u8_out_w7", "s16_in_s16_out"])
+def test_conv_codes_vnni_and_generic(key):
+    """uint8 goes straight into vpdpbusd (no offset); int16 codes take the int16 path on VNNI too; the
+    portable kernel reads every code type."""
+    rng = np.random.default_rng(77 + len(key))
+    x, w, codes, out = _scheme(rng, key, (1, 8, 7, 7), (16, 8, 3, 3))
+    b = rng.integers(-3000, 3000, 16).astype(np.int32)
+    rq = _requant(rng, 16, True, out)
+    ref = _conv_ref(x, w, b, rq, (1, 1), (1, 1, 1, 1), 1, codes.pad)
+    kern = x86.conv2d_int8(x.shape, w, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1, isa="vnni", codes=codes)
+    if codes.dtype == "uint8":
+        assert kern.info["intrin"] == intrin.VNNI_U8S8 and kern.info["offset"] == 0
+    got, lib = build_and_run(kern, x, VNNI, run=HAS_VNNI)
+    if HAS_VNNI:
+        np.testing.assert_array_equal(got, ref)
+    got, _ = build_and_run(generic.conv2d_int8(x.shape, w, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1, codes=codes),
+                           x, GENERIC)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_select_path_follows_the_saturation_bound():
+    """vpmaddubsw is chosen exactly when (hi + offset) * (largest same-sign weight pair) <= 32767."""
+    w = np.zeros((8, 4), np.int8)
+    w[0, :2] = (64, 64)                                   # pair 128: 255 * 128 = 32640 fits
+    assert x86.select_path("avx2", Codes.of("uint8"), w, 1) == (intrin.AVX2_U8S8, 0)
+    w[0, :2] = (64, 65)                                   # 255 * 129 = 32895 would saturate
+    assert x86.select_path("avx2", Codes.of("uint8"), w, 1) == (intrin.AVX2_S8S8, 0)
+    assert x86.select_path("avx2", Codes.of("uint8", 0, 250), w, 1)[0] == intrin.AVX2_U8S8   # 250 * 129 fits
+    w[0, :2] = (64, -65)                                  # opposite signs never add up
+    assert x86.select_path("avx2", Codes.of("uint8"), w, 1)[0] == intrin.AVX2_U8S8
+    w[0] = 0
+    w[0, 1:3] = (100, 100)                                # channels 1 and 2 are in different pairs
+    assert x86.pair_bound(w, 1) == 100
+    # signed codes are shifted to unsigned: the offset is the smallest that makes them >= 0
+    assert x86.select_path("avx2", Codes.of("int8", -63, 63), np.full((8, 8), 127, np.int8), 1) == \
+        (intrin.AVX2_U8S8, 63)
+    assert x86.select_path("avx2", Codes.of("int8", 0, 127, pad=0), np.full((8, 8), 127, np.int8), 1) == \
+        (intrin.AVX2_U8S8, 0)
+    assert x86.select_path("sdot", Codes.of("uint8"), w, 1) == (intrin.ARM_SDOT, -128)
+    assert x86.select_path("sdot", Codes.of("int16"), w, 1) is None
+
+
+@needs_avx2
+def test_u8s8_at_the_saturation_edge_is_exact():
+    """Every input code 255 and every weight pair summing to 128 (the largest exact case)."""
+    x = np.full((1, 8, 5, 5), 255, np.uint8)
+    w = np.full((8, 8, 3, 3), 64, np.int8)
+    w[1::2] = -64
+    b = np.zeros(8, np.int32)
+    rq = Requant.from_arrays(1 << 30, 1 << 45, 46, 0, 255, 3, "uint8")
+    codes = Codes.of("uint8", pad=255)
+    kern = x86.conv2d_int8(x.shape, w, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1, isa="avx2", codes=codes)
+    assert kern.info["path"] == "u8s8"
+    got, _ = build_and_run(kern, x, AVX2)
+    np.testing.assert_array_equal(got, _conv_ref(x, w, b, rq, (1, 1), (1, 1, 1, 1), 1, 255))
