@@ -446,9 +446,12 @@ def schedule_function(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Pr
             sch = s_tir.Schedule(func)             # start over with the generic nests
             _inline(sch)
             root = _root(sch)
-    reduction = _row_reduction(sch.mod["main"], target, bits)
-    if reduction is not None:
-        return reduction
+    # dlight's rule parallelizes rows whatever their number: only worth it on enough work (on a loaded
+    # machine each parallel launch may wait a whole time slice for a descheduled worker)
+    if loop_summary(func)["iterations"] >= PARALLEL_MIN_ELEMENTS:
+        reduction = _row_reduction(sch.mod["main"], target, bits)
+        if reduction is not None:
+            return reduction
     for b in sch.get_child_blocks(root):
         _schedule_nest(sch, b, max(bits // _dtype_bits(sch, b), 2))
     return sch.mod["main"]
