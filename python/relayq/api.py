@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax
 
 from .analysis.check import HeldBatches, check_accuracy
 from .config import CALIBRATION_METHODS, QConfig, as_config, check_layer_names, closest
@@ -549,7 +548,7 @@ def build(model, target=None, *, params: dict | None = None, tune_trials: int = 
             ex = tune.tune_and_compile(mod, tgt, tune_trials, tuning_log, rpc=rpc, device_key=device_key)
         else:
             with stage(f"compiling for {label}"):
-                ex = tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+                ex = tvm.compile(mod, target=tgt, relax_pipeline=presets.relax_pipeline(tgt))
     except RelayqError:
         raise
     except Exception as e:

@@ -328,10 +328,14 @@ def flatten_outputs(out) -> list:
     return res
 
 
-def compile_host(mod: tvm.IRModule, target=None) -> HostFunction:
-    """Compile ``mod`` for the host CPU with TVM's fusing default pipeline."""
+def compile_host(mod: tvm.IRModule, target=None, pipeline=None) -> HostFunction:
+    """Compile ``mod`` for the host CPU with ``pipeline`` (a Relax pass; default: TVM's fusing default
+    pipeline for ``target``; relayq's scheduled one is ``relayq.backend.presets.relax_pipeline(target)``).
+
+    >>> # fn = compile_host(mod); outputs = fn(x)
+    """
     target = target or host_target()
-    ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline or relax.get_default_pipeline(target))
     return HostFunction(ex)
 
 

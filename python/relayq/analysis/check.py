@@ -37,7 +37,6 @@ import warnings
 
 import numpy as np
 import tvm
-from tvm import relax
 
 from .. import qmath
 from ..errors import AccuracyCollapseWarning
@@ -127,7 +126,7 @@ def _host_function(realized: tvm.IRModule) -> HostFunction:
 
     target = host_target()
     mod = presets.lower_for(realized, target, "host")
-    return HostFunction(tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target)))
+    return HostFunction(tvm.compile(mod, target=target, relax_pipeline=presets.relax_pipeline(target)))
 
 
 def _as_list(out) -> list:

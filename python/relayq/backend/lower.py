@@ -42,11 +42,10 @@ exact int16 path on AVX2, the portable kernels, TVM's generic lowering) are name
 Example::
 
     import tvm
-    from tvm import relax
-    from relayq.backend.lower import lower_quantized, target_from_preset
+    from relayq.backend.lower import lower_quantized, relax_pipeline, target_from_preset
     lowered = lower_quantized(realized_mod, "x86-avx2")
     target = target_from_preset("x86-avx2")
-    ex = tvm.compile(lowered, target=target, relax_pipeline=relax.get_default_pipeline(target))
+    ex = tvm.compile(lowered, target=target, relax_pipeline=relax_pipeline(target))
 """
 from __future__ import annotations
 
@@ -60,7 +59,7 @@ from tvm import relax
 from ..errors import SlowKernelWarning
 from . import generic
 from .generic import CODE_DTYPES, Codes, Requant
-from .presets import best_host_preset, target_from_preset  # noqa: F401  (re-exported API)
+from .presets import best_host_preset, relax_pipeline, target_from_preset  # noqa: F401  (re-exported API)
 
 TARGET_KINDS = ("x86-avx2", "x86-vnni", "cuda-dp4a", "arm-dotprod", "generic")
 # How realized integer adds (residual connections) are lowered: "fuse" into the epilogue of the x86 int8

@@ -86,6 +86,17 @@ def lower_for(mod: tvm.IRModule, target: tvm.target.Target, preset: str | None =
     return _lower.lower_quantized(mod, KERNEL_FAMILY.get(kind, kind))
 
 
+def relax_pipeline(target: tvm.target.Target):
+    """The Relax pipeline every relayq build compiles through: TVM's default for ``target`` plus, on CPU
+    targets, a schedule for every function relayq's kernels leave (:mod:`relayq.backend.schedule_rest`).
+
+    >>> # ex = tvm.compile(mod, target=t, relax_pipeline=relax_pipeline(t))
+    """
+    from .schedule_rest import relax_pipeline as _pipeline
+
+    return _pipeline(target)
+
+
 def _triple(target: tvm.target.Target) -> str:
     return str(target.attrs.get("mtriple", "")) if hasattr(target, "attrs") else ""
 

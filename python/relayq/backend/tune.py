@@ -231,7 +231,12 @@ def apply_records(mod: tvm.IRModule, target: tvm.target.Target, log_dir: str) ->
     db = ms.database.JSONDatabase(work_dir=log_dir)
     with target, db:
         fused = fusion_passes()(mod)
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
+        tuned = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
+    if target.kind.name == "llvm":
+        from .schedule_rest import schedule_rest
+
+        tuned = schedule_rest(target)(tuned)       # whatever had no record: not TVM's unscheduled loops
+    return tuned
 
 
 def tune_and_compile(mod: tvm.IRModule, target: tvm.target.Target, trials: int, log_dir: str | None = None,

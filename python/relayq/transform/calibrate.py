@@ -31,7 +31,7 @@ from tvm import relax
 from .. import qmath
 from ..config import QConfig
 from ..errors import CalibrationWarning, ConfigError, DatasetError, RelayqError
-from ..runtime import batch_to_arrays, compile_host
+from ..runtime import batch_to_arrays, compile_host, host_target
 from ..utils.log import get_logger
 from ..utils.progress import Progress
 from .common import bindings, const_value, dtype_of, main_function, op_name, shape_of, simq_info, substitute
@@ -178,6 +178,15 @@ def _fast_float(mod: tvm.IRModule, target=None) -> tvm.IRModule:
     return lower_float(mod, kind)
 
 
+def _compile_taps(tmod: tvm.IRModule, target=None):
+    """The tap module compiled as ``relayq.build`` compiles: relayq's fp32 kernels for conv/dense chains,
+    then its CPU pipeline, which schedules everything else (layer norm, softmax, attention matmuls, ...)."""
+    from ..backend import presets
+
+    target = target or host_target()
+    return compile_host(_fast_float(tmod, target), target, pipeline=presets.relax_pipeline(target))
+
+
 def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = True, target=None,
             means: dict | None = None, ranges: dict | None = None, record=None,
             samplers: dict | None = None, timings: dict | None = None) -> list:
@@ -201,7 +210,7 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     sums = {}
     lo_hi = {}
     specs = input_specs(annotated)
-    fn = compile_host(_fast_float(tmod, target), target)
+    fn = _compile_taps(tmod, target)
     compiled = time.perf_counter()
     total = len(dataset) if hasattr(dataset, "__len__") else None
     method = getattr(calibrator, "name", type(calibrator).__name__)
