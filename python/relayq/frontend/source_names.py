@@ -36,6 +36,10 @@ ONNX_EMITS = {
     "BatchNormalization": {"nn.batch_norm", None},
 }
 
+#: ONNX op types whose converter may emit nothing for a data input (an identity, a reshape to the same
+#: shape). Every other type listed in :data:`ONNX_EMITS` emits at least one binding when it reads data.
+MAY_VANISH = {"Identity", "Dropout", "Reshape", "Flatten", "Cast", "Squeeze", "Unsqueeze", "Transpose"}
+
 
 def _bindings(func):
     return [b for block in func.body.blocks for b in block.bindings]
@@ -114,11 +118,18 @@ def onnx_source_names(model, mod) -> dict:
         ok = allowed(j, h) | {binds[i].var for i in runs.get(j, ())}
         return all(v in ok for v in _reads(binds[k].value))
 
+    def must_emit(j, h):
+        node = nodes[j]
+        return node.op_type in ONNX_EMITS and node.op_type not in MAY_VANISH and not runs.get(j) \
+            and any(h.get(t) - set(param_of.values()) for t in node.input if t in h)
+
     def close(j, h):
         run = runs.get(j)
         if run:
+            # Any binding of the run may be the node's output (BatchNormalization's is the first tuple
+            # item, a Conv's the last add): data flow, not position, decides who reads it.
             for t in nodes[j].output:
-                h[t] = {binds[run[-1]].var}
+                h[t] = {binds[i].var for i in run}
         else:                               # Identity, Dropout, shape computations folded away
             passed = set()
             for t in nodes[j].input:
@@ -135,6 +146,8 @@ def onnx_source_names(model, mod) -> dict:
             if fits(j, k, ahead):
                 nxt = j
                 break
+            if must_emit(j, ahead):
+                break              # binding k cannot come from beyond a node that has emitted nothing yet
             close(j, ahead)
         # A binding that reads nothing (a constant) cannot tell nodes apart: it stays where it is.
         if nxt is not None and (not stay or _reads(binds[k].value)):
