@@ -59,6 +59,55 @@ def test_ort_agrees_with_relayq(net, tmp_path, config, weight_type, act_type):
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
+@pytest.mark.parametrize("hardswish, config", [
+    (False, dict()),
+    (False, dict(act_symmetric=False, per_channel=True, weight_bits=4)),
+    (False, dict(weight_bits=6, act_bits=6)),
+    (True, dict(act_symmetric=False)),                # HardSwish as an integer table: Gather
+])
+def test_exact_export_computes_relayqs_codes_bit_for_bit(tmp_path, hardswish, config):
+    model, _ = hardswish_net(hardswish=hardswish)
+    rng = np.random.RandomState(0)
+    calib = [rng.randn(1, 3, 8, 8).astype("float32") for _ in range(6)]
+    evaluation = [rng.randn(1, 3, 8, 8).astype("float32") * 2 for _ in range(16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(model, None, calib, "kl", relayq.QConfig(show_progress=False, **config))
+    path = q.export_onnx(str(tmp_path / "int.onnx"), exact=True)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 1 and "Conv" not in ops
+    assert ops.count("Gather") == (1 if hardswish else 0)
+    sess = ort.InferenceSession(path)
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    lib = relayq.build(q)
+    for x in evaluation:
+        np.testing.assert_array_equal(sess.run(None, {"input": x})[0], lib(x))
+
+
+def test_exact_export_needs_no_onnx_source(net, tmp_path):
+    """A model imported as a Relax module (no ONNX kept) exports too; inputs keep the Relax names."""
+    model, calib, evaluation = net
+    mod, params = relayq.frontend.from_onnx(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(mod, params, calib, "naive", relayq.QConfig(show_progress=False, check_accuracy=False))
+    sess = ort.InferenceSession(q.export_onnx(str(tmp_path / "int.onnx"), exact=True))
+    name = sess.get_inputs()[0].name
+    np.testing.assert_array_equal(sess.run(None, {name: evaluation[0]})[0], relayq.build(q)(evaluation[0]))
+
+
+def test_exact_export_names_an_op_it_cannot_write(net, tmp_path, monkeypatch):
+    from relayq import onnx_exact
+
+    model, calib, _ = net
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(model, None, calib, "naive", relayq.QConfig(show_progress=False, check_accuracy=False))
+    monkeypatch.delitem(onnx_exact.CONVERTERS, "relax.right_shift")
+    with pytest.raises(relayq.RelayqError, match=r"binding \w+ is relax.right_shift"):
+        q.export_onnx(str(tmp_path / "int.onnx"), exact=True)
+
+
 def test_export_needs_the_onnx_model(net, tmp_path):
     model, calib, _ = net
     mod, params = relayq.frontend.from_onnx(model)

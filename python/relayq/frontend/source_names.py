@@ -71,6 +71,13 @@ def _op(e):
     return None
 
 
+def _later_item(e) -> bool:
+    """A tuple item other than the first (a BatchNormalization's running statistics)."""
+    from tvm import relax
+
+    return isinstance(e, relax.TupleGetItem) and int(e.index) > 0
+
+
 def onnx_source_names(model, mod) -> dict:
     """The source-name record (see :mod:`relayq.utils.names`) of ``mod`` imported from ONNX ``model``.
 
@@ -126,10 +133,11 @@ def onnx_source_names(model, mod) -> dict:
     def close(j, h):
         run = runs.get(j)
         if run:
-            # Any binding of the run may be the node's output (BatchNormalization's is the first tuple
-            # item, a Conv's the last add): data flow, not position, decides who reads it.
+            # The node's output is its run's last binding, except after a tuple's further items:
+            # BatchNormalization's output is item 0 of the tuple, items 1 and 2 (its statistics) follow it.
+            out = next((binds[i].var for i in reversed(run) if not _later_item(binds[i].value)), binds[run[-1]].var)
             for t in nodes[j].output:
-                h[t] = {binds[i].var for i in run}
+                h[t] = {out}
         else:                               # Identity, Dropout, shape computations folded away
             passed = set()
             for t in nodes[j].input:
