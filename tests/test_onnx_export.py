@@ -127,9 +127,9 @@ def test_export_needs_the_onnx_model(net, tmp_path):
         changed.export_onnx(str(tmp_path / "c.onnx"))
 
 
-@pytest.mark.slow
-def test_mobilenet_v2_qdq_in_onnx_runtime(tmp_path):
-    """MobileNetV2 (real weights) W8A8 per-channel exported as QDQ: ONNX Runtime vs relayq on the 120 photos."""
+@pytest.fixture(scope="module")
+def mobilenet_w8a8(tmp_path_factory):
+    """MobileNetV2 (real weights) W8A8 per-channel (kl, the 100 photos), its compiled model and the 120 photos."""
     from relayq.testing import data, zoo
 
     if not (zoo.has_mobilenet_weights() and data.has_calibration_photos() and data.has_imagenet_samples()):
@@ -140,12 +140,38 @@ def test_mobilenet_v2_qdq_in_onnx_runtime(tmp_path):
         warnings.simplefilter("ignore")
         q = relayq.quantize_model(zoo.mobilenet_v2(batch=1), None, [photos[i:i + 1] for i in range(100)], "kl",
                                   relayq.QConfig(per_channel=True, show_progress=False))
-    sess = ort.InferenceSession(q.export_onnx(str(tmp_path / "mbv2_qdq.onnx")))
     lib = relayq.build(q)
-    got = np.concatenate([sess.run(None, {"input": images[i:i + 1]})[0] for i in range(len(images))])
     ref = np.concatenate([lib(images[i:i + 1]) for i in range(len(images))])
-    cos = [float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(got, ref)]
-    # Not bit-exact: ONNX Runtime accumulates and requantizes in float32 (relayq: int32 and a 31-bit
-    # fixed-point multiplier), which flips one requantization in ~1e6; MobileNetV2 amplifies the flips.
+    return q, images, ref, tmp_path_factory.mktemp("mbv2")
+
+
+def _ort_outputs(path, images):
+    sess = ort.InferenceSession(path)
+    return np.concatenate([sess.run(None, {"input": images[i:i + 1]})[0] for i in range(len(images))])
+
+
+def _cosines(a, b):
+    return [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_exact_export_meets_the_issue_bar(mobilenet_w8a8):
+    """Issue 10's bar for the export: ONNX Runtime vs relayq's realized model on the 120 photos, W8A8:
+    top-1 agreement >= 99 % and cosine >= 0.999. The exact export meets it with identical outputs."""
+    q, images, ref, tmp = mobilenet_w8a8
+    got = _ort_outputs(q.export_onnx(str(tmp / "mbv2_int.onnx"), exact=True), images)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert min(_cosines(got, ref)) >= 0.999
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_qdq_in_onnx_runtime(mobilenet_w8a8):
+    """The QDQ export of the same model: ONNX Runtime runs relayq's scales with its own float32
+    requantization. Each layer fed relayq's codes gives relayq's codes but for ~1e-5 of them, yet the
+    network amplifies any differing code (relayq's own model with one random flip in 1e7 codes already
+    loses 0.3 % cosine, benchmarks/bench_qdq.py): close, not the issue's bar (use exact=True for that)."""
+    q, images, ref, tmp = mobilenet_w8a8
+    got = _ort_outputs(q.export_onnx(str(tmp / "mbv2_qdq.onnx")), images)
     assert (got.argmax(1) == ref.argmax(1)).mean() >= AGREEMENT_MBV2
-    assert np.mean(cos) >= MEAN_COSINE_MBV2
+    assert np.mean(_cosines(got, ref)) >= MEAN_COSINE_MBV2
