@@ -80,9 +80,9 @@ SCHEMES = [
 METHODS = ["naive", "kl", "percentile", "mse"]
 #: relayq method -> the ONNX Runtime calibrator shown in the same column.
 ORT_METHODS = {"naive": "MinMax", "kl": "Entropy", "percentile": "Percentile"}
-#: The relayq schemes the peers are run at (``--peers``): the 8-bit ones both peers offer, and the low-bit
-#: ones to say which peer offers them (peers.MATCHING spells each for ONNX Runtime and NNCF).
-PEER_SCHEMES = [s for s in SCHEMES if s[0] in peers.MATCHING]
+#: The relayq schemes run with ``--peers`` (peers.MATCHING spells each for ONNX Runtime and NNCF): the
+#: 8-bit ones both peers offer and W4A8; W8A4, which neither offers, is only asked of the peers.
+PEER_SCHEMES = [s for s in SCHEMES if s[0] in peers.MATCHING and s[0] != "W8A4"]
 #: Without ``--peers``: ONNX Runtime at relayq's four 8-bit schemes.
 ORT_LABELS = ["W8A8", "W8A8 per-channel", "W8A8 asym-act", "W8A8 per-channel asym-act"]
 
@@ -452,8 +452,8 @@ def bench_fashion(args, schemes, methods) -> dict:
 
     log(f"fashion-mnist: FP32 top-1 {fp32 * 100:.2f}% (ORT), {info['torch_fp32_top1'] * 100:.2f}% (torch)")
     mod, params = relayq.frontend.from_onnx(onnx_path, {"input": (FMNIST_BATCH, 1, 28, 28)})
-    rows = relayq_rows(mod, params, calib, predict, score, schemes, methods)
-    labels = [label for label, _ in schemes] if args.peers else ORT_LABELS
+    rows = relayq_rows(mod, params, calib, predict, score, schemes, args.relayq_methods)
+    labels = [label for label, _ in schemes] + args.peer_only if args.peers else ORT_LABELS
     if not args.no_ort:
         with tempfile.TemporaryDirectory(prefix="relayq_ort_") as tmp:
             rows += run_ort(onnx_path, calib, test_batches, score, tmp, methods, labels)
@@ -512,9 +512,9 @@ def bench_mobilenet(args, schemes, methods) -> dict:
                 observe(annotate(prepare(mod, params), relayq.QConfig(show_progress=False)), calib, shared,
                         show_progress=False)
             observe_s = round(time.perf_counter() - t0, 1)
-        rows = relayq_rows(mod, params, calib, predict, score, schemes, methods, shared)
+        rows = relayq_rows(mod, params, calib, predict, score, schemes, args.relayq_methods, shared)
         ort_calib = [photos[i:i + MOBILENET_BATCH_ORT] for i in range(0, len(photos), MOBILENET_BATCH_ORT)]
-        labels = [label for label, _ in schemes] if args.peers else ORT_LABELS
+        labels = [label for label, _ in schemes] + args.peer_only if args.peers else ORT_LABELS
         if not args.no_ort:
             rows += run_ort(ort_fp32, ort_calib, ort_eval, score, tmp, methods, labels)
         if args.peers:
@@ -587,12 +587,15 @@ def peer_verdicts(rows: list, key: str) -> list:
     out = []
     for label in dict.fromkeys(r["scheme"] for r in rows if r["tool"] != "relayq"):
         a = _best(rows, "relayq", label, key)
-        if a is None:
-            continue
         best = {TOOL_NAMES[t].strip(): _best(rows, t, label, key) for t in ("onnxruntime", "nncf")}
         best = {t: b for t, b in best.items() if b is not None}
         missing = sorted({TOOL_NAMES[r["tool"]].strip() for r in rows if r["tool"] != "relayq"
                           and r["scheme"] == label and r.get("status") == "no peer"} - set(best))
+        if a is None:
+            if missing and not best:
+                out.append({"scheme": label, "peers": [], "no_peer": missing, "met": True, "per_method": {},
+                            "measured": "no peer offers it: " + ", ".join(missing)})
+            continue
         pairs = {}
         for m, om in ORT_METHODS.items():
             ra = next((r for r in rows if r["tool"] == "relayq" and r["scheme"] == label
@@ -661,6 +664,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="W8A8 and W8A8 per-channel, naive and kl only")
     ap.add_argument("--only", choices=["fashion", "mobilenet"], help="run one model only")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated relayq calibrators (default: all; ORT keeps its three with --peers)")
     ap.add_argument("--peers", action="store_true",
                     help="relayq vs ONNX Runtime and NNCF at the same schemes (PEER_SCHEMES), side by side; "
                          "writes results/peers.json unless --out")
@@ -674,6 +679,9 @@ def main():
 
     schemes = PEER_SCHEMES if args.peers else SCHEMES[:2] if args.quick else SCHEMES
     methods = METHODS[:2] if args.quick else METHODS
+    args.relayq_methods = args.methods.split(",") if args.methods else methods
+    # Schemes only the peers are asked about: no peer offers them, relayq's rows are in accuracy.json.
+    args.peer_only = [label for label in peers.MATCHING if label not in dict(schemes)] if args.peers else []
     t0 = time.perf_counter()
     fash = bench_fashion(args, schemes, methods) if args.only in (None, "fashion") else None
     mbv2 = bench_mobilenet(args, schemes, methods) if args.only in (None, "mobilenet") else None
@@ -709,6 +717,11 @@ def main():
             if "per_method" in t:
                 lines.append("      per calibrator: " + ", ".join(f"{m} {'met' if v else 'missed'}"
                                                                for m, v in t["per_method"].items()))
+    for name, res, key in (("Fashion-MNIST", fash, "top1"), ("MobileNetV2", mbv2, "agreement")):
+        if args.peers and res and "rows" in res:
+            for v in peer_verdicts(res["rows"], key):
+                if v["no_peer"]:
+                    lines.append(f"  {name} {v['scheme']}: not offered by {', '.join(v['no_peer'])}")
     text = "\n".join(lines)
     print(text)
     result = {"meta": {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

@@ -26,15 +26,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .errors import ModelError
+from .onnx_export import ExportError
 from .transform.common import bindings, const_value, is_const_expr, main_function, op_name
 
 #: The opset written (QuantizeLinear with per-axis scales, ReduceSum with an axes input).
 OPSET = 13
-
-
-class ExportError(ModelError):
-    """The model cannot be written as ONNX (the message names the binding or op at fault)."""
 
 
 def _dtype(e) -> str:
@@ -248,6 +244,10 @@ def _softmax(w, b, call, name):
     return w.node("Softmax", [w.arg(call.args[0])], name, axis=int(call.attrs.axis))
 
 
+def _where(w, b, call, name):
+    return w.node("Where", [w.arg(a) for a in call.args], name)
+
+
 #: Relax op -> converter(writer, binding, call, name) returning the ONNX tensor of the binding.
 CONVERTERS = {
     "relax.nn.conv2d": _conv2d, "relax.matmul": _matmul,
@@ -262,15 +262,8 @@ CONVERTERS = {
     "relax.sum": _reduce("ReduceSum"), "relax.mean": _reduce("ReduceMean"),
     "relax.reshape": _reshape, "relax.flatten": _reshape, "relax.permute_dims": _permute_dims,
     "relax.take": _take, "relax.concat": _concat, "relax.nn.pad": _pad, "relax.nn.softmax": _softmax,
-    "relax.nn.max_pool2d": _pool("MaxPool"), "relax.nn.avg_pool2d": _pool("AveragePool"),
+    "relax.nn.max_pool2d": _pool("MaxPool"), "relax.nn.avg_pool2d": _pool("AveragePool"), "relax.where": _where,
 }
-
-
-def _where(w, b, call, name):
-    return w.node("Where", [w.arg(a) for a in call.args], name)
-
-
-CONVERTERS["relax.where"] = _where
 
 
 def onnx_input_names(onnx_model) -> list | None:
