@@ -499,7 +499,8 @@ def bench_mobilenet(args, schemes, methods) -> dict:
 
         mod, params = relayq.frontend.from_onnx(zoo.mobilenet_v2(batch=1))
         shared, observe_s = None, None
-        if not args.no_reuse:
+        # Only schemes without bias correction replay the shared observation (see relayq_rows).
+        if not args.no_reuse and any(not relayq.QConfig(**fields).bias_correction for _, fields in schemes):
             from relayq.calibration.methods import HistogramCalibrator
             from relayq.transform import annotate, prepare
             from relayq.transform.calibrate import observe
