@@ -49,7 +49,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
+sys.path.insert(0, HERE)
 import relayq  # noqa: E402
+import peers  # noqa: E402
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_FILES = {
@@ -78,7 +80,11 @@ SCHEMES = [
 METHODS = ["naive", "kl", "percentile", "mse"]
 #: relayq method -> the ONNX Runtime calibrator shown in the same column.
 ORT_METHODS = {"naive": "MinMax", "kl": "Entropy", "percentile": "Percentile"}
-ORT_SCHEMES = [("ORT U8S8 QDQ per-tensor", False), ("ORT U8S8 QDQ per-channel", True)]
+#: The relayq schemes run with ``--peers`` (peers.MATCHING spells each for ONNX Runtime and NNCF): the
+#: 8-bit ones both peers offer and W4A8; W8A4, which neither offers, is only asked of the peers.
+PEER_SCHEMES = [s for s in SCHEMES if s[0] in peers.MATCHING and s[0] != "W8A4"]
+#: Without ``--peers``: ONNX Runtime at relayq's four 8-bit schemes.
+ORT_LABELS = ["W8A8", "W8A8 per-channel", "W8A8 asym-act", "W8A8 per-channel asym-act"]
 
 
 def log(msg: str) -> None:
@@ -298,19 +304,10 @@ def ort_calibrate(model_path: str, batches: list, method: str, tmp: str) -> tupl
     return cache, seconds
 
 
-def ort_quantize(model_path: str, cache: str, method: str, per_channel: bool, out: str) -> str:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    quantize_static(model_path, out, calibration_data_reader=None, calibration_cache_path=cache,
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=per_channel,
-                    calibrate_method=getattr(CalibrationMethod, method))
-    return out
-
-
 def run_ort(model_fp32: str, calib: list, eval_batches: list, score, tmp: str, methods: list,
-            schemes: list) -> list:
-    """All ORT rows: for each calibrator, calibrate once, quantize per-tensor and per-channel, score."""
+            labels: list) -> list:
+    """All ORT rows: for each calibrator, calibrate once, then quantize at each relayq scheme of ``labels``
+    (peers.MATCHING) and score; a scheme ORT does not offer gets a row with status "no peer"."""
     import logging
 
     logging.getLogger().setLevel(logging.ERROR)
@@ -323,20 +320,47 @@ def run_ort(model_fp32: str, calib: list, eval_batches: list, score, tmp: str, m
         try:
             cache, cal_s = ort_calibrate(pre, calib, method, tmp)
         except Exception as e:  # noqa: BLE001 - a peer failing must not stop the benchmark
-            for label, pc in schemes:
-                rows.append({"tool": "onnxruntime", "scheme": label, "per_channel": pc, "method": method,
+            for label in labels:
+                rows.append({"tool": "onnxruntime", "scheme": label, "method": method,
                              "column": rq_method, "status": "failed", "error": short_error(e)})
             continue
-        for label, pc in schemes:
-            row = {"tool": "onnxruntime", "scheme": label, "per_channel": pc, "method": method,
-                   "column": rq_method, "calibration_seconds": round(cal_s, 2)}
+        for label in labels:
+            scheme = peers.MATCHING[label]
+            row = {"tool": "onnxruntime", "scheme": label, "per_channel": scheme.per_channel, "method": method,
+                   "column": rq_method, "calibration_seconds": round(cal_s, 2),
+                   "activations": "int8 symmetric" if scheme.symmetric else "uint8 asymmetric"}
             try:
-                q = ort_quantize(pre, cache, method, pc, os.path.join(tmp, f"q_{method}_{int(pc)}.onnx"))
+                q = peers.ort_quantize(pre, cache, method, scheme, os.path.join(tmp, f"q_{method}.onnx"))
                 row.update(score(ort_predict(q, eval_batches)), status="ok")
+            except ValueError as e:
+                row.update(status="no peer", error=str(e))
             except Exception as e:  # noqa: BLE001
                 row.update(status="failed", error=short_error(e))
             log(f"  ort {label:26s} {method:10s} {row.get('summary', row.get('error'))}")
             rows.append(row)
+    return rows
+
+
+def run_nncf(model_path: str, calib: list, eval_batches: list, score, labels: list) -> list:
+    """NNCF rows (OpenVINO runs them): one per relayq scheme of ``labels``, NNCF's own range estimation."""
+    if not peers.openvino_available():
+        log("openvino / nncf not installed: NNCF rows skipped (pip install -e '.[bench]')")
+        return []
+    rows = []
+    for label in labels:
+        scheme = peers.MATCHING[label]
+        row = {"tool": "nncf", "scheme": label, "method": "nncf", "per_channel": scheme.per_channel,
+               "preset": "PERFORMANCE" if scheme.symmetric else "MIXED"}
+        t0 = time.perf_counter()
+        try:
+            model = peers.nncf_quantize(model_path, calib, scheme)
+            row.update(score(peers.ov_predict(peers.ov_compile(model), eval_batches)), status="ok")
+        except Exception as e:  # noqa: BLE001 - NNCF refuses widths its hardware config lacks
+            refused = "incompatible" in str(e) and "HW config" in str(e)
+            row.update(status="no peer" if refused else "failed", error=short_error(e))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"  nncf {label:25s} {row.get('summary', row.get('error'))} ({row['seconds']} s)")
+        rows.append(row)
     return rows
 
 
@@ -428,10 +452,13 @@ def bench_fashion(args, schemes, methods) -> dict:
 
     log(f"fashion-mnist: FP32 top-1 {fp32 * 100:.2f}% (ORT), {info['torch_fp32_top1'] * 100:.2f}% (torch)")
     mod, params = relayq.frontend.from_onnx(onnx_path, {"input": (FMNIST_BATCH, 1, 28, 28)})
-    rows = relayq_rows(mod, params, calib, predict, score, schemes, methods)
+    rows = relayq_rows(mod, params, calib, predict, score, schemes, args.relayq_methods)
+    labels = [label for label, _ in schemes] + args.peer_only if args.peers else ORT_LABELS
     if not args.no_ort:
         with tempfile.TemporaryDirectory(prefix="relayq_ort_") as tmp:
-            rows += run_ort(onnx_path, calib, test_batches, score, tmp, methods, ORT_SCHEMES)
+            rows += run_ort(onnx_path, calib, test_batches, score, tmp, methods, labels)
+    if args.peers:
+        rows += run_nncf(onnx_path, calib, test_batches, score, labels)
     return {"model": "Fashion-MNIST CNN (5 conv + BN, residual add, 2 max pools, 2 dense)",
             "metric": "top-1 on the 10,000 test images", "calibration": f"{FMNIST_CALIB} training images",
             "fp32_top1": fp32, "training": info, "rows": rows}
@@ -472,7 +499,8 @@ def bench_mobilenet(args, schemes, methods) -> dict:
 
         mod, params = relayq.frontend.from_onnx(zoo.mobilenet_v2(batch=1))
         shared, observe_s = None, None
-        if not args.no_reuse:
+        # Only schemes without bias correction replay the shared observation (see relayq_rows).
+        if not args.no_reuse and any(not relayq.QConfig(**fields).bias_correction for _, fields in schemes):
             from relayq.calibration.methods import HistogramCalibrator
             from relayq.transform import annotate, prepare
             from relayq.transform.calibrate import observe
@@ -485,10 +513,14 @@ def bench_mobilenet(args, schemes, methods) -> dict:
                 observe(annotate(prepare(mod, params), relayq.QConfig(show_progress=False)), calib, shared,
                         show_progress=False)
             observe_s = round(time.perf_counter() - t0, 1)
-        rows = relayq_rows(mod, params, calib, predict, score, schemes, methods, shared)
+        rows = relayq_rows(mod, params, calib, predict, score, schemes, args.relayq_methods, shared)
         ort_calib = [photos[i:i + MOBILENET_BATCH_ORT] for i in range(0, len(photos), MOBILENET_BATCH_ORT)]
+        labels = [label for label, _ in schemes] + args.peer_only if args.peers else ORT_LABELS
         if not args.no_ort:
-            rows += run_ort(ort_fp32, ort_calib, ort_eval, score, tmp, methods, ORT_SCHEMES)
+            rows += run_ort(ort_fp32, ort_calib, ort_eval, score, tmp, methods, labels)
+        if args.peers:
+            # The same batch-20 ONNX file and calibration batches as ORT's.
+            rows += run_nncf(ort_fp32, ort_calib, ort_eval, score, labels)
     return {"model": "MobileNetV2, torchvision ImageNet weights",
             "metric": "top-1 agreement with FP32 on 120 photos (100 ai-benchmark + 20 labelled ImageNet); "
                       "top-1 on the 20 labelled", "calibration": "100 ai-benchmark photos",
@@ -499,9 +531,15 @@ def bench_mobilenet(args, schemes, methods) -> dict:
 # report
 # ----------------------------------------------------------------------------------------------------
 
+#: How the tables name each tool's rows.
+TOOL_NAMES = {"relayq": "", "onnxruntime": "ORT ", "nncf": "NNCF "}
+
+
 def _cell(row, key) -> str:
     if row is None:
         return "-"
+    if row.get("status") == "no peer":
+        return "no peer"
     if row.get("status") != "ok":
         return "FAILED"
     return f"{row[key] * 100:.2f}" if key == "top1" else f"{row[key] * 100:.1f}"
@@ -516,19 +554,24 @@ def table(res: dict, key: str, methods: list, title: str) -> list:
     for r in rows:
         if (r["tool"], r["scheme"]) not in labels:
             labels.append((r["tool"], r["scheme"]))
+    # Each scheme's relayq row, then its peers' rows.
+    order = list(dict.fromkeys(label for _, label in labels))
+    tools = list(TOOL_NAMES)
+    labels.sort(key=lambda t: (order.index(t[1]), tools.index(t[0])))
     failures = []
     for tool, label in labels:
         cells = []
-        for m in methods:
+        for k, m in enumerate(methods):
             r = next((r for r in rows if r["tool"] == tool and r["scheme"] == label
-                      and (r["method"] == m if tool == "relayq" else r.get("column") == m)), None)
+                      and (r["method"] == m if tool == "relayq" else r.get("column") == m
+                           if tool == "onnxruntime" else k == 0)), None)
             c = _cell(r, key)
-            if tool == "onnxruntime" and r is not None and c not in ("-", "FAILED"):
+            if tool == "onnxruntime" and r is not None and c not in ("-", "FAILED", "no peer"):
                 c = f"{c} {r['method'][:3]}"
             cells.append(c)
-            if r is not None and r.get("status") != "ok":
+            if r is not None and r.get("status") not in ("ok", "no peer"):
                 failures.append(f"  {tool} {label} {r['method']}: {r.get('error')}")
-        name = label if tool == "relayq" else label
+        name = TOOL_NAMES[tool] + label
         lines.append(f"{name:28s}" + "".join(f"{c:>12s}" for c in cells))
     lines += failures
     return lines
@@ -537,6 +580,38 @@ def table(res: dict, key: str, methods: list, title: str) -> list:
 def _best(rows, tool, scheme, key):
     ok = [r for r in rows if r["tool"] == tool and r["scheme"] == scheme and r.get("status") == "ok"]
     return max(ok, key=lambda r: r[key]) if ok else None
+
+
+def peer_verdicts(rows: list, key: str) -> list:
+    """Per relayq scheme with peer rows: relayq's best calibrator against each peer's best, and which
+    peers do not offer the scheme."""
+    out = []
+    for label in dict.fromkeys(r["scheme"] for r in rows if r["tool"] != "relayq"):
+        a = _best(rows, "relayq", label, key)
+        best = {TOOL_NAMES[t].strip(): _best(rows, t, label, key) for t in ("onnxruntime", "nncf")}
+        best = {t: b for t, b in best.items() if b is not None}
+        missing = sorted({TOOL_NAMES[r["tool"]].strip() for r in rows if r["tool"] != "relayq"
+                          and r["scheme"] == label and r.get("status") == "no peer"} - set(best))
+        if a is None:
+            if missing and not best:
+                out.append({"scheme": label, "peers": [], "no_peer": missing, "met": True, "per_method": {},
+                            "measured": "no peer offers it: " + ", ".join(missing)})
+            continue
+        pairs = {}
+        for m, om in ORT_METHODS.items():
+            ra = next((r for r in rows if r["tool"] == "relayq" and r["scheme"] == label
+                       and r["method"] == m and r.get("status") == "ok"), None)
+            rb = next((r for r in rows if r["tool"] == "onnxruntime" and r["scheme"] == label
+                       and r["method"] == om and r.get("status") == "ok"), None)
+            if ra and rb:
+                pairs[f"{m}/{om}"] = bool(ra[key] >= rb[key] - 1e-9)
+        measured = f"relayq best ({a['method']}) {a[key] * 100:.2f}%" + "".join(
+            f"; {t} best ({b['method']}) {b[key] * 100:.2f}%" for t, b in best.items())
+        if missing:
+            measured += "; no peer: " + ", ".join(missing)
+        out.append({"scheme": label, "peers": list(best), "no_peer": missing, "measured": measured,
+                    "met": all(a[key] >= b[key] - 1e-9 for b in best.values()), "per_method": pairs})
+    return out
 
 
 def targets(fash: dict, mbv2: dict) -> list:
@@ -568,26 +643,21 @@ def targets(fash: dict, mbv2: dict) -> list:
     for name, res, key in (("Fashion-MNIST", fash, "top1"), ("MobileNetV2", mbv2, "agreement")):
         if not res or "rows" not in res:
             continue
-        rows = res["rows"]
-        for rq_scheme, ort_scheme in (("W8A8", "ORT U8S8 QDQ per-tensor"),
-                                      ("W8A8 per-channel", "ORT U8S8 QDQ per-channel"),
-                                      ("W8A8 asym-act", "ORT U8S8 QDQ per-tensor"),
-                                      ("W8A8 per-channel asym-act", "ORT U8S8 QDQ per-channel")):
-            a, b = _best(rows, "relayq", rq_scheme, key), _best(rows, "onnxruntime", ort_scheme, key)
-            if a and b:
-                pairs = {}
-                for m, om in ORT_METHODS.items():
-                    ra = next((r for r in rows if r["tool"] == "relayq" and r["scheme"] == rq_scheme
-                               and r["method"] == m and r.get("status") == "ok"), None)
-                    rb = next((r for r in rows if r["tool"] == "onnxruntime" and r["scheme"] == ort_scheme
-                               and r["method"] == om and r.get("status") == "ok"), None)
-                    if ra and rb:
-                        pairs[f"{m}/{om}"] = bool(ra[key] >= rb[key] - 1e-9)
-                out.append({"target": f"{name} relayq {rq_scheme} at least as accurate as {ort_scheme}",
-                            "measured": f"relayq best ({a['method']}) {a[key] * 100:.2f}% vs ORT best "
-                                        f"({b['method']}) {b[key] * 100:.2f}%",
-                            "met": bool(a[key] >= b[key] - 1e-9), "per_method": pairs})
+        for v in peer_verdicts(res["rows"], key):
+            if v["peers"]:
+                out.append({"target": f"{name} relayq {v['scheme']} at least as accurate as every peer "
+                                      f"({', '.join(v['peers'])})",
+                            "measured": v["measured"], "met": v["met"], "per_method": v["per_method"]})
     return out
+
+
+def _version(package: str):
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def main():
@@ -595,15 +665,24 @@ def main():
     ap.add_argument("--quick", action="store_true", help="W8A8 and W8A8 per-channel, naive and kl only")
     ap.add_argument("--only", choices=["fashion", "mobilenet"], help="run one model only")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated relayq calibrators (default: all; ORT keeps its three with --peers)")
+    ap.add_argument("--peers", action="store_true",
+                    help="relayq vs ONNX Runtime and NNCF at the same schemes (PEER_SCHEMES), side by side; "
+                         "writes results/peers.json unless --out")
     ap.add_argument("--no-reuse", action="store_true",
                     help="MobileNetV2: calibrate every (scheme, method) from scratch")
     ap.add_argument("--retrain", action="store_true", help="retrain the Fashion-MNIST CNN (ignore the cache)")
     ap.add_argument("--cache", default=os.path.join(HERE, "results", "cache"))
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
+    ap.add_argument("--out", default=None, help="default results/accuracy.json (results/peers.json with --peers)")
     args = ap.parse_args()
+    args.out = args.out or os.path.join(HERE, "results", "peers.json" if args.peers else "accuracy.json")
 
-    schemes = SCHEMES[:2] if args.quick else SCHEMES
+    schemes = PEER_SCHEMES if args.peers else SCHEMES[:2] if args.quick else SCHEMES
     methods = METHODS[:2] if args.quick else METHODS
+    args.relayq_methods = args.methods.split(",") if args.methods else methods
+    # Schemes only the peers are asked about: no peer offers them, relayq's rows are in accuracy.json.
+    args.peer_only = [label for label in peers.MATCHING if label not in dict(schemes)] if args.peers else []
     t0 = time.perf_counter()
     fash = bench_fashion(args, schemes, methods) if args.only in (None, "fashion") else None
     mbv2 = bench_mobilenet(args, schemes, methods) if args.only in (None, "mobilenet") else None
@@ -625,7 +704,12 @@ def main():
         lines += table(mbv2, "top1_labelled20", methods, "MobileNetV2: top-1 % on the 20 labelled ImageNet samples")
         lines.append("")
     lines.append("ORT columns: naive=MinMax, kl=Entropy (2048 bins), percentile=Percentile (99.999); "
-                 "ORT has no MSE calibrator. relayq percentile: 99.99.")
+                 "ORT has no MSE calibrator. relayq percentile: 99.99. ORT rows: QDQ at relayq's scheme "
+                 "(int8 symmetric or uint8 asymmetric activations, int8 / int4 symmetric weights).")
+    if args.peers:
+        lines.append("NNCF rows (first column): nncf.quantize on the OpenVINO model of the same ONNX file, preset "
+                     "PERFORMANCE (symmetric activations) or MIXED (asymmetric), its own range estimation and "
+                     "fast bias correction, run by OpenVINO.")
     tg = targets(fash, mbv2)
     if tg:
         lines += ["", "Targets:"]
@@ -634,6 +718,11 @@ def main():
             if "per_method" in t:
                 lines.append("      per calibrator: " + ", ".join(f"{m} {'met' if v else 'missed'}"
                                                                for m, v in t["per_method"].items()))
+    for name, res, key in (("Fashion-MNIST", fash, "top1"), ("MobileNetV2", mbv2, "agreement")):
+        if args.peers and res and "rows" in res:
+            for v in peer_verdicts(res["rows"], key):
+                if v["no_peer"]:
+                    lines.append(f"  {name} {v['scheme']}: not offered by {', '.join(v['no_peer'])}")
     text = "\n".join(lines)
     print(text)
     result = {"meta": {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -641,6 +730,9 @@ def main():
                        "torch": torch.__version__, "quick": args.quick,
                        "seconds": round(time.perf_counter() - t0, 1)},
               "fashion_mnist": fash, "mobilenet_v2": mbv2, "targets": tg, "table": text}
+    if args.peers:
+        result["meta"]["nncf"] = _version("nncf")
+        result["meta"]["openvino"] = _version("openvino")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -61,6 +61,8 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
 import relayq  # noqa: E402
 from relayq.testing import data as rdata  # noqa: E402
 from relayq.testing import zoo  # noqa: E402
@@ -225,37 +227,17 @@ def ort_int8(model, calib, workdir):
 
 
 # ----------------------------------------------------------------------------- openvino
-def openvino_available() -> bool:
-    try:
-        import nncf  # noqa: F401
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+openvino_available = peers.openvino_available
 
 
 def ov_compile(ov_model):
-    """A latency-mode CPU compile with THREADS threads, f32 precision (no bf16 on AVX-512 hosts)."""
-    import openvino as ov
-
-    core = ov.Core()
-    cfg = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-           "NUM_STREAMS": 1}
-    return core.compile_model(ov_model, "CPU", cfg)
+    """A latency-mode CPU compile with THREADS threads, f32 precision (see peers.ov_compile)."""
+    return peers.ov_compile(ov_model, THREADS)
 
 
 def ov_models(onnx_path, calib):
     """OpenVINO FP32 and NNCF INT8 (``nncf.quantize`` defaults) compiled models of one ONNX file."""
-    import nncf
-    import openvino as ov
-
-    fp32 = ov.Core().read_model(onnx_path)
-    name = fp32.inputs[0].get_any_name()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        int8 = nncf.quantize(fp32, nncf.Dataset(list(calib), lambda b: {name: b}),
-                             subset_size=sum(len(b) for b in calib))
-    return ov_compile(fp32), ov_compile(int8)
+    return ov_compile(peers.read_ov(onnx_path)), ov_compile(peers.nncf_quantize(onnx_path, calib))
 
 
 def ov_kernels(compiled) -> str:

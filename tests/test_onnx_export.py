@@ -59,6 +59,55 @@ def test_ort_agrees_with_relayq(net, tmp_path, config, weight_type, act_type):
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
+@pytest.mark.parametrize("hardswish, config", [
+    (False, dict()),
+    (False, dict(act_symmetric=False, per_channel=True, weight_bits=4)),
+    (False, dict(weight_bits=6, act_bits=6)),
+    (True, dict(act_symmetric=False)),                # HardSwish as an integer table: Gather
+])
+def test_exact_export_computes_relayqs_codes_bit_for_bit(tmp_path, hardswish, config):
+    model, _ = hardswish_net(hardswish=hardswish)
+    rng = np.random.RandomState(0)
+    calib = [rng.randn(1, 3, 8, 8).astype("float32") for _ in range(6)]
+    evaluation = [rng.randn(1, 3, 8, 8).astype("float32") * 2 for _ in range(16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(model, None, calib, "kl", relayq.QConfig(show_progress=False, **config))
+    path = q.export_onnx(str(tmp_path / "int.onnx"), exact=True)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 1 and "Conv" not in ops
+    assert ops.count("Gather") == (1 if hardswish else 0)
+    sess = ort.InferenceSession(path)
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    lib = relayq.build(q)
+    for x in evaluation:
+        np.testing.assert_array_equal(sess.run(None, {"input": x})[0], lib(x))
+
+
+def test_exact_export_needs_no_onnx_source(net, tmp_path):
+    """A model imported as a Relax module (no ONNX kept) exports too; inputs keep the Relax names."""
+    model, calib, evaluation = net
+    mod, params = relayq.frontend.from_onnx(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(mod, params, calib, "naive", relayq.QConfig(show_progress=False, check_accuracy=False))
+    sess = ort.InferenceSession(q.export_onnx(str(tmp_path / "int.onnx"), exact=True))
+    name = sess.get_inputs()[0].name
+    np.testing.assert_array_equal(sess.run(None, {name: evaluation[0]})[0], relayq.build(q)(evaluation[0]))
+
+
+def test_exact_export_names_an_op_it_cannot_write(net, tmp_path, monkeypatch):
+    from relayq import onnx_exact
+
+    model, calib, _ = net
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(model, None, calib, "naive", relayq.QConfig(show_progress=False, check_accuracy=False))
+    monkeypatch.delitem(onnx_exact.CONVERTERS, "relax.right_shift")
+    with pytest.raises(relayq.RelayqError, match=r"binding \w+ is relax.right_shift"):
+        q.export_onnx(str(tmp_path / "int.onnx"), exact=True)
+
+
 def test_export_needs_the_onnx_model(net, tmp_path):
     model, calib, _ = net
     mod, params = relayq.frontend.from_onnx(model)
@@ -78,9 +127,9 @@ def test_export_needs_the_onnx_model(net, tmp_path):
         changed.export_onnx(str(tmp_path / "c.onnx"))
 
 
-@pytest.mark.slow
-def test_mobilenet_v2_qdq_in_onnx_runtime(tmp_path):
-    """MobileNetV2 (real weights) W8A8 per-channel exported as QDQ: ONNX Runtime vs relayq on the 120 photos."""
+@pytest.fixture(scope="module")
+def mobilenet_w8a8(tmp_path_factory):
+    """MobileNetV2 (real weights) W8A8 per-channel (kl, the 100 photos), its compiled model and the 120 photos."""
     from relayq.testing import data, zoo
 
     if not (zoo.has_mobilenet_weights() and data.has_calibration_photos() and data.has_imagenet_samples()):
@@ -91,12 +140,38 @@ def test_mobilenet_v2_qdq_in_onnx_runtime(tmp_path):
         warnings.simplefilter("ignore")
         q = relayq.quantize_model(zoo.mobilenet_v2(batch=1), None, [photos[i:i + 1] for i in range(100)], "kl",
                                   relayq.QConfig(per_channel=True, show_progress=False))
-    sess = ort.InferenceSession(q.export_onnx(str(tmp_path / "mbv2_qdq.onnx")))
     lib = relayq.build(q)
-    got = np.concatenate([sess.run(None, {"input": images[i:i + 1]})[0] for i in range(len(images))])
     ref = np.concatenate([lib(images[i:i + 1]) for i in range(len(images))])
-    cos = [float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(got, ref)]
-    # Not bit-exact: ONNX Runtime accumulates and requantizes in float32 (relayq: int32 and a 31-bit
-    # fixed-point multiplier), which flips one requantization in ~1e6; MobileNetV2 amplifies the flips.
+    return q, images, ref, tmp_path_factory.mktemp("mbv2")
+
+
+def _ort_outputs(path, images):
+    sess = ort.InferenceSession(path)
+    return np.concatenate([sess.run(None, {"input": images[i:i + 1]})[0] for i in range(len(images))])
+
+
+def _cosines(a, b):
+    return [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_exact_export_meets_the_issue_bar(mobilenet_w8a8):
+    """Issue 10's bar for the export: ONNX Runtime vs relayq's realized model on the 120 photos, W8A8:
+    top-1 agreement >= 99 % and cosine >= 0.999. The exact export meets it with identical outputs."""
+    q, images, ref, tmp = mobilenet_w8a8
+    got = _ort_outputs(q.export_onnx(str(tmp / "mbv2_int.onnx"), exact=True), images)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert min(_cosines(got, ref)) >= 0.999
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_qdq_in_onnx_runtime(mobilenet_w8a8):
+    """The QDQ export of the same model: ONNX Runtime runs relayq's scales with its own float32
+    requantization. Each layer fed relayq's codes gives relayq's codes but for ~1e-5 of them, yet the
+    network amplifies any differing code (relayq's own model with one random flip in 1e7 codes already
+    loses 0.3 % cosine, benchmarks/bench_qdq.py): close, not the issue's bar (use exact=True for that)."""
+    q, images, ref, tmp = mobilenet_w8a8
+    got = _ort_outputs(q.export_onnx(str(tmp / "mbv2_qdq.onnx")), images)
     assert (got.argmax(1) == ref.argmax(1)).mean() >= AGREEMENT_MBV2
-    assert np.mean(cos) >= MEAN_COSINE_MBV2
+    assert np.mean(_cosines(got, ref)) >= MEAN_COSINE_MBV2

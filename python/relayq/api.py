@@ -97,17 +97,26 @@ class QuantizedModel:
 
         return layer_sources(self.annotated)
 
-    def export_onnx(self, path: str, onnx_model=None) -> str:
+    def export_onnx(self, path: str, onnx_model=None, exact: bool = False) -> str:
         """Write the source ONNX graph with QuantizeLinear / DequantizeLinear pairs carrying relayq's scales.
 
         ``onnx_model``: the ONNX model (ModelProto or path) the float model was imported from; by default
         the one ``quantize_model`` imported itself. See :mod:`relayq.onnx_export`.
 
+        ``exact=True`` writes relayq's integer program instead (integer convolutions, int64
+        requantization; :mod:`relayq.onnx_exact`): ONNX Runtime then computes relayq's codes bit for bit,
+        which a QDQ model cannot promise (the runtime requantizes in float32). It needs no source model.
+
         Example::
 
             qmodel = relayq.quantize_model("mobilenet_v2.onnx", None, calib, "kl")
             qmodel.export_onnx("mobilenet_v2_qdq.onnx")       # runs in ONNX Runtime
+            qmodel.export_onnx("mobilenet_v2_int.onnx", exact=True)   # relayq's codes, bit for bit
         """
+        if exact:
+            from .onnx_exact import export_exact, onnx_input_names
+
+            return export_exact(self.realized, path, onnx_input_names(onnx_model or self.source_model))
         from .onnx_export import export_onnx
 
         return export_onnx(self, path, onnx_model)

@@ -95,3 +95,47 @@ def test_bias_too_large_for_int32_is_clamped_with_a_warning_and_stays_exact():
         y = lib(x)
         np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
         np.testing.assert_array_equal(sim(x)[0], y)
+
+
+#: relayq layer type -> the ONNX op type of the node it must name.
+_LAYER_NODE = {"conv2d": "Conv", "add": "Add", "global_avg_pool": "GlobalAveragePool", "dense": "Gemm"}
+
+
+def _mobilenet_v2_onnx(kind):
+    import torch
+
+    from relayq.testing import torchvision_zoo, zoo
+
+    torch.manual_seed(0)
+    net = torchvision_zoo.import_torchvision().mobilenet_v2(weights=None).eval()
+    if kind == "torch":             # torch's exporter folds every BatchNorm into its conv's bias
+        return torchvision_zoo.onnx_export(net, np.zeros((1, 3, 64, 64), np.float32))
+    # relayq's hand-built graph keeps Conv -> BatchNormalization: prepare folds them, re-emitting every conv.
+    return zoo.mobilenet_v2({k: v.numpy() for k, v in net.state_dict().items()})
+
+
+@pytest.mark.parametrize("kind", ["zoo", pytest.param("torch", marks=pytest.mark.slow)])
+def test_mobilenet_v2_every_layer_names_its_own_onnx_node(kind):
+    """Each of MobileNetV2's 52 convs, 10 adds, pool and Gemm names the ONNX node it came from, no other:
+    binding names that BatchNorm folding reused once pointed an add at a Conv and biases at other weights."""
+    model = _mobilenet_v2_onnx(kind)
+    annotated, _ = _annotate(model)
+    nodes = {n.name: n for n in model.graph.node}
+    src = layer_sources(annotated)
+    kinds = layers(annotated)
+    assert sorted(set(kinds.values())) == sorted(_LAYER_NODE) and list(kinds.values()).count("add") == 10
+    assert set(src) == set(kinds)
+    for layer, op in kinds.items():
+        s = src[layer]
+        node = nodes[s.node]
+        assert node.op_type == _LAYER_NODE[op] == s.op_type, layer
+        if op in ("conv2d", "dense"):
+            assert s.weight == node.input[1], layer
+            # A bias name only where the node reads one (torch's own folding gives every conv a bias,
+            # sometimes through an Identity of a shared initializer; a BatchNorm that relayq folds has none).
+            expected_bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            assert s.bias == expected_bias, layer
+    assert len({s.node for s in src.values()}) == len(src)          # no two layers share a node
+    # The adds keep graph order: add_k is the k-th two-input Add of the graph.
+    adds = [n.name for n in model.graph.node if n.op_type == "Add"]
+    assert [src[f"add_{k}"].node for k in range(10)] == adds

@@ -36,6 +36,10 @@ ONNX_EMITS = {
     "BatchNormalization": {"nn.batch_norm", None},
 }
 
+#: ONNX op types whose converter may emit nothing for a data input (an identity, a reshape to the same
+#: shape). Every other type listed in :data:`ONNX_EMITS` emits at least one binding when it reads data.
+MAY_VANISH = {"Identity", "Dropout", "Reshape", "Flatten", "Cast", "Squeeze", "Unsqueeze", "Transpose"}
+
 
 def _bindings(func):
     return [b for block in func.body.blocks for b in block.bindings]
@@ -65,6 +69,13 @@ def _op(e):
     if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
         return e.op.name[len("relax."):] if e.op.name.startswith("relax.") else e.op.name
     return None
+
+
+def _later_item(e) -> bool:
+    """A tuple item other than the first (a BatchNormalization's running statistics)."""
+    from tvm import relax
+
+    return isinstance(e, relax.TupleGetItem) and int(e.index) > 0
 
 
 def onnx_source_names(model, mod) -> dict:
@@ -114,11 +125,19 @@ def onnx_source_names(model, mod) -> dict:
         ok = allowed(j, h) | {binds[i].var for i in runs.get(j, ())}
         return all(v in ok for v in _reads(binds[k].value))
 
+    def must_emit(j, h):
+        node = nodes[j]
+        return node.op_type in ONNX_EMITS and node.op_type not in MAY_VANISH and not runs.get(j) \
+            and any(h.get(t) - set(param_of.values()) for t in node.input if t in h)
+
     def close(j, h):
         run = runs.get(j)
         if run:
+            # The node's output is its run's last binding, except after a tuple's further items:
+            # BatchNormalization's output is item 0 of the tuple, items 1 and 2 (its statistics) follow it.
+            out = next((binds[i].var for i in reversed(run) if not _later_item(binds[i].value)), binds[run[-1]].var)
             for t in nodes[j].output:
-                h[t] = {binds[run[-1]].var}
+                h[t] = {out}
         else:                               # Identity, Dropout, shape computations folded away
             passed = set()
             for t in nodes[j].input:
@@ -135,6 +154,8 @@ def onnx_source_names(model, mod) -> dict:
             if fits(j, k, ahead):
                 nxt = j
                 break
+            if must_emit(j, ahead):
+                break              # binding k cannot come from beyond a node that has emitted nothing yet
             close(j, ahead)
         # A binding that reads nothing (a constant) cannot tell nodes apart: it stays where it is.
         if nxt is not None and (not stay or _reads(binds[k].value)):

@@ -288,8 +288,10 @@ def prepare(mod: tvm.IRModule, params: dict | None = None, config=None) -> tvm.I
     """
     if not isinstance(mod, tvm.IRModule):
         raise ModelError(f"expected a Relax IRModule, got {type(mod).__name__}")
+    record = source_names.read(main_function(mod))
+    if record:
+        mod, record = unique_binding_names(mod, record)
     before = main_function(mod)
-    record = source_names.read(before)
     mod = bind_params(mod, params)
     mod = relax.transform.Normalize()(mod)
     cle = config is not None and config.cross_layer_equalization
@@ -314,6 +316,56 @@ def prepare(mod: tvm.IRModule, params: dict | None = None, config=None) -> tvm.I
     if record:
         mod = source_names.attach(mod, carry_source_names(record, before, main_function(mod)))
     return mod
+
+
+@relax.expr_functor.mutator
+class _RenameBindings(relax.PyExprMutator):
+    """Re-emit every binding of a function under the name ``names[old name]``."""
+
+    def __init__(self, mod, names: dict):
+        super().__init__(mod)
+        self.names = names
+
+    def visit_var_binding_(self, binding):
+        value = self.visit_expr(binding.value)
+        kind = relax.DataflowVar if isinstance(binding.var, relax.DataflowVar) else relax.Var
+        new = kind(self.names.get(binding.var.name, binding.var.name), binding.var.ty)
+        self.builder_.emit_normalized(relax.VarBinding(new, value))
+        self.set_var_remap(binding.var, new)
+
+
+#: Suffix of the binding names :func:`unique_binding_names` gives: TVM names the bindings its passes
+#: create ``lv``, ``lv1``, ``lv2_1`` ..., never with this suffix.
+SOURCE_SUFFIX = "_src"
+
+
+def unique_binding_names(mod: tvm.IRModule, record: dict) -> tuple:
+    """Rename ``main``'s bindings so that no binding a later pass creates can take one of their names.
+
+    The source-name record is keyed by binding names. The frontends name bindings ``lv<k>``, and so do
+    the passes of prepare for the bindings they create (BatchNorm folding re-emits every conv it folds):
+    a new conv named ``lv4`` would inherit the record of the frontend's ``lv4``, another node. Renamed to
+    ``lv4_src``, the frontend's bindings keep their records and new bindings start without one.
+    Returns ``(module, record re-keyed to the new names)``.
+
+    Example::
+
+        mod, record = unique_binding_names(mod, source_names.read(mod["main"]))
+    """
+    func = main_function(mod)
+    taken = {p.name for p in func.params}
+    names = {}
+    for b in bindings(func):
+        new, k = b.var.name + SOURCE_SUFFIX, 1
+        while new in taken:
+            new, k = f"{b.var.name}{SOURCE_SUFFIX}{k}", k + 1
+        taken.add(new)
+        names[b.var.name] = new
+    renamed = _RenameBindings(mod, names).visit_expr(func)
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out[out.get_global_var("main")] = renamed
+    record = dict(record, vars={names.get(k, k): v for k, v in record.get("vars", {}).items()})
+    return source_names.attach(out, record), record
 
 
 _LAYOUT_OPS = ("relax.permute_dims", "relax.reshape", "relax.astype")
