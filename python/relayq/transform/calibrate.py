@@ -602,7 +602,8 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
                 points[name] = act_qpoint(name, calibrator, method, bits, config, ranges.get(name))
         measured = set()
         if samplers and sequential:
-            learned = adaround.learn_rounding_sequential(annotated, weights, points, samplers, arrays, config, twin)
+            learned = adaround.learn_rounding_sequential(annotated, weights, points, samplers, arrays, config, twin,
+                                                         means)
             points.update(learned)
             # Their bias correction was measured on the quantized model's own inputs, layer by layer.
             measured = {n for n, p in learned.items() if p.bias_corr is not None}

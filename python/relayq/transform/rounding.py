@@ -164,8 +164,8 @@ def learn_rounding(annotated, weights: dict, points: dict, samplers_: dict, conf
 class SegmentRunner:
     """Runs the partly quantized model forward one layer at a time, keeping every image's live values.
 
-    Segment ``k`` holds the bindings from layer ``k-1``'s conv / dense (its codes have just changed)
-    up to layer ``k``'s; its inputs are the values it reads that were computed before (the function's
+    Segment ``k`` holds the bindings from layer ``k-1``'s input marker (its codes have just changed)
+    up to layer ``k``'s conv / dense; its inputs are the values it reads that were computed before (the function's
     inputs, or outputs of earlier segments: kept per image) and its outputs the values that later
     bindings read. So each binding runs once per image over the whole of AdaRound, instead of once per
     layer after it. Weight markers (constants) are copied into the segment that reads them, so the twin
@@ -196,8 +196,13 @@ class SegmentRunner:
         import torch
 
         stop = next(i for i, b in enumerate(self.binds) if b.value.same_as(call))
-        # The conv / dense that ended the previous segment runs again: its codes were learned since.
         start = self.done
+        # The next segment starts at this layer's input marker (or the layer itself): the layer's codes
+        # change once learned, and the twin quantizes a layer's bias only when it sees the marker that
+        # quantizes its input, as the full twin does.
+        src = self.index.get(call.args[0])
+        info = simq_info(self.binds[src].value) if src is not None else None
+        next_start = src if info is not None and info[2] == "act" and src >= start else stop
         seg = [b for b in self.binds[start:stop] if b.var not in self.weight_marker]
         defined = {b.var for b in seg}
         needed_markers, params = [], []
@@ -213,7 +218,7 @@ class SegmentRunner:
         target = call.args[0]
         if target not in defined and target not in params:
             params.append(target)
-        outs = [v for v in defined if self.last_read.get(v, -1) >= stop]
+        outs = [v for v in defined if self.last_read.get(v, -1) >= next_start]
         if target not in outs:
             outs.append(target)
         outs = sorted(outs, key=lambda v: self.index.get(v, -1))
@@ -229,22 +234,50 @@ class SegmentRunner:
                 ys = graph(*[torch.as_tensor(env[v]) for v in params])
                 for v, y in zip(outs, ys):
                     env[v] = y
-                for v in [v for v in env if self.last_read.get(v, -1) < stop and v not in self.func.params]:
-                    del env[v]
                 result.append(env[target].numpy())
-        self.done = stop
+                for v in [v for v in env if self.last_read.get(v, -1) < next_start and v not in self.func.params]:
+                    del env[v]
+        self.done = next_start
         return result
 
 
+def mean_output(w: np.ndarray, mean_in: np.ndarray, is_conv: bool, groups: int = 1) -> np.ndarray:
+    """The mean output per channel of a conv2d (OIHW, any groups) or dense ((K, N)) weight given the
+    mean of each input channel (padding borders neglected, as in the analytic bias correction).
+
+    >>> mean_output(np.ones((2, 1, 3, 3)), np.array([1.0, 2.0]), True, groups=2).tolist()
+    [9.0, 18.0]
+    """
+    w = np.asarray(w, np.float64)
+    mean_in = np.asarray(mean_in, np.float64).reshape(-1)
+    if not is_conv:
+        return mean_in @ w
+    o, cg = w.shape[:2]
+    m = mean_in.reshape(groups, cg)[np.arange(o) // (o // groups)]          # (O, C/g): each output's inputs
+    return np.einsum("oc,oc->o", w.sum(axis=(2, 3)), m)
+
+
+def _channel_mean(batches_out: list, is_conv: bool) -> np.ndarray:
+    """Mean per input channel over every batch, position and sample (a conv's axis 1, a dense's last)."""
+    if is_conv:
+        return np.mean([np.asarray(y, np.float64).mean(axis=(0, 2, 3)) for y in batches_out], axis=0)
+    return np.mean([np.asarray(y, np.float64).reshape(-1, np.shape(y)[-1]).mean(axis=0) for y in batches_out], axis=0)
+
+
 def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_: dict, batches: list, config,
-                              twin) -> dict:
+                              twin, means: dict | None = None) -> dict:
     """Learn the codes layer after layer on the quantized model's inputs (see the module docstring).
 
     ``samplers_`` hold the float inputs sampled during calibration with their positions (one per
     batch of ``batches``, the calibration arrays in order); ``twin(annotated, qpoints)`` builds the torch
     twin of a (truncated) annotated module that runs it with fake quantization. ``points`` is updated
     as layers are learned; the learned weight points are returned (codes, and with
-    ``config.bias_correction`` the measured ``bias_corr``). Without ``config.adaround`` the codes stay
+    ``config.bias_correction`` the measured ``bias_corr``). The correction is
+    ``mean_output(W~, E[x~]) - mean_output(W, E[x])``: the quantized layer's mean input ``E[x~]`` over
+    every position of every batch, the float one from ``means`` (weight point -> the float model's mean
+    input per channel, from the calibration pass); exact means, not the sampled patches, whose few
+    hundred positions per layer leave a noise larger than the 8-bit shift itself. Without ``means``
+    the sampled patches give it. Without ``config.adaround`` the codes stay
     rounded to nearest and only the bias correction is measured, layer after layer
     (``QConfig.empirical_bias_correction``).
 
@@ -272,7 +305,10 @@ def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_:
             w3, s3, back = _layout(weights[name].astype(np.float64), p, is_conv, groups)
             sampler = samplers_[name]
             t0 = time.perf_counter()
-            xq = np.concatenate([sampler.take(y, i) for i, y in enumerate(runner.inputs_of(call, points))])
+            inputs = runner.inputs_of(call, points)
+            xq = np.concatenate([sampler.take(y, i) for i, y in enumerate(inputs)])
+            mean_q = _channel_mean(inputs, is_conv) if means is not None and name in means else None
+            del inputs
             x = sampler.data()
             t1 = time.perf_counter()
             spent["running the quantized model"] += t1 - t0
@@ -281,7 +317,8 @@ def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_:
                 bias = bias.reshape(w3.shape[:2])
             if not config.adaround:
                 codes3 = _layout(p.weight_codes(weights[name]).astype(np.float64), p, is_conv, groups)[0]
-                shift = adaround.output_shift(codes3, s3, w3, x, xq)
+                shift = adaround.output_shift(codes3, s3, w3, x, xq) if mean_q is None else \
+                    _mean_shift(p.weight_codes(weights[name]), p, weights[name], mean_q, means[name], is_conv, groups)
                 new = dataclasses.replace(p, bias_corr=shift.reshape(-1)) if config.bias_correction else p
                 out[name] = points[name] = new
                 prog.step(note=f"{name}: mean output shift {float(np.abs(shift).mean()):.3g}")
@@ -291,7 +328,9 @@ def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_:
             spent["optimizing"] += time.perf_counter() - t1
             new = dataclasses.replace(p, codes=back(codes3), method=p.method + "+adaround")
             if config.bias_correction:
-                new = dataclasses.replace(new, bias_corr=info["output_shift"].reshape(-1))
+                shift = info["output_shift"] if mean_q is None else \
+                    _mean_shift(new.codes, new, weights[name], mean_q, means[name], is_conv, groups)
+                new = dataclasses.replace(new, bias_corr=np.asarray(shift).reshape(-1))
             out[name] = points[name] = new
             gain = info["mse_adaround"] / info["mse_nearest"] if info["mse_nearest"] > 0 else 1.0
             prog.step(note=f"{name}: output MSE x{gain:.3f} vs nearest" + (" (kept nearest)"
@@ -299,3 +338,14 @@ def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_:
     if config.show_progress:
         _log.info("layer by layer on the quantized model: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()))
     return out
+
+
+def _mean_shift(codes, point, w, mean_q, mean_fp, is_conv: bool, groups: int) -> np.ndarray:
+    """``E[W~ x~] - E[W x]`` per output channel from the channel means of both inputs."""
+    scale = np.asarray(point.scale, np.float64)
+    if scale.ndim:
+        shape = [1] * np.ndim(w)
+        shape[point.axis] = -1
+        scale = scale.reshape(shape)
+    wq = np.asarray(codes, np.float64) * scale
+    return mean_output(wq, mean_q, is_conv, groups) - mean_output(w, mean_fp, is_conv, groups)
