@@ -318,7 +318,7 @@ def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_:
             if not config.adaround:
                 codes3 = _layout(p.weight_codes(weights[name]).astype(np.float64), p, is_conv, groups)[0]
                 shift = adaround.output_shift(codes3, s3, w3, x, xq) if mean_q is None else \
-                    _mean_shift(p.weight_codes(weights[name]), p, weights[name], mean_q, means[name], is_conv, groups)
+                    _weight_shift(p.weight_codes(weights[name]), p, weights[name], mean_q, is_conv, groups)
                 new = dataclasses.replace(p, bias_corr=shift.reshape(-1)) if config.bias_correction else p
                 out[name] = points[name] = new
                 prog.step(note=f"{name}: mean output shift {float(np.abs(shift).mean()):.3g}")
@@ -328,9 +328,7 @@ def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_:
             spent["optimizing"] += time.perf_counter() - t1
             new = dataclasses.replace(p, codes=back(codes3), method=p.method + "+adaround")
             if config.bias_correction:
-                shift = info["output_shift"] if mean_q is None else \
-                    _mean_shift(new.codes, new, weights[name], mean_q, means[name], is_conv, groups)
-                new = dataclasses.replace(new, bias_corr=np.asarray(shift).reshape(-1))
+                new = dataclasses.replace(new, bias_corr=info["output_shift"].reshape(-1))
             out[name] = points[name] = new
             gain = info["mse_adaround"] / info["mse_nearest"] if info["mse_nearest"] > 0 else 1.0
             prog.step(note=f"{name}: output MSE x{gain:.3f} vs nearest" + (" (kept nearest)"
@@ -340,12 +338,12 @@ def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_:
     return out
 
 
-def _mean_shift(codes, point, w, mean_q, mean_fp, is_conv: bool, groups: int) -> np.ndarray:
-    """``E[W~ x~] - E[W x]`` per output channel from the channel means of both inputs."""
+def _weight_shift(codes, point, w, mean_q, is_conv: bool, groups: int) -> np.ndarray:
+    """``E[(W~ - W) x~]`` per output channel from the channel means of the quantized model's input."""
     scale = np.asarray(point.scale, np.float64)
     if scale.ndim:
         shape = [1] * np.ndim(w)
         shape[point.axis] = -1
         scale = scale.reshape(shape)
     wq = np.asarray(codes, np.float64) * scale
-    return mean_output(wq, mean_q, is_conv, groups) - mean_output(w, mean_fp, is_conv, groups)
+    return mean_output(wq - np.asarray(w, np.float64), mean_q, is_conv, groups)
