@@ -201,13 +201,11 @@ class QConfig:
         bias_correction: subtract the expected output shift that weight quantization causes,
             ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
             each conv / dense bias before it is quantized.
-        empirical_bias_correction: with ``bias_correction``, measure each conv / dense layer's mean output
-            error on the *quantized* model, ``E[W_q x_q - W x]`` with ``x_q`` the input the partly quantized
-            model gives the layer (earlier layers already corrected), instead of computing ``E[(W_q - W) x]``
-            from the float input means: it also corrects the shift that quantized activations and earlier
-            layers cause (white paper section 4.2, empirical bias correction). Runs layer by layer through
-            relayq's torch twin of the graph (needs torch; ``adaround_samples`` output positions per
-            layer). AdaRound with ``adaround_inputs="quantized"`` always corrects this way.
+        empirical_bias_correction: with ``bias_correction``, correct each conv / dense layer by
+            ``E[(W_q - W) x_q]`` with ``E[x_q]`` the channel means of the input the partly quantized model
+            gives the layer (earlier layers already corrected), instead of the float model's input means.
+            Runs layer by layer through relayq's torch twin of the graph (needs torch). On MobileNetV2
+            W8A8 per-tensor + CLE it measured below the analytic default (95.8% vs 97.5% agreement).
         cross_layer_equalization: rescale the channels of every conv2d -> (ReLU | identity) -> conv2d
             chain (depthwise included) so that each channel's weight range is the same in both layers
             (Nagel et al. 2021, section 4.3), in ``prepare``. The float function is unchanged up to

@@ -14,8 +14,10 @@ Two ways to get the inputs the rounding is learned on (``QConfig.adaround_inputs
   sampled output positions. The rounding then also makes up for the error of the layers before it.
   Running the partly quantized model needs its torch twin, which the caller hands in (``twin``: a
   function ``(annotated, qpoints) -> torch module``; transform does not import the training package).
-  After each layer its bias is corrected by the measured mean output shift ``E[W~ x~ - W x]``
-  (empirical bias correction), so that the next layer is learned on corrected inputs.
+  After each layer its bias is corrected by the measured mean output shift ``E[W~ x~ - W x]`` on the
+  sampled positions, so that the next layer is learned on corrected inputs. Without AdaRound
+  (``empirical_bias_correction``) the same walk corrects each layer by ``E[(W~ - W) x~]`` from the
+  exact channel means of the quantized model's input.
 * ``"float"`` (:func:`learn_rounding`): every layer on the float model's inputs, fake-quantized by
   the layer's input quantizer; all layers are sampled in one pass over the data, no torch twin.
 
@@ -272,12 +274,12 @@ def learn_rounding_sequential(annotated, weights: dict, points: dict, samplers_:
     batch of ``batches``, the calibration arrays in order); ``twin(annotated, qpoints)`` builds the torch
     twin of a (truncated) annotated module that runs it with fake quantization. ``points`` is updated
     as layers are learned; the learned weight points are returned (codes, and with
-    ``config.bias_correction`` the measured ``bias_corr``). The correction is
-    ``mean_output(W~, E[x~]) - mean_output(W, E[x])``: the quantized layer's mean input ``E[x~]`` over
-    every position of every batch, the float one from ``means`` (weight point -> the float model's mean
-    input per channel, from the calibration pass); exact means, not the sampled patches, whose few
-    hundred positions per layer leave a noise larger than the 8-bit shift itself. Without ``means``
-    the sampled patches give it. Without ``config.adaround`` the codes stay
+    ``config.bias_correction`` the measured ``bias_corr``). With AdaRound the correction is the mean of
+    ``W~ x~ - W x`` over the sampled positions. Without it (``empirical_bias_correction``) it is
+    ``mean_output(W~ - W, E[x~])`` with ``E[x~]`` the quantized input's channel means over every
+    position of every batch (exact means: a few hundred sampled positions leave a noise larger than
+    the 8-bit shift itself); ``means`` (weight point -> the float model's mean input per channel) says
+    which layers to correct; without it the sampled patches give ``E[W~ x~ - W x]``. Without ``config.adaround`` the codes stay
     rounded to nearest and only the bias correction is measured, layer after layer
     (``QConfig.empirical_bias_correction``).
 
