@@ -200,10 +200,16 @@ def w4_adaround_float():
     data = [rng.randn(2, 3, 8, 8).astype("float32") for _ in range(4)]
     cfg = relayq.QConfig(weight_bits=4, per_channel=True, adaround=True, adaround_iterations=150,
                          adaround_samples=256, adaround_inputs="float", adaround_activation=False,
-                         show_progress=False)
-    with warnings.catch_warnings():
+                         show_progress=True)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(err):
         warnings.simplefilter("ignore")
-        return relayq.quantize_model(mod, params, data, "naive", cfg), rng
+        q = relayq.quantize_model(mod, params, data, "naive", cfg)
+    assert "adaround (torch, 150 iterations)" in err.getvalue()           # the float-input walk
+    return q, rng
 
 
 def test_adaround_lowers_layer_output_error_on_the_net(w4_adaround_float):

@@ -158,8 +158,6 @@ def learn_rounding(annotated, weights: dict, points: dict, samplers_: dict, conf
             gain = info["mse_adaround"] / info["mse_nearest"] if info["mse_nearest"] > 0 else 1.0
             prog.step(note=f"{name}: output MSE x{gain:.3f} vs nearest" + (" (kept nearest)"
                                                                            if info["kept"] == "nearest" else ""))
-    if config.show_progress:
-        _log.info("layer by layer on the quantized model: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()))
     return out
 
 
