@@ -381,6 +381,23 @@ def _all_layer_names(prepared, annotated, config: QConfig) -> set:
     return names
 
 
+def _adaround_twin(config: QConfig):
+    """The torch twin AdaRound (``adaround_inputs="quantized"``) and empirical bias correction run the
+    partly quantized model with,
+    or None when it is not needed or torch is missing (calibrate then warns and uses float inputs)."""
+    from .transform.calibrate import needs_twin
+
+    if not needs_twin(config):
+        return None
+    from .calibration.adaround import torch_available
+
+    if not torch_available():
+        return None
+    from .training.graph import build_torch_graph
+
+    return lambda mod, qpoints: build_torch_graph(mod, qpoints, learn_scales=False, train_weights=False)
+
+
 def quantize_model(sym, params=None, dataset=None, calibration="naive", config: QConfig | None = None, *,
                    shapes: dict | None = None) -> QuantizedModel:
     """Quantize a float model with post-training calibration.
@@ -421,7 +438,8 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
     start = time.perf_counter()
     held = HeldBatches() if config.check_accuracy else None
     stats = CalibrationStats()
-    simulated, qpoints = calibrate(annotated, dataset, calibration, config, record=held, stats=stats)
+    simulated, qpoints = calibrate(annotated, dataset, calibration, config, record=held, stats=stats,
+                                   twin=_adaround_twin(config))
     seconds = time.perf_counter() - start
     method = calibration if isinstance(calibration, str) else type(calibration).__name__
     if not layers(annotated):

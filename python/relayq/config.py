@@ -37,6 +37,8 @@ OP_TYPES = ("conv2d", "dense", "add", "concat", "max_pool2d", "avg_pool2d", "glo
 CALIBRATION_METHODS = ("naive", "kl", "percentile", "mse")
 #: Weight range setting methods.
 WEIGHT_METHODS = ("max", "mse")
+#: Where AdaRound takes each layer's inputs from (see QConfig.adaround_inputs).
+ADAROUND_INPUTS = ("quantized", "float")
 #: The percentile calibrator keeps the top (100 - p)% of |x| out of range: below the median it would
 #: clip most of the distribution, which is never what a user means (a fraction like 0.9999 is the
 #: usual mistake, caught here rather than silently clipping everything).
@@ -199,6 +201,11 @@ class QConfig:
         bias_correction: subtract the expected output shift that weight quantization causes,
             ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
             each conv / dense bias before it is quantized.
+        empirical_bias_correction: with ``bias_correction``, correct each conv / dense layer by
+            ``E[(W_q - W) x_q]`` with ``E[x_q]`` the channel means of the input the partly quantized model
+            gives the layer (earlier layers already corrected), instead of the float model's input means.
+            Runs layer by layer through relayq's torch twin of the graph (needs torch). On MobileNetV2
+            W8A8 per-tensor + CLE it measured below the analytic default (95.8% vs 97.5% agreement).
         cross_layer_equalization: rescale the channels of every conv2d -> (ReLU | identity) -> conv2d
             chain (depthwise included) so that each channel's weight range is the same in both layers
             (Nagel et al. 2021, section 4.3), in ``prepare``. The float function is unchanged up to
@@ -217,7 +224,17 @@ class QConfig:
             Uses torch when installed (much faster), else numpy.
         adaround_iterations: optimization steps per layer.
         adaround_samples: calibration samples per layer (output pixels for a conv, rows for a dense),
-            drawn at random from the dataset.
+            drawn at random from the dataset (spread evenly over the batches).
+        adaround_batch: samples per optimization step, drawn at random from the layer's samples (the
+            papers use 32 whole images per step on a GPU; a few hundred output pixels per step make
+            thousands of steps affordable on a CPU).
+        adaround_inputs: ``"quantized"`` (default): learn each layer on the input the *quantized* model
+            gives it (every earlier layer already rounded and bias-corrected, activations quantized),
+            against the float layer on the float input (the white paper's asymmetric reconstruction),
+            with empirical bias correction after each layer; needs torch (relayq's torch twin of the
+            graph). ``"float"``: every layer on the float model's inputs, one pass, torch or numpy.
+        adaround_activation: put the layer's bias and ReLU / ReLU6 in the reconstruction loss where
+            the layer is followed by one (errors the activation clips away do not count), as the paper.
         show_progress: print calibration progress to stderr.
         check_accuracy: after calibration, compare the quantized model with the float model on the
             last calibration batches (:mod:`relayq.analysis.check`), store the result as
@@ -243,12 +260,16 @@ class QConfig:
     power_of_two_scale: bool = False
     act_symmetric: bool = True
     bias_correction: bool = True
+    empirical_bias_correction: bool = False
     cross_layer_equalization: bool = False
     cle_replace_relu6: bool = False
     high_bias_absorption: bool = False
     adaround: bool = False
     adaround_iterations: int = 1000
     adaround_samples: int = 1024
+    adaround_batch: int = 256
+    adaround_inputs: str = "quantized"
+    adaround_activation: bool = True
     show_progress: bool = True
     check_accuracy: bool = True
 
@@ -258,14 +279,16 @@ class QConfig:
         if self.keep_first_last_bits is not None:
             _check_bits("keep_first_last_bits", self.keep_first_last_bits)
         for name in ("per_channel", "power_of_two_scale", "act_symmetric", "bias_correction", "show_progress",
-                     "cross_layer_equalization", "cle_replace_relu6", "high_bias_absorption", "adaround"):
+                     "cross_layer_equalization", "cle_replace_relu6", "high_bias_absorption", "adaround",
+                     "adaround_activation", "empirical_bias_correction"):
             object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
-        for name in ("adaround_iterations", "adaround_samples"):
+        for name in ("adaround_iterations", "adaround_samples", "adaround_batch"):
             v = getattr(self, name)
             if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_)) or v < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {v!r} ({type(v).__name__})")
             object.__setattr__(self, name, int(v))
         _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        _check_choice("adaround_inputs", self.adaround_inputs, ADAROUND_INPUTS)
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)) \
                 or not MIN_PERCENTILE < float(p) <= 100.0:

@@ -42,6 +42,8 @@ BAD_FIELDS = [
     ("percentile", 0.9999), ("percentile", 101), ("percentile", math.nan), ("percentile", True),
     ("op_overrides", [("conv2d", LayerConfig())]), ("layer_overrides", {"conv2d_0": 4}, "['conv2d_0']", "got 4"),
     ("skip_layers", 3), ("skip_layers", ("conv2d_0", 3), "got 3"), ("skip_ops", {"conv2d": True}),
+    ("adaround_batch", 0), ("adaround_batch", 2.5), ("adaround_inputs", "fp32"), ("adaround_inputs", None),
+    ("adaround_activation", "yes"), ("empirical_bias_correction", 1),
 ]
 
 
@@ -58,6 +60,7 @@ def test_bad_field_value(case):
     ("op_overrides", {"conv": LayerConfig()}, "'conv'", "'conv2d'"),
     ("skip_ops", ("dense", "max_pool"), "'max_pool'", "'max_pool2d'"),
     ("weight_method", "MSE", "'MSE'", "'mse'"),
+    ("adaround_inputs", "Quantized", "'Quantized'", "'quantized'"),
     ("layer_overrides", {"(conv": LayerConfig()}, "'(conv'", "regular expression"),
     ("skip_layers", ("",), "''", "non-empty"),
 ])

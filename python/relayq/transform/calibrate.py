@@ -538,14 +538,24 @@ def recalibrate(annotated: tvm.IRModule, stats: CalibrationStats, config: QConfi
     return out
 
 
+def needs_twin(config: QConfig) -> bool:
+    """Whether calibration runs the partly quantized model layer by layer (through the torch twin):
+    AdaRound on quantized inputs, or empirical bias correction."""
+    return (config.adaround and config.adaround_inputs == "quantized") or \
+        (config.empirical_bias_correction and config.bias_correction)
+
+
 def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QConfig | None = None,
-              target=None, record=None, stats: CalibrationStats | None = None):
+              target=None, record=None, stats: CalibrationStats | None = None, twin=None):
     """Calibrate every quantization point of ``annotated``.
 
     Returns ``(simulated_module, qpoints)`` with ``qpoints`` a dict name -> :class:`QPoint`.
     ``record`` is handed to :func:`observe` (called with every batch's inputs, taps and float outputs).
     ``stats``, when given, receives the calibrator (its histograms), the input means and the ranges
-    (see :class:`CalibrationStats`), for :func:`recalibrate` and reports.
+    (see :class:`CalibrationStats`), for :func:`recalibrate` and reports. ``twin`` is the function
+    ``(annotated, qpoints) -> torch module`` that AdaRound with ``adaround_inputs="quantized"`` runs the
+    partly quantized model with (``relayq.quantize_model`` hands in the training package's torch twin);
+    without it AdaRound learns on the float model's inputs, with a warning.
 
     Example::
 
@@ -575,8 +585,21 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
     if act_bits:
         ranges = {}
         samplers = None
-        if config.adaround:
-            from . import rounding as adaround
+        sequential = needs_twin(config)
+        if sequential and twin is None:
+            warnings.warn("relayq: AdaRound with adaround_inputs='quantized' and empirical_bias_correction need "
+                          "the torch twin of the graph (torch installed, and relayq.quantize_model); using the "
+                          "float model's inputs instead", CalibrationWarning, stacklevel=2)
+            sequential = False
+        arrays = None
+        if sequential:
+            # The layers are learned one after the other, each on a new pass of the data through the
+            # partly quantized model: the batches are read once and kept.
+            specs = input_specs(annotated)
+            dataset = list(dataset)
+            arrays = [batch_to_arrays(b, specs, where=f"calibration batch {i}") for i, b in enumerate(dataset)]
+        from . import rounding as adaround
+        if config.adaround or sequential:
             samplers = adaround.samplers(annotated, weights, config.adaround_samples,
                                          len(dataset) if hasattr(dataset, "__len__") else None)
         observe(annotated, dataset, calibrator, config.show_progress, target, means, ranges, record, samplers,
@@ -586,11 +609,19 @@ def calibrate(annotated: tvm.IRModule, dataset, calibration="naive", config: QCo
         for name, bits in act_bits.items():
             with _naming(annotated, name, method):
                 points[name] = act_qpoint(name, calibrator, method, bits, config, ranges.get(name))
-        if samplers:
+        measured = set()
+        if samplers and sequential:
+            learned = adaround.learn_rounding_sequential(annotated, weights, points, samplers, arrays, config, twin,
+                                                         means)
+            points.update(learned)
+            # Their bias correction was measured on the quantized model's own inputs, layer by layer.
+            measured = {n for n, p in learned.items() if p.bias_corr is not None}
+        elif samplers and config.adaround:
             # Learned rounding before bias correction: the correction measures the codes' actual error.
             points.update(adaround.learn_rounding(annotated, weights, points, samplers, config))
         for name, m in (means or {}).items():
-            points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
+            if name not in measured:
+                points[name] = dataclasses.replace(points[name], bias_corr=bias_correction(weights[name], points[name], m))
         if stats is not None:
             stats.means = dict(means or {})
     else:
