@@ -149,10 +149,30 @@ def _float_op(call, args):
         x = args[0]
         e = np.exp(x - x.max(axis=int(call.attrs.axis), keepdims=True))
         return e / e.sum(axis=int(call.attrs.axis), keepdims=True)
-    if name in ("relax.reshape", "relax.flatten"):
+    if name in ("relax.reshape", "relax.flatten", "relax.squeeze", "relax.expand_dims"):
         return args[0].reshape(shape_of(call))
     if name == "relax.nn.relu":
         return np.maximum(args[0], 0)
+    if name == "relax.permute_dims":
+        axes = call.attrs.axes
+        return args[0].transpose(None if axes is None else [int(a) for a in axes])
+    if name == "relax.take" and is_const_expr(call.args[1]):
+        return np.take(args[0], const_value(call.args[1]), axis=int(call.attrs.axis))
+    if name == "relax.matmul" and len(args) == 2:
+        return np.matmul(args[0], args[1]).astype(np.float32)
+    if name == "relax.nn.layer_norm":
+        # float64 statistics: the compiled model's float32 LayerNorm differs in the last bits, so a
+        # quantizer after it may round differently; tests compare such models within a tolerance.
+        x = args[0].astype(np.float64)
+        axes = tuple(int(a) for a in call.attrs.axes)
+        mu = x.mean(axis=axes, keepdims=True)
+        var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+        y = (x - mu) / np.sqrt(var + float(call.attrs.epsilon))
+        if bool(call.attrs.scale):
+            y = y * const_value(call.args[1])
+        if bool(call.attrs.center):
+            y = y + const_value(call.args[2])
+        return y.astype(np.float32)
     raise NotImplementedError(f"reference executor: float op {name} is not supported")
 
 
