@@ -332,7 +332,7 @@ class Realizer:
             for p in val.parts:
                 if isinstance(p, Const):
                     codes = np.clip(qmath.quantize(p.value, np.float32(scale), bits, signed, zp), lo, hi)
-                    parts.append(relax.const(codes.astype(st)))
+                    parts.append(relax.const(codes.astype(st), st))
                 elif p.same_codes(scale, bits, zp, signed) and (lo, hi) == (qlo, qhi):
                     parts.append(self.codes(p))
                 else:
@@ -400,7 +400,7 @@ class Realizer:
         for q in (a, b):
             t = self.emit(relax.op.astype(self.codes(q), dt))
             if q.zp:
-                t = self.emit(relax.op.subtract(t, relax.const(np.asarray(q.zp, dt))))
+                t = self.emit(relax.op.subtract(t, relax.const(np.asarray(q.zp, dt), dt)))
             terms.append(t)
         e = self.emit(relax.op.multiply(terms[0], terms[1]), v.name)
         return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=dt == "int64")
@@ -419,7 +419,7 @@ class Realizer:
             if q.zp or dt == "int64":
                 t = self.emit(relax.op.astype(t, dt))
                 if q.zp:
-                    t = self.emit(relax.op.subtract(t, relax.const(np.asarray(q.zp, dt))))
+                    t = self.emit(relax.op.subtract(t, relax.const(np.asarray(q.zp, dt), dt)))
             terms.append(t)
         e = self.emit(relax.op.matmul(terms[0], terms[1], out_dtype=dt), v.name)
         return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=dt == "int64")
@@ -539,6 +539,11 @@ class Realizer:
         like = dict(scale=q.scale, bits=q.bits, zp=q.zp, signed=q.signed)
         if name == "relax.nn.max_pool2d":
             return Q(self.emit(relax.Call(call.op, [q.expr], call.attrs), v.name), **like)
+        if name == "relax.take":
+            # annotate checked the constant indices are in range: "clip" computes the same, without the
+            # warning TVM prints for "fast" at every build
+            return Q(self.emit(relax.op.take(q.expr, call.args[1], axis=int(call.attrs.axis), mode="clip"), v.name),
+                     **like)
         if name in _DATA_MOVEMENT:
             # Codes move, values do not: the same op on the codes (or on the simulated float carrier).
             return Q(self.emit(relax.Call(call.op, [q.expr] + list(call.args[1:]), call.attrs), v.name), **like)
@@ -575,13 +580,13 @@ class Realizer:
             shape = [1, 1, 1, 1]
             shape[axis] = on
             lo = self.emit(relax.op.multiply(self.emit(relax.op.take(t, relax.const(i0), axis=axis, mode="clip")),
-                                             relax.const(w0.astype(dt).reshape(shape))))
+                                             relax.const(w0.astype(dt).reshape(shape), dt)))
             hi = self.emit(relax.op.multiply(self.emit(relax.op.take(t, relax.const(i1), axis=axis, mode="clip")),
-                                             relax.const(w1.astype(dt).reshape(shape))))
+                                             relax.const(w1.astype(dt).reshape(shape), dt)))
             t = self.emit(relax.op.add(lo, hi))
         bits = 2 * qmath.RESIZE_FRAC_BITS
-        t = self.emit(relax.op.add(t, relax.const(np.asarray(1 << (bits - 1), dt))))
-        t = self.emit(relax.op.right_shift(t, relax.const(np.asarray(bits, dt))))
+        t = self.emit(relax.op.add(t, relax.const(np.asarray(1 << (bits - 1), dt), dt)))
+        t = self.emit(relax.op.right_shift(t, relax.const(np.asarray(bits, dt), dt)))
         return self._cast(t, q.bits, q.signed)
 
     def _int_average(self, total, count, q: Q, name):
