@@ -470,6 +470,18 @@ def add_constant(a, c, a_scale: float, out_scale: float, qmin: int, qmax: int, a
     return np.clip(rounding_right_shift(t, ADD_EXTRA_BITS) + np.int64(out_zp), qmin, qmax)
 
 
+def constant_codes(c, bits: int):
+    """A float constant multiplied with quantized codes: symmetric ``bits``-bit codes at the scale of its
+    largest magnitude (scale 1 for an all-zero constant, whose codes are then exactly 0).
+
+    >>> codes, scale = constant_codes(np.array([0.5, -1.0]), 8); codes.tolist(), scale == 1 / 127
+    ([64, -127], True)
+    """
+    c = np.asarray(c, np.float64)
+    scale = scale_from_threshold(float(np.abs(c).max(initial=0.0)), bits)
+    return quantize(c, scale, bits), scale
+
+
 def matmul(a, b, a_zp: int = 0, b_zp: int = 0):
     """The exact int64 product of two code tensors less their zero points (``numpy.matmul`` batching):
     the accumulator of a matmul of two activations, at scale ``a_scale * b_scale``.

@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import pytest
-import tvm
 from tvm import relax
 
 import relayq

@@ -249,7 +249,11 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             acc.acc = acc.acc + bq
             vals[v] = acc
         elif name == "relax.multiply":
-            a, bq = args
+            a, bq = [_operand(e, vals) for e in call.args]
+            if isinstance(a, np.ndarray):
+                a, bq = bq, a
+            if isinstance(bq, np.ndarray):            # a constant factor: codes of its own, at a's bits
+                bq = _Q(*qmath.constant_codes(bq, a.bits), a.bits)
             vals[v] = _Acc((a.codes.astype(np.int64) - a.zp) * (bq.codes.astype(np.int64) - bq.zp),
                            np.float64(a.scale) * np.float64(bq.scale), 1)
         elif name in ("relax.nn.relu", "relax.clip"):

@@ -114,6 +114,11 @@ def _rule_multiply(call):
     a, b = call.args
     if isinstance(a, relax.Var) and isinstance(b, relax.Var) and _float(a) and _float(b):
         return "multiply", MERGE
+    # A constant no region took (an RNN's initial state, one value per batch row and unit): quantized on
+    # its own, the product is exact in int32 like the product of two activations.
+    if isinstance(a, relax.Var) and _float(a) and is_tensor(call) and shape_of(a) == shape_of(call) \
+            and _const_operand(b, call):
+        return "multiply", MERGE
     return None
 
 
@@ -374,10 +379,16 @@ class _Plan:
                 self.resolved[n] = dataclasses.replace(self.resolved[n], weight_bits=kf, act_bits=kf)
 
     def _merge_pays(self, v, call) -> bool:
-        """Whether an add / concat / multiply is worth quantizing: something other than a float-only op
-        (softmax, layer norm: ops without a rule) reads its result. Otherwise it would only add roundings:
-        a residual add before a LayerNorm, or an attention mask added to the scores before the softmax
-        (quantizing the mask's -10000 would leave the scores no codes at all)."""
+        """Whether an add / concat / multiply is worth quantizing: its inputs are all quantized already, or
+        something other than a float-only op (softmax, layer norm: ops without a rule) reads its result.
+        Otherwise quantizing a float input would only add roundings: a residual add of a LayerNorm's output
+        before the next LayerNorm, or an attention mask added to the scores before the softmax (quantizing
+        the mask's -10000 would leave the scores no codes at all)."""
+        if all(a in self.qdomain for a in vars_of(call)):
+            return True          # already integer inputs: an integer merge costs no more than a float one
+        if any(is_const_expr(a) for a in call.args) or \
+                (op_name(call) == "relax.concat" and any(is_const_expr(f) for f in call.args[0].fields)):
+            return False         # a float tensor with a constant: float until something quantizes its result
         if v in self.output_vars:
             return True
         readers = [op_name(self.binds[i].value) for i in self.users.get(v, [])]

@@ -393,7 +393,7 @@ class Realizer:
 
     def rule_multiply(self, v, call, args):
         """The exact product of two quantized tensors' codes (less their zero points), at scale s_a * s_b."""
-        a, b = (self.as_q(x, v.name) for x in args)
+        a, b = self._product_operands(v, call)
         worst = max(abs(a.lo - a.zp), abs(a.hi - a.zp)) * max(abs(b.lo - b.zp), abs(b.hi - b.zp))
         dt = "int32" if worst <= _INT32_MAX else "int64"
         terms = []
@@ -404,6 +404,20 @@ class Realizer:
             terms.append(t)
         e = self.emit(relax.op.multiply(terms[0], terms[1]), v.name)
         return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=dt == "int64")
+
+    def _product_operands(self, v, call):
+        """The two factors of a product as Q values; a constant factor gets codes of its own
+        (qmath.constant_codes, at the other factor's bits)."""
+        x = next(self.as_q(self.values[a], v.name) for a in call.args if isinstance(a, relax.Var))
+        out = []
+        for a in call.args:
+            if isinstance(a, relax.Var):
+                out.append(self.as_q(self.values[a], v.name))
+            else:
+                codes, scale = qmath.constant_codes(const_value(a), x.bits)
+                st = qmath.storage_dtype(x.bits)
+                out.append(self.wrap(relax.const(codes.astype(st), st), scale, x.bits))
+        return out
 
     def _matmul_worst(self, a: Q, b: Q, k: int) -> int:
         return k * max(abs(a.lo - a.zp), abs(a.hi - a.zp)) * max(abs(b.lo - b.zp), abs(b.hi - b.zp))
@@ -737,7 +751,7 @@ class Simulator(Realizer):
     def rule_multiply(self, v, call, args):
         # The float64 product of the dequantized values is the integer product times s_a * s_b up to a
         # relative 2^-51: acc_int recovers the integer exactly.
-        a, b = (self.as_q(x, v.name) for x in args)
+        a, b = self._product_operands(v, call)
         worst = max(abs(a.lo - a.zp), abs(a.hi - a.zp)) * max(abs(b.lo - b.zp), abs(b.hi - b.zp))
         e = self.emit(relax.op.multiply(self._real64(a), self._real64(b)), v.name)
         return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=worst > _INT32_MAX)
