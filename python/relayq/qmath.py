@@ -443,3 +443,159 @@ def multiply(a, b, a_scale: float, b_scale: float, out_scale: float, qmin: int, 
     prod = (np.asarray(a, np.int64) - a_zp) * (np.asarray(b, np.int64) - b_zp)
     m, s = quantize_multiplier(float(a_scale) * float(b_scale) / float(out_scale))
     return requantize(prod, m, s, qmin, qmax, zero_point=out_zp)
+
+
+# ----------------------------------------------------------------------------- data movement and merges
+def add_constant_term(c, out_scale: float):
+    """A float constant added to quantized codes, as an int64 term at ``out_scale / 2^ADD_EXTRA_BITS``
+    (the common scale of :func:`add`): one rounding here, one at the end of the add.
+
+    >>> add_constant_term(np.array([0.25, -1.0]), 0.5).tolist()
+    [32768, -131072]
+    """
+    t = np.round(np.asarray(c, np.float64) / float(out_scale) * (1 << ADD_EXTRA_BITS))
+    # Far beyond any output code: clamping keeps the int64 sum exact and saturates the same way.
+    return np.clip(np.nan_to_num(t), -_AFFINE_OFFSET_LIMIT, _AFFINE_OFFSET_LIMIT).astype(np.int64)
+
+
+def add_constant(a, c, a_scale: float, out_scale: float, qmin: int, qmax: int, a_zp: int = 0, out_zp: int = 0):
+    """Integer ``a + c`` for quantized ``a`` and a float constant ``c`` (numpy broadcasting), at ``out_scale``:
+    ``a`` is rescaled as in :func:`add`, ``c`` enters through :func:`add_constant_term`.
+
+    >>> add_constant(np.array([10, -10]), np.array([0.5, 0.5]), 0.1, 0.1, -127, 127).tolist()
+    [15, -5]
+    """
+    ma, sa = add_rescale_params(a_scale, out_scale)
+    t = rounding_right_shift((np.asarray(a, np.int64) - a_zp) * ma, sa) + add_constant_term(c, out_scale)
+    return np.clip(rounding_right_shift(t, ADD_EXTRA_BITS) + np.int64(out_zp), qmin, qmax)
+
+
+def constant_codes(c, bits: int):
+    """A float constant multiplied with quantized codes: symmetric ``bits``-bit codes at the scale of its
+    largest magnitude (scale 1 for an all-zero constant, whose codes are then exactly 0).
+
+    >>> codes, scale = constant_codes(np.array([0.5, -1.0]), 8); codes.tolist(), scale == 1 / 127
+    ([64, -127], True)
+    """
+    c = np.asarray(c, np.float64)
+    scale = scale_from_threshold(float(np.abs(c).max(initial=0.0)), bits)
+    return quantize(c, scale, bits), scale
+
+
+def matmul(a, b, a_zp: int = 0, b_zp: int = 0):
+    """The exact int64 product of two code tensors less their zero points (``numpy.matmul`` batching):
+    the accumulator of a matmul of two activations, at scale ``a_scale * b_scale``.
+
+    >>> matmul(np.array([[1, 2]]), np.array([[3], [4]])).tolist()
+    [[11]]
+    """
+    return np.matmul(np.asarray(a, np.int64) - np.int64(a_zp), np.asarray(b, np.int64) - np.int64(b_zp))
+
+
+def mean_codes(q, axes, keepdims: bool = False):
+    """The integer mean of codes over ``axes``: their exact sum divided with :func:`avg_pool_divide`'s
+    rounding (the zero point passes through: the weights of a mean sum to one).
+
+    >>> mean_codes(np.array([[1, 2], [4, 4]]), [1]).tolist()
+    [2, 4]
+    """
+    q = np.asarray(q, np.int64)
+    axes = tuple(int(a) % q.ndim for a in axes)
+    count = int(np.prod([q.shape[a] for a in axes]))
+    return avg_pool_divide(q.sum(axis=axes, keepdims=keepdims), count)
+
+
+#: Fraction bits of the bilinear weights of :func:`resize_linear_weights`: an 8-bit code times two
+#: weights of 2^10 stays below 2^27 (int32); wider codes interpolate in int64.
+RESIZE_FRAC_BITS = 10
+
+
+def _resize_source(out_size: int, in_size: int, mode: str):
+    """Source coordinate of every output index, in float32 and in the order TVM's ``resize2d`` computes it."""
+    x = np.arange(out_size, dtype=np.float32)
+    scale = np.float32(in_size) / np.float32(out_size)
+    if mode == "half_pixel":
+        return (x + np.float32(0.5)) * scale - np.float32(0.5)
+    if mode == "pytorch_half_pixel":
+        return (x + np.float32(0.5)) * scale - np.float32(0.5) if out_size > 1 else np.zeros_like(x)
+    if mode == "align_corners":
+        return np.float32(in_size - 1) / np.float32(max(out_size - 1, 1)) * x
+    if mode == "asymmetric":
+        return scale * x
+    if mode == "tf_half_pixel_for_nn":
+        return (x + np.float32(0.5)) * scale
+    raise ConfigError(f"resize: coordinate transformation {mode!r} has no integer rule")
+
+
+def resize_nearest_indices(in_size: int, out_size: int, mode: str, rounding: str = "") -> np.ndarray:
+    """The input index each output index copies in a nearest-neighbour resize along one axis (int32),
+    as TVM's ``image.resize2d`` picks it (its coordinate transformation and rounding method).
+
+    >>> resize_nearest_indices(4, 8, "asymmetric", "floor").tolist()
+    [0, 0, 1, 1, 2, 2, 3, 3]
+    """
+    in_size, out_size = int(in_size), int(out_size)
+    if mode == "asymmetric" and rounding in ("", "floor") and out_size % in_size == 0:
+        # TVM divides integers here (an integral upscale): exact, no float at all.
+        idx = np.arange(out_size) // (out_size // in_size)
+    else:
+        x = _resize_source(out_size, in_size, mode)
+        rounding = rounding or ("round" if mode == "align_corners" else "floor")
+        eps = np.float32(1e-5)
+        if rounding == "round":
+            idx = np.round(x)            # TVM's te.round: half to even, like numpy
+        elif rounding == "round_prefer_floor":
+            idx = np.ceil(x - np.float32(0.5))
+        elif rounding == "round_prefer_ceil":
+            idx = np.floor(x + np.float32(0.5))
+        elif rounding == "floor":
+            idx = np.floor(x + eps)
+        elif rounding == "ceil":
+            idx = np.ceil(x - eps)
+        else:
+            raise ConfigError(f"resize: rounding method {rounding!r} has no integer rule")
+    return np.clip(idx, 0, in_size - 1).astype(np.int32)
+
+
+def resize_linear_weights(in_size: int, out_size: int, mode: str, frac_bits: int = RESIZE_FRAC_BITS):
+    """Bilinear interpolation along one axis in integers: ``(i0, i1, w0, w1)`` (int32 vectors over the
+    output), with ``out[k] = w0[k] * x[i0[k]] + w1[k] * x[i1[k]]`` in units of ``2^-frac_bits`` and
+    ``w0 + w1 == 2^frac_bits`` exactly (so a zero point passes through). Edges clamp as TVM does.
+
+    >>> [v.tolist() for v in resize_linear_weights(2, 4, "half_pixel", 2)]
+    [[0, 0, 0, 1], [0, 1, 1, 1], [1, 3, 1, 3], [3, 1, 3, 1]]
+    """
+    x = _resize_source(int(out_size), int(in_size), mode).astype(np.float64)
+    base = np.floor(x)
+    one = 1 << int(frac_bits)
+    w1 = np.round((x - base) * one).astype(np.int64)
+    i0 = np.clip(base, 0, in_size - 1).astype(np.int32)
+    i1 = np.clip(base + 1, 0, in_size - 1).astype(np.int32)
+    return i0, i1, (one - w1).astype(np.int32), w1.astype(np.int32)
+
+
+def resize_work_dtype(bits: int) -> str:
+    """The integer type bilinear interpolation of ``bits``-bit codes runs in (see :data:`RESIZE_FRAC_BITS`)."""
+    return "int32" if int(bits) + 1 + 2 * RESIZE_FRAC_BITS <= 31 else "int64"
+
+
+def resize2d_nearest(q, rows, cols):
+    """Nearest-neighbour resize of NCHW codes: a copy through :func:`resize_nearest_indices` per axis."""
+    return np.asarray(q)[:, :, rows][:, :, :, cols]
+
+
+def resize2d_linear(q, rows, cols, frac_bits: int = RESIZE_FRAC_BITS):
+    """Bilinear resize of NCHW codes with the integer weights of :func:`resize_linear_weights` per axis
+    (``rows``, ``cols``: their 4-tuples): rows first, then columns, then one rounding shift by
+    ``2 * frac_bits`` (round half up). The result stays in the input's range and scale.
+
+    >>> rows = cols = resize_linear_weights(2, 4, "half_pixel")
+    >>> resize2d_linear(np.array([[[[0, 4], [8, 12]]]]), rows, cols)[0, 0].tolist()
+    [[0, 1, 3, 4], [2, 3, 5, 6], [6, 7, 9, 10], [8, 9, 11, 12]]
+    """
+    q = np.asarray(q, np.int64)
+    r0, r1, rw0, rw1 = (np.asarray(v, np.int64) for v in rows)
+    c0, c1, cw0, cw1 = (np.asarray(v, np.int64) for v in cols)
+    t = q[:, :, r0] * rw0[:, None] + q[:, :, r1] * rw1[:, None]
+    t = t[:, :, :, c0] * cw0 + t[:, :, :, c1] * cw1
+    return rounding_right_shift(t, 2 * int(frac_bits))

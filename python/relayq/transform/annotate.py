@@ -42,9 +42,9 @@ from ..config import QConfig
 from ..errors import FloatFallbackWarning
 from ..utils import names as source_names
 from ..utils.names import LayerSource, describe
-from .common import (SIMQ, bindings, dtype_of, is_const_expr, is_tensor, main_function, op_name, shape_of,
+from .common import (SIMQ, bindings, const_value, dtype_of, is_const_expr, is_tensor, main_function, op_name, shape_of,
                      simq_info, substitute, vars_of)
-from .elementwise import find_regions
+from .elementwise import FUNCS, find_regions
 
 #: Function attribute listing the binding variables of quantized ops (realize reads it).
 QUANTIZED_ATTR = "relayq_quantized"
@@ -80,13 +80,30 @@ def _rule_matmul(call):
     x, w = call.args
     if _float(x) and is_const_expr(w) and len(shape_of(w)) == 2 and len(shape_of(x)) == 2:
         return "dense", COMPUTE
+    # Two activations (attention's Q.K^T and A.V): int x int products summed in int32, requantized.
+    if isinstance(x, relax.Var) and isinstance(w, relax.Var) and _float(x) and _float(w) \
+            and len(shape_of(x)) >= 2 and len(shape_of(w)) >= 2 and is_tensor(call):
+        return "matmul", MERGE
     return None
+
+
+def _const_operand(c, out) -> bool:
+    """A constant a merge layer can quantize at its output scale: float, broadcasting into ``out``."""
+    if not is_const_expr(c) or str(const_value(c).dtype) != "float32" or not is_tensor(out):
+        return False
+    cs, os_ = tuple(const_value(c).shape), shape_of(out)
+    return len(cs) <= len(os_) and all(a in (1, b) for a, b in zip(reversed(cs), reversed(os_)))
 
 
 def _rule_add(call):
     a, b = call.args
     if isinstance(a, relax.Var) and isinstance(b, relax.Var) and _float(a) and _float(b) \
             and shape_of(a) == shape_of(b):
+        return "add", MERGE
+    # A tensor plus a constant that no elementwise region took (a position embedding: one value per
+    # element, not per channel): the constant is quantized at the output scale, so the add is exact.
+    if isinstance(a, relax.Var) and _float(a) and is_tensor(call) and shape_of(a) == shape_of(call) \
+            and _const_operand(b, call):
         return "add", MERGE
     return None
 
@@ -97,12 +114,19 @@ def _rule_multiply(call):
     a, b = call.args
     if isinstance(a, relax.Var) and isinstance(b, relax.Var) and _float(a) and _float(b):
         return "multiply", MERGE
+    # A constant no region took (an RNN's initial state, one value per batch row and unit): quantized on
+    # its own, the product is exact in int32 like the product of two activations.
+    if isinstance(a, relax.Var) and _float(a) and is_tensor(call) and shape_of(a) == shape_of(call) \
+            and _const_operand(b, call):
+        return "multiply", MERGE
     return None
 
 
 def _rule_concat(call):
+    # Constant fields (ViT's class token) are quantized at the output scale.
     t = call.args[0]
-    if isinstance(t, relax.Tuple) and all(isinstance(f, relax.Var) and _float(f) for f in t.fields):
+    if isinstance(t, relax.Tuple) and any(isinstance(f, relax.Var) for f in t.fields) \
+            and all((isinstance(f, relax.Var) and _float(f)) or _const_operand(f, f) for f in t.fields):
         return "concat", MERGE
     return None
 
@@ -127,10 +151,14 @@ def _rule_adaptive_pool(call):
 
 def _rule_mean(call):
     x = call.args[0]
-    if is_tensor(x) and len(shape_of(x)) == 4 and call.attrs.axis is not None \
-            and sorted(int(i) % 4 for i in call.attrs.axis) == [2, 3]:
+    if not is_tensor(x) or call.attrs.axis is None:
+        return None
+    nd = len(shape_of(x))
+    axes = sorted(int(i) % nd for i in call.attrs.axis)
+    if nd == 4 and axes == [2, 3]:
         return "global_avg_pool", PASS
-    return None
+    # Any other axes (an LSTM's mean over time): the integer sum of the codes, divided with rounding.
+    return "mean", PASS
 
 
 def _rule_reshape(call):
@@ -152,6 +180,31 @@ def _rule_strided_slice(call):
             (len(parts) > 3 and any(st <= 0 for st in parts[3])):
         return None
     return "reshape", PASS
+
+
+def _rule_take(call):
+    # Picking elements by constant indices (ViT's q/k/v unbind and class token) copies codes.
+    idx = call.args[1]
+    if not is_tensor(call.args[0]) or not is_const_expr(idx) or not str(const_value(idx).dtype).startswith("int"):
+        return None
+    n = shape_of(call.args[0])[int(call.attrs.axis) % len(shape_of(call.args[0]))]
+    i = const_value(idx)
+    return ("reshape", PASS) if i.size and i.min() >= 0 and i.max() < n else None
+
+
+#: ``image.resize2d`` attributes realize reproduces in integers (``relayq.qmath.resize_indices``).
+RESIZE_METHODS = ("nearest_neighbor", "linear")
+RESIZE_COORDINATES = ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel", "tf_half_pixel_for_nn")
+
+
+def _rule_resize(call):
+    a = call.attrs
+    if is_tensor(call.args[0]) and is_tensor(call) and a.layout == "NCHW" and a.method in RESIZE_METHODS \
+            and a.coordinate_transformation_mode in RESIZE_COORDINATES \
+            and a.rounding_method in ("", "round", "floor", "ceil", "round_prefer_floor", "round_prefer_ceil") \
+            and str(a.out_dtype) in ("", "void", "None", "float32"):
+        return "resize", PASS
+    return None
 
 
 def _rule_act(call):
@@ -176,12 +229,17 @@ RULES = {
     "relax.reshape": _rule_reshape,
     "relax.flatten": _rule_reshape,
     "relax.permute_dims": _rule_reshape,
+    "relax.squeeze": _rule_reshape,
+    "relax.expand_dims": _rule_reshape,
     "relax.strided_slice": _rule_strided_slice,
+    "relax.take": _rule_take,
+    "relax.image.resize2d": _rule_resize,
     "relax.nn.relu": _rule_act,
     "relax.clip": _rule_act,
 }
 #: Ops that never count as "left in float" in the warning: they only move data around.
-_QUIET_FLOAT_OPS = {"relax.reshape", "relax.flatten", "relax.permute_dims", "relax.squeeze", "relax.expand_dims"}
+_QUIET_FLOAT_OPS = {"relax.reshape", "relax.flatten", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
+                    "relax.take"}
 
 
 def make_marker(x, name: str, role: str, bits: int, axis: int = -1):
@@ -288,6 +346,8 @@ class _Plan:
                 if self.source_of(v) is not None and op_type not in ("act", "reshape"):
                     self.sources[layer] = self.source_of(v)
                 continue
+            if kind == MERGE and op_type != "matmul" and not self._merge_pays(v, call):
+                continue
             layer = f"{op_type}_{counters[op_type]}"
             src = self.source_of(v)
             resolved = self.config.layer(layer, op_type, src.names() if src else ())
@@ -317,6 +377,22 @@ class _Plan:
         if kf is not None and compute:
             for n in {compute[0], compute[-1]}:
                 self.resolved[n] = dataclasses.replace(self.resolved[n], weight_bits=kf, act_bits=kf)
+
+    def _merge_pays(self, v, call) -> bool:
+        """Whether an add / concat / multiply is worth quantizing: its inputs are all quantized already, or
+        something other than a float-only op (softmax, layer norm: ops without a rule) reads its result.
+        Otherwise quantizing a float input would only add roundings: a residual add of a LayerNorm's output
+        before the next LayerNorm, or an attention mask added to the scores before the softmax (quantizing
+        the mask's -10000 would leave the scores no codes at all)."""
+        if all(a in self.qdomain for a in vars_of(call)):
+            return True          # already integer inputs: an integer merge costs no more than a float one
+        if any(is_const_expr(a) for a in call.args) or \
+                (op_name(call) == "relax.concat" and any(is_const_expr(f) for f in call.args[0].fields)):
+            return False         # a float tensor with a constant: float until something quantizes its result
+        if v in self.output_vars:
+            return True
+        readers = [op_name(self.binds[i].value) for i in self.users.get(v, [])]
+        return any(r in RULES or r in FUNCS for r in readers)
 
     def _plan_region(self, region, counters):
         """A table / affine layer for an elementwise region whose input is quantized."""
@@ -353,9 +429,9 @@ class _Plan:
         """The activation arguments of the quantized op bound to ``v`` (compute/merge roots)."""
         call = self.value[v]
         if op_name(call) == "relax.concat":
-            return list(call.args[0].fields)
-        if op_name(call) in ("relax.add", "relax.multiply"):
-            return list(call.args)
+            return [f for f in call.args[0].fields if isinstance(f, relax.Var)]
+        if op_name(call) in ("relax.add", "relax.multiply", "relax.matmul"):
+            return [a for a in call.args if isinstance(a, relax.Var)]     # constants join at the output scale
         return [call.args[0]]
 
     def bits_of_var(self, v):

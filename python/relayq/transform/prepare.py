@@ -262,11 +262,51 @@ def _linear_nd_rewriters():
     return [(bcast, rw_bcast), (mm_b, rw_bias), (mm, rw_plain)]
 
 
+def _split_stack_rewriters():
+    """``split(x)[i]`` becomes one ``strided_slice`` per item and ``stack(xs, axis)`` an ``expand_dims``
+    per input and a ``concat``: the same values, spelled with ops that annotate keeps integer (a tuple
+    of tensors has no one scale). The LSTM / GRU converters write their gates and outputs this way."""
+    x = wildcard()
+    split = is_op("relax.split")(x)
+    item = is_tuple_get_item(split)
+
+    def rw_item(expr, m):
+        call, shape = m[split], _static_shape(m[x])
+        if shape is None:
+            return expr
+        axis = int(call.attrs.axis) % len(shape)
+        ios = call.attrs.indices_or_sections
+        if not isinstance(ios, (list, tuple, tvm.ir.Array)):
+            n = int(ios)
+            if n <= 0 or shape[axis] % n:
+                return expr
+            bounds = [shape[axis] // n * k for k in range(n + 1)]
+        else:
+            bounds = [0] + [min(int(i), shape[axis]) for i in ios] + [shape[axis]]
+        k = int(expr.index)
+        return relax.op.strided_slice(m[x], axes=[axis], begin=[bounds[k]], end=[bounds[k + 1]])
+
+    fields = wildcard()
+    stack = is_op("relax.stack")(fields)
+
+    def rw_stack(expr, m):
+        t = m[fields]
+        if not isinstance(t, relax.Tuple) or any(_static_shape(f) is None for f in t.fields):
+            return expr
+        axis = int(m[stack].attrs.axis)
+        rank = len(_static_shape(t.fields[0])) + 1
+        axis %= rank
+        return relax.op.concat([relax.op.expand_dims(f, [axis]) for f in t.fields], axis=axis)
+
+    return [(item, rw_item), (stack, rw_stack)]
+
+
 def canonicalize(mod: tvm.IRModule) -> tvm.IRModule:
     """Turn max/min pairs into ``clip``, ``maximum(x, 0)`` into ``relu``, put constants second, spell
     torch's ``where(x > 0, x, x * alpha)`` as ``nn.prelu`` / ``nn.leakyrelu`` (as ONNX's PRelu imports),
-    and flatten linear layers on N-D inputs to 2-D dense (see :func:`_linear_nd_rewriters`)."""
-    for pattern, rw in _clip_rewriters():
+    flatten linear layers on N-D inputs to 2-D dense (see :func:`_linear_nd_rewriters`), and spell
+    ``split`` / ``stack`` with slices and ``concat`` (see :func:`_split_stack_rewriters`)."""
+    for pattern, rw in _clip_rewriters() + _split_stack_rewriters():
         mod = map_functions(mod, lambda f, p=pattern, r=rw: rewrite_call(p, r, f))
     mod = relax.transform.FoldConstant()(mod)    # permute_dims(W) of torch's linear becomes a constant
     for pattern, rw in _linear_nd_rewriters():

@@ -41,6 +41,9 @@ from .common import (bindings, const_value, is_const_expr, main_function, op_nam
                      vars_of)
 
 _INT32_MAX = qmath.INT32_MAX
+#: Ops that only move codes: realize applies them to the codes unchanged (same scale and zero point).
+_DATA_MOVEMENT = ("relax.reshape", "relax.flatten", "relax.permute_dims", "relax.strided_slice", "relax.squeeze",
+                  "relax.expand_dims", "relax.take")
 
 
 @dataclass
@@ -81,6 +84,13 @@ class Acc:
     wpoint: Any = None            # the layer's weight QPoint (its bias correction applies to the bias)
     worst: int = 0                # the largest |accumulator| before the bias (the bias clamp keeps the sum in int32)
     wide: bool = False            # an int64 accumulator (a product of two 16-bit tensors may leave int32)
+
+
+@dataclass
+class Const:
+    """A float constant operand of a merge (a class token, a position embedding): quantized at the merge's
+    output scale when the merge is finalized."""
+    value: np.ndarray
 
 
 @dataclass
@@ -176,6 +186,8 @@ class Realizer:
                 remap = {a: self.to_float(self.values[a]) for a in vars_of(val.call) if a in self.values}
                 self.dequantized[key] = self.emit(substitute(val.call, remap))
             return self.dequantized[key]
+        if isinstance(val, Const):
+            return relax.const(val.value.astype(np.float32))
         if isinstance(val, (Lut, Affine)):
             raise ConfigError("realize: an elementwise region without an output point (the annotated module is "
                               "inconsistent)")
@@ -301,6 +313,9 @@ class Realizer:
             if val.kind == "add":
                 terms = []
                 for p in val.parts:
+                    if isinstance(p, Const):
+                        terms.append(_i64(qmath.add_constant_term(p.value, scale)))
+                        continue
                     m, s = qmath.add_rescale_params(p.scale, scale)
                     t = self.emit(relax.op.astype(self.codes(p), "int64"))
                     if p.zp:
@@ -315,7 +330,10 @@ class Realizer:
                 return self.wrap(self._cast(t, bits, signed, name), scale, bits, zp, signed, name)
             parts = []
             for p in val.parts:
-                if p.same_codes(scale, bits, zp, signed) and (lo, hi) == (qlo, qhi):
+                if isinstance(p, Const):
+                    codes = np.clip(qmath.quantize(p.value, np.float32(scale), bits, signed, zp), lo, hi)
+                    parts.append(relax.const(codes.astype(st), st))
+                elif p.same_codes(scale, bits, zp, signed) and (lo, hi) == (qlo, qhi):
                     parts.append(self.codes(p))
                 else:
                     parts.append(self.requantize(self.codes(p), p.scale / scale, bits, lo, hi, zp_in=p.zp, zp_out=zp,
@@ -375,16 +393,49 @@ class Realizer:
 
     def rule_multiply(self, v, call, args):
         """The exact product of two quantized tensors' codes (less their zero points), at scale s_a * s_b."""
-        a, b = (self.as_q(x, v.name) for x in args)
+        a, b = self._product_operands(v, call)
         worst = max(abs(a.lo - a.zp), abs(a.hi - a.zp)) * max(abs(b.lo - b.zp), abs(b.hi - b.zp))
         dt = "int32" if worst <= _INT32_MAX else "int64"
         terms = []
         for q in (a, b):
             t = self.emit(relax.op.astype(self.codes(q), dt))
             if q.zp:
-                t = self.emit(relax.op.subtract(t, relax.const(np.asarray(q.zp, dt))))
+                t = self.emit(relax.op.subtract(t, relax.const(np.asarray(q.zp, dt), dt)))
             terms.append(t)
         e = self.emit(relax.op.multiply(terms[0], terms[1]), v.name)
+        return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=dt == "int64")
+
+    def _product_operands(self, v, call):
+        """The two factors of a product as Q values; a constant factor gets codes of its own
+        (qmath.constant_codes, at the other factor's bits)."""
+        x = next(self.as_q(self.values[a], v.name) for a in call.args if isinstance(a, relax.Var))
+        out = []
+        for a in call.args:
+            if isinstance(a, relax.Var):
+                out.append(self.as_q(self.values[a], v.name))
+            else:
+                codes, scale = qmath.constant_codes(const_value(a), x.bits)
+                st = qmath.storage_dtype(x.bits)
+                out.append(self.wrap(relax.const(codes.astype(st), st), scale, x.bits))
+        return out
+
+    def _matmul_worst(self, a: Q, b: Q, k: int) -> int:
+        return k * max(abs(a.lo - a.zp), abs(a.hi - a.zp)) * max(abs(b.lo - b.zp), abs(b.hi - b.zp))
+
+    def rule_matmul(self, v, call, args):
+        """Two quantized activations (attention): the exact integer matmul of their codes (less their zero
+        points), int32 (int64 where the worst case leaves int32), at scale s_a * s_b; requantized like dense."""
+        a, b = (self.as_q(x, v.name) for x in args)
+        dt = "int32" if self._matmul_worst(a, b, shape_of(call.args[0])[-1]) <= _INT32_MAX else "int64"
+        terms = []
+        for q in (a, b):
+            t = self.codes(q)
+            if q.zp or dt == "int64":
+                t = self.emit(relax.op.astype(t, dt))
+                if q.zp:
+                    t = self.emit(relax.op.subtract(t, relax.const(np.asarray(q.zp, dt), dt)))
+            terms.append(t)
+        e = self.emit(relax.op.matmul(terms[0], terms[1], out_dtype=dt), v.name)
         return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=dt == "int64")
 
     def as_q(self, val, where: str) -> Q:
@@ -485,11 +536,16 @@ class Realizer:
         clo, chi = self._code_bounds(lo, hi, q.scale, q.bits, q.zp, q.signed)
         return self.wrap(self.emit(relax.op.clip(self.codes(q), clo, chi)), q.scale, q.bits, q.zp, q.signed, v.name)
 
+    def _merge_part(self, e, where):
+        if is_const_expr(e):
+            return Const(const_value(e).astype(np.float64))
+        return self.as_q(self.values[e], where)
+
     def rule_merge(self, v, call, args):
         if op_name(call) == "relax.add":
-            return Pending("add", [self.as_q(a, v.name) for a in args])
-        fields = [self.values[f] for f in call.args[0].fields]
-        return Pending("concat", [self.as_q(a, v.name) for a in fields], {"axis": int(call.attrs.axis)})
+            return Pending("add", [self._merge_part(a, v.name) for a in call.args])
+        return Pending("concat", [self._merge_part(f, v.name) for f in call.args[0].fields],
+                       {"axis": int(call.attrs.axis)})
 
     def rule_pass(self, v, call, args):
         name = op_name(call)
@@ -497,16 +553,55 @@ class Realizer:
         like = dict(scale=q.scale, bits=q.bits, zp=q.zp, signed=q.signed)
         if name == "relax.nn.max_pool2d":
             return Q(self.emit(relax.Call(call.op, [q.expr], call.attrs), v.name), **like)
-        if name in ("relax.reshape", "relax.flatten", "relax.permute_dims", "relax.strided_slice"):
+        if name == "relax.take":
+            # annotate checked the constant indices are in range: "clip" computes the same, without the
+            # warning TVM prints for "fast" at every build
+            return Q(self.emit(relax.op.take(q.expr, call.args[1], axis=int(call.attrs.axis), mode="clip"), v.name),
+                     **like)
+        if name in _DATA_MOVEMENT:
+            # Codes move, values do not: the same op on the codes (or on the simulated float carrier).
             return Q(self.emit(relax.Call(call.op, [q.expr] + list(call.args[1:]), call.attrs), v.name), **like)
         if name in ("relax.mean", "relax.nn.adaptive_avg_pool2d"):
-            n, c, h, w = shape_of(call.args[0])
-            keep = name == "relax.nn.adaptive_avg_pool2d" or bool(call.attrs.keepdims)
-            total = self.emit(relax.op.sum(relax.op.astype(self.codes(q), "int32"), axis=[2, 3], keepdims=keep))
-            return self.wrap(self._int_average(total, np.array(h * w, np.int32), q, None), name=v.name, **like)
+            shape = shape_of(call.args[0])
+            if name == "relax.nn.adaptive_avg_pool2d":
+                axes, keep = [2, 3], True
+            else:
+                axes, keep = sorted(int(a) % len(shape) for a in call.attrs.axis), bool(call.attrs.keepdims)
+            count = int(np.prod([shape[a] for a in axes]))
+            total = self.emit(relax.op.sum(relax.op.astype(self.codes(q), "int32"), axis=axes, keepdims=keep))
+            return self.wrap(self._int_average(total, np.array(count, np.int32), q, None), name=v.name, **like)
+        if name == "relax.image.resize2d":
+            return self.wrap(self._resize(q, call, shape_of(v)), name=v.name, **like)
         if name == "relax.nn.avg_pool2d":
             return self.wrap(self._avg_pool(q, call, None), name=v.name, **like)
         raise ConfigError(f"realize: no integer rule for {name}")
+
+    def _resize(self, q: Q, call, out_shape):
+        """Nearest: a copy of codes by index (qmath.resize_nearest_indices). Bilinear: integer weights per
+        axis, rows then columns, one rounding shift (qmath.resize2d_linear)."""
+        a = call.attrs
+        (h, w), (oh, ow) = shape_of(call.args[0])[2:], out_shape[2:]
+        codes = self.codes(q)
+        if a.method == "nearest_neighbor":
+            rows = qmath.resize_nearest_indices(h, oh, a.coordinate_transformation_mode, a.rounding_method)
+            cols = qmath.resize_nearest_indices(w, ow, a.coordinate_transformation_mode, a.rounding_method)
+            t = self.emit(relax.op.take(codes, relax.const(rows), axis=2, mode="clip"))
+            return self.emit(relax.op.take(t, relax.const(cols), axis=3, mode="clip"))
+        dt = qmath.resize_work_dtype(q.bits)
+        t = self.emit(relax.op.astype(codes, dt))
+        for axis, (n, on) in ((2, (h, oh)), (3, (w, ow))):
+            i0, i1, w0, w1 = qmath.resize_linear_weights(n, on, a.coordinate_transformation_mode)
+            shape = [1, 1, 1, 1]
+            shape[axis] = on
+            lo = self.emit(relax.op.multiply(self.emit(relax.op.take(t, relax.const(i0), axis=axis, mode="clip")),
+                                             relax.const(w0.astype(dt).reshape(shape), dt)))
+            hi = self.emit(relax.op.multiply(self.emit(relax.op.take(t, relax.const(i1), axis=axis, mode="clip")),
+                                             relax.const(w1.astype(dt).reshape(shape), dt)))
+            t = self.emit(relax.op.add(lo, hi))
+        bits = 2 * qmath.RESIZE_FRAC_BITS
+        t = self.emit(relax.op.add(t, relax.const(np.asarray(1 << (bits - 1), dt), dt)))
+        t = self.emit(relax.op.right_shift(t, relax.const(np.asarray(bits, dt), dt)))
+        return self._cast(t, q.bits, q.signed)
 
     def _int_average(self, total, count, q: Q, name):
         """qmath.avg_pool_divide in Relax: divide with rounding half away from zero."""
@@ -578,6 +673,8 @@ class Realizer:
                             val = self.rule_multiply(v, call, args)
                         elif name in ("relax.nn.conv2d", "relax.matmul") and call.args[1] in self.weights:
                             val = self.rule_compute(v, call, args)
+                        elif name == "relax.matmul":
+                            val = self.rule_matmul(v, call, args)
                         elif name == "relax.add" and isinstance(args[0], Acc) and is_const_expr(call.args[1]):
                             val = self.rule_bias(v, call, args)
                         elif name in ("relax.nn.relu", "relax.clip"):
@@ -654,10 +751,18 @@ class Simulator(Realizer):
     def rule_multiply(self, v, call, args):
         # The float64 product of the dequantized values is the integer product times s_a * s_b up to a
         # relative 2^-51: acc_int recovers the integer exactly.
-        a, b = (self.as_q(x, v.name) for x in args)
+        a, b = self._product_operands(v, call)
         worst = max(abs(a.lo - a.zp), abs(a.hi - a.zp)) * max(abs(b.lo - b.zp), abs(b.hi - b.zp))
         e = self.emit(relax.op.multiply(self._real64(a), self._real64(b)), v.name)
         return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=worst > _INT32_MAX)
+
+    def rule_matmul(self, v, call, args):
+        # As rule_multiply: the float64 matmul of the dequantized values is the integer accumulator times
+        # s_a * s_b, within far less than half a unit for any accumulator in range (acc_int rounds it).
+        a, b = (self.as_q(x, v.name) for x in args)
+        wide = self._matmul_worst(a, b, shape_of(call.args[0])[-1]) > _INT32_MAX
+        e = self.emit(relax.op.matmul(self._real64(a), self._real64(b), out_dtype="float64"), v.name)
+        return Acc(e, float(np.float64(a.scale) * np.float64(b.scale)), 1, len(shape_of(v)), wide=wide)
 
     def rule_compute(self, v, call, args):
         x = self.as_q(args[0], v.name)
