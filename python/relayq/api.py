@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 
 from .analysis.check import HeldBatches, check_accuracy
-from .config import CALIBRATION_METHODS, QConfig, as_config, check_layer_names, closest
+from .config import CALIBRATION_METHODS, DEFAULT_CALIBRATION, QConfig, as_config, check_layer_names, closest
 from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning, RelayqError
 from .runtime import CompiledModel, host_target, splittable_batch
 from .runtime import load as _load_compiled
@@ -373,7 +373,7 @@ def _all_layer_names(prepared, annotated, config: QConfig) -> set:
     return names
 
 
-def quantize_model(sym, params=None, dataset=None, calibration="naive", config: QConfig | None = None, *,
+def quantize_model(sym, params=None, dataset=None, calibration=DEFAULT_CALIBRATION, config: QConfig | None = None, *,
                    shapes: dict | None = None) -> QuantizedModel:
     """Quantize a float model with post-training calibration.
 
@@ -383,7 +383,7 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
         params: weights by name (dict of numpy arrays); for MXNet a ``.params`` path, a dict, or
             ``(arg_params, aux_params)``.
         dataset: an iterable of input batches (numpy arrays, tuples, or dicts name -> array).
-        calibration: ``"naive"``, ``"kl"``, ``"percentile"``, ``"mse"``, or a Calibrator object.
+        calibration: ``"naive"``, ``"kl"`` (the default), ``"percentile"``, ``"mse"``, or a Calibrator object.
         config: a :class:`~relayq.config.QConfig` (or a dict of its fields).
         shapes: input shapes for frontends that need them (MXNet, dynamic ONNX inputs, TFLite overrides).
 
