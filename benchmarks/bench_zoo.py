@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=16, help="evaluation inputs (not seen by calibration or BN)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's quantize_static")
     ap.add_argument("--no-torch-export", action="store_true", help="import through ONNX only")
+    ap.add_argument("--calibration", default=None,
+                    help="relayq's calibrator (default: relayq.config.DEFAULT_CALIBRATION, what a user gets)")
+    ap.add_argument("--size", type=int, default=None, help="input side for every model (default: the zoo's)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
     print(HEADER, flush=True)
     for name in names:
         t0 = time.perf_counter()
-        r = zoo_eval.evaluate(name, n_calib=args.calib, n_eval=args.eval, ort=not args.no_ort,
+        r = zoo_eval.evaluate(name, size=args.size, n_calib=args.calib, n_eval=args.eval, ort=not args.no_ort,
+                              calibration=args.calibration,
                               frontends=("onnx",) if args.no_torch_export else ("onnx", "torch"))
         r["total_s"] = time.perf_counter() - t0
         r.pop("traceback", None)

@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 
 from .analysis.check import HeldBatches, check_accuracy
-from .config import CALIBRATION_METHODS, QConfig, as_config, check_layer_names, closest
+from .config import CALIBRATION_METHODS, DEFAULT_CALIBRATION, QConfig, as_config, check_layer_names, closest
 from .errors import BuildError, ConfigError, DatasetError, ModelError, NothingQuantizedWarning, RelayqError
 from .runtime import CompiledModel, host_target, splittable_batch
 from .runtime import load as _load_compiled
@@ -398,7 +398,7 @@ def _adaround_twin(config: QConfig):
     return lambda mod, qpoints: build_torch_graph(mod, qpoints, learn_scales=False, train_weights=False)
 
 
-def quantize_model(sym, params=None, dataset=None, calibration="naive", config: QConfig | None = None, *,
+def quantize_model(sym, params=None, dataset=None, calibration=DEFAULT_CALIBRATION, config: QConfig | None = None, *,
                    shapes: dict | None = None) -> QuantizedModel:
     """Quantize a float model with post-training calibration.
 
@@ -408,7 +408,7 @@ def quantize_model(sym, params=None, dataset=None, calibration="naive", config: 
         params: weights by name (dict of numpy arrays); for MXNet a ``.params`` path, a dict, or
             ``(arg_params, aux_params)``.
         dataset: an iterable of input batches (numpy arrays, tuples, or dicts name -> array).
-        calibration: ``"naive"``, ``"kl"``, ``"percentile"``, ``"mse"``, or a Calibrator object.
+        calibration: ``"naive"``, ``"kl"`` (the default), ``"percentile"``, ``"mse"``, or a Calibrator object.
         config: a :class:`~relayq.config.QConfig` (or a dict of its fields).
         shapes: input shapes for frontends that need them (MXNet, dynamic ONNX inputs, TFLite overrides).
 

@@ -35,6 +35,11 @@ OP_TYPES = ("conv2d", "dense", "add", "concat", "max_pool2d", "avg_pool2d", "glo
             "multiply")
 #: Calibration method names known to relayq (a calibrator object may be passed instead).
 CALIBRATION_METHODS = ("naive", "kl", "percentile", "mse")
+#: The calibrator of ``quantize_model``, the CLI and the zoo when none is named. The entropy method (with
+#: rounding-true levels and its squared-error guard, see :func:`relayq.calibration.methods.kl_threshold`)
+#: was never below ``naive`` and was at or near the top on MobileNetV2 (real weights) and the hardswish
+#: networks (issue 7 item 4; numbers in the README's calibrator section).
+DEFAULT_CALIBRATION = "kl"
 #: Weight range setting methods.
 WEIGHT_METHODS = ("max", "mse")
 #: Where AdaRound takes each layer's inputs from (see QConfig.adaround_inputs).

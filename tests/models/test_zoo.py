@@ -38,6 +38,18 @@ def _calib(cos, ort_cos):
 
 
 
+#: Why the random-weight hardswish / SiLU + squeeze-excitation networks miss 0.99 (issue 7 item 4, measured):
+#: with random weights the size of the output varies from input to input by 160-700x at 64x64 (largest /
+#: smallest max |logit| over 16 photos: MobileNetV3-small 278x, -large 162x, EfficientNet-B0 689x; real
+#: MobileNetV2 3x, random ResNet-18 2x), growing block after block. No static per-tensor scale serves
+#: inputs 100x apart, so every static INT8 collapses on them (ONNX Runtime too). At 224x224 (their native
+#: size, spread 23x on MobileNetV3-small) activation-only fake quantization in torch reaches cosine 0.958
+#: (MobileNetV3-large) and 0.87-0.89 (EfficientNet-B0) with the best calibrator: the 0.99 bound needs
+#: trained weights, which cannot be had offline.
+SPREAD = ("random-weight network whose output size spreads over 160-700x between inputs (see SPREAD's comment): "
+          "static INT8 collapses for relayq and ONNX Runtime alike; 0.99 is not reachable with random weights")
+
+
 class Case:
     """One zoo network's test: input size, INT8-vs-FP32 bound, and the failures known today."""
 
@@ -59,16 +71,13 @@ CASES = {
     "resnet18": Case(),
     "resnet50": Case(),
     "mobilenet_v2": Case(accuracy_xfail=_calib(0.76, 0.82)),
-    "mobilenet_v3_small": Case(accuracy_xfail="no op left float, but INT8-vs-FP32 cosine mean 0.71 / min 0.23 "
-                               "(ONNX Runtime 0.78 / 0.37) on this random-weight net at 64x64: issue 7 item 4"),
-    "mobilenet_v3_large": Case(accuracy_xfail="as mobilenet_v3_small (cosine mean 0.73 / min 0.27, ONNX Runtime "
-                               "0.79 / 0.47): issue 7 item 4"),
+    "mobilenet_v3_small": Case(accuracy_xfail=SPREAD),
+    "mobilenet_v3_large": Case(accuracy_xfail=SPREAD),
     "shufflenet_v2_x1_0": Case(accuracy_xfail=_calib(0.82, 0.88)),
     "densenet121": Case(),
     "googlenet": Case(),
     "inception_v3": Case(),
-    "efficientnet_b0": Case(accuracy_xfail="no op left float, but cosine mean 0.51 (ONNX Runtime 0.52) on this "
-                            "random-weight net at 64x64: issue 7 item 4"),
+    "efficientnet_b0": Case(accuracy_xfail=SPREAD),
     "regnet_y_400mf": Case(),
     "mnasnet1_0": Case(),
     "convnext_tiny": Case(),
@@ -76,10 +85,10 @@ CASES = {
                      "min 0.81 with every matmul integer (softmax outputs in symmetric int8): issue 7 item 4"),
     # Real weights: issue 7's acceptance bounds.
     # bench_accuracy.py's protocol: calibrate on the 100 photos, agreement on them and the 20 labelled ones.
-    "mobilenet_v2_real": Case(top1=0.975, n_calib=100, n_eval=120,
-                              accuracy_xfail="torch-exported MobileNetV2 at W8A8 per-channel, naive: top-1 agreement "
-                              "94.2% (ONNX Runtime 93.3%), cosine min 0.889, below the 97.5% of issue 7's acceptance; "
-                              "cause not yet isolated (calibrator choice, issue 7 item 4)"),
+    # Measured with the default calibrator (kl, rounding-true levels + squared-error guard): agreement 98.3%,
+    # cosine mean 0.980 / min 0.925 (naive: 94.2%; ONNX Runtime's quantize_static 93.3%). Issue 7's bound is
+    # on agreement; the cosine bound only catches a collapse.
+    "mobilenet_v2_real": Case(top1=0.975, cos_min=0.9, n_calib=100, n_eval=120),
     "minilm": Case(n_calib=8, n_eval=12, float_ops_xfail="the attention-mask and mean-pooling arithmetic on the int64 "
                    "inputs (less / where / astype / sum / divide / sqrt / clip: no quantized tensor involved) and "
                    "the masked mean's divide by the token count stay float",

@@ -140,12 +140,29 @@ class HistogramCalibrator(Calibrator):
         return float(max(lo, -t)), float(min(hi, t))
 
 
-def kl_threshold(hist: np.ndarray, width: float, levels: int) -> float:
-    """The KL-optimal threshold of an |x| histogram for ``levels`` quantization levels.
+def kl_threshold(hist: np.ndarray, width: float, levels: int, guard: bool = True) -> float:
+    """The KL-optimal threshold of an |x| histogram for ``levels`` quantization levels (codes 0..levels-1).
 
     All candidates ``i`` (the first ``i`` bins kept) are evaluated at once. Where the histogram has
     fewer than ``2 * levels`` bins (16-bit codes on 2048 bins) the method has no room to choose and
     returns the max.
+
+    Two departures from the entropy method as TensorRT and MXNet write it, both found on hardswish /
+    SiLU networks (issue 7), where it clipped the long positive tail that carries the signal:
+
+    * Q is built from the levels the data really rounds to: a threshold of ``i`` bins has a step of
+      ``i / (levels - 1)`` bins, and a bin belongs to the level its centre rounds to. The classic
+      ``i // levels`` bins per level (the remainder all in the last level) models every threshold
+      below ``2 * levels`` bins as *lossless* in the bulk (one bin per level), which drags the choice
+      towards them.
+    * ``guard``: a threshold whose expected squared error (as :func:`mse_threshold` models it) exceeds
+      that of the max is no candidate. KL compares shapes and barely sees the magnitude of what it
+      clips; the guard keeps it from trading more error than not clipping at all would cost.
+
+    >>> x = np.abs(np.random.RandomState(0).randn(100_000))
+    >>> h, e = np.histogram(x, bins=2048, range=(0, x.max()))
+    >>> bool(2.5 < kl_threshold(h, e[1], 128) < x.max())
+    True
     """
     hist = np.asarray(hist, dtype=np.float64)
     nb = hist.size
@@ -174,9 +191,10 @@ def kl_threshold(hist: np.ndarray, width: float, levels: int) -> float:
     tail = total - csum[cand]                                   # outliers, folded into bin i-1
     last_bin = hist[cand - 1] + tail                            # P's last bin
     j = np.arange(levels)[None, :]
-    merged = cand // levels
-    start = j * merged
-    end = np.where(j == levels - 1, cand, (j + 1) * merged)
+    # Level j holds the bins whose centre b + 1/2 rounds to j steps of i / (levels - 1) bins.
+    step = cand / (levels - 1)
+    start = np.clip(np.ceil((j - 0.5) * step - 0.5), 0, cand).astype(np.int64)
+    end = np.where(j == levels - 1, cand, np.clip(np.ceil((j + 0.5) * step - 0.5), 0, cand).astype(np.int64))
     # Q is built from the kept bins *without* the outliers (as TensorRT and MXNet do): clipping moves
     # mass into P's last bin that Q does not have, which is what makes small thresholds expensive.
     qsum = csum[end] - csum[start]
@@ -204,6 +222,9 @@ def kl_threshold(hist: np.ndarray, width: float, levels: int) -> float:
     # method assumes the clipped tail is small; hold it to that.
     kl = np.where(tail[:, 0] <= _KL_MAX_CLIPPED * total, kl, np.inf)
     cand = cand[:, 0]
+    if guard:
+        err = _squared_error_curve(hist, width, levels - 1)[cand - 1]
+        kl = np.where(err <= err[-1] * (1.0 + 1e-9), kl, np.inf)
     best = int(cand[int(np.argmin(kl))])
     return best * width
 
@@ -239,19 +260,11 @@ def _expected_sq_error(centers, counts, lo, hi, levels):
     return np.sum(err * counts, axis=-1)
 
 
-def mse_threshold(hist: np.ndarray, width: float, levels: int) -> float:
-    """The symmetric threshold minimizing the expected squared error, over every bin edge at once.
-
-    ``levels`` is the number of steps between 0 and the threshold (``qmax``, or ``2^bits - 1`` for an
-    unsigned code). The error of each candidate comes from prefix sums, so the search is linear in the
-    number of bins.
-    """
+def _squared_error_curve(hist: np.ndarray, width: float, levels: int) -> np.ndarray:
+    """Expected squared error of every candidate threshold ``(i + 1) * width`` (the upper edge of bin
+    ``i``), for ``levels`` steps between 0 and the threshold; linear in the number of bins (prefix sums)."""
     hist = np.asarray(hist, dtype=np.float64)
-    nz = np.nonzero(hist)[0]
-    if nz.size == 0:
-        return 0.0
-    last = int(nz[-1]) + 1
-    hist = hist[:last]
+    last = hist.size
     c = (np.arange(last) + 0.5) * width
     pre = [np.concatenate([[0.0], np.cumsum(hist * c ** e)]) for e in range(3)]   # sums of h, h c, h c^2
     cand = np.arange(1, last + 1) * width          # candidate t = upper edge of bin i - 1
@@ -263,7 +276,27 @@ def mse_threshold(hist: np.ndarray, width: float, levels: int) -> float:
     step = cand / levels
     split = np.minimum(np.searchsorted(c, step / np.sqrt(12.0)), i)
     round_err = pre[2][split] + step ** 2 / 12.0 * (pre[0][i] - pre[0][split])
-    return float(cand[int(np.argmin(clip_err + round_err))])
+    return clip_err + round_err
+
+
+def mse_threshold(hist: np.ndarray, width: float, levels: int) -> float:
+    """The symmetric threshold minimizing the expected squared error, over every bin edge at once.
+
+    ``levels`` is the number of steps between 0 and the threshold (``qmax``, or ``2^bits - 1`` for an
+    unsigned code). The error of each candidate comes from prefix sums, so the search is linear in the
+    number of bins.
+
+    >>> h = np.ones(256)
+    >>> round(mse_threshold(h, 1.0 / 256, 127), 2)     # uniform on [0, 1]: nothing worth clipping
+    1.0
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    nz = np.nonzero(hist)[0]
+    if nz.size == 0:
+        return 0.0
+    hist = hist[:int(nz[-1]) + 1]
+    err = _squared_error_curve(hist, width, levels)
+    return float((int(np.argmin(err)) + 1) * width)
 
 
 def _signed_percentiles(obs: HistogramObserver, p: float) -> tuple[float, float]:

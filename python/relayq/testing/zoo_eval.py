@@ -112,10 +112,12 @@ def _network(name: str, size):
 
 
 def evaluate(name: str, *, size: int | None = None, n_calib: int = 16, n_eval: int = 16, n_float: int = 2,
-             frontends=("onnx", "torch"), ort: bool = False, config=None, calibration: str = "naive") -> dict:
+             frontends=("onnx", "torch"), ort: bool = False, config=None, calibration: str | None = None) -> dict:
     """Run zoo network ``name`` (a :data:`torchvision_zoo.NAMES` entry, ``"mobilenet_v2_real"`` or
     ``"minilm"``) through import, float check, quantization, build and run. Returns a dict of results;
-    ``failed_stage`` / ``error`` say where it stopped (None when it went through).
+    ``failed_stage`` / ``error`` say where it stopped (None when it went through). ``calibration``:
+    relayq's default calibrator (:data:`relayq.config.DEFAULT_CALIBRATION`) unless named, so the zoo
+    measures what a user gets.
 
     Example::
 
@@ -127,10 +129,12 @@ def evaluate(name: str, *, size: int | None = None, n_calib: int = 16, n_eval: i
     from relayq.transform.annotate import float_ops
 
     config = config or relayq.QConfig(per_channel=True, show_progress=False)
+    calibration = calibration or relayq.config.DEFAULT_CALIBRATION
     real = name in ("mobilenet_v2_real", "minilm")
     if name == "mobilenet_v2_real":
         size = 224
     r = {"model": name, "size": size or (128 if name == "minilm" else tz.ARCHITECTURES[name].size),
+         "calibration": calibration,
          "failed_stage": None, "error": None}
     stage = "build_torch"
     try:
