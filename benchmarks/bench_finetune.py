@@ -22,7 +22,7 @@ Two models, each quantized post-training first (the "PTQ" row) and then fine-tun
   last layers at ``--keep-first-last`` bits (8 by default; 0 keeps them at the scheme's).
 
     PYTHONPATH=python python3 benchmarks/bench_finetune.py --only fashion
-    PYTHONPATH=python python3 benchmarks/bench_finetune.py --only mobilenet --folds 2 --mbv2-steps 150
+    PYTHONPATH=python python3 benchmarks/bench_finetune.py --only mobilenet --folds 2 --jobs 2 --train-agreement
 
 Writes ``benchmarks/results/finetune.json`` (``--out``).
 """
@@ -292,8 +292,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=1, help="MobileNetV2 folds run in parallel processes")
     ap.add_argument("--keep-first-last", type=int, default=8,
                     help="bits of the first and last layers (QConfig.keep_first_last_bits; 0: the scheme's)")
-    ap.add_argument("--calib-images", type=int, default=32, help="MobileNetV2 calibration photos per fold")
-    ap.add_argument("--mbv2-steps", type=int, default=150, help="fine-tuning steps per fold")
+    ap.add_argument("--calib-images", type=int, default=16, help="MobileNetV2 calibration photos per fold")
+    ap.add_argument("--mbv2-steps", type=int, default=90, help="fine-tuning steps per fold")
     ap.add_argument("--mbv2-batch", type=int, default=8)
     ap.add_argument("--mbv2-lr", type=float, default=3e-5, help="the weights' learning rate")
     ap.add_argument("--bias-lr", type=float, default=1e-4)
