@@ -255,8 +255,8 @@ def test_bias_lr_trains_biases_while_weights_barely_move(tiny, q48):
 
     qf = relayq.finetune(q48, train, steps=4, lr=1e-9, bias_lr=1e-2, show_progress=False)
     a, b = build_torch_graph(q48.annotated, q48.qpoints), build_torch_graph(qf.annotated, qf.qpoints)
-    w_moved = max(float((a.weights[k] - b.weights[k]).abs().max()) for k in a.weights)
-    b_moved = max(float((a.biases[k] - b.biases[k]).abs().max()) for k in a.biases)
+    w_moved = max(float((a.weights[k] - b.weights[k]).detach().abs().max()) for k in a.weights)
+    b_moved = max(float((a.biases[k] - b.biases[k]).detach().abs().max()) for k in a.biases)
     assert w_moved < 1e-6 < 1e-3 < b_moved, (w_moved, b_moved)
 
 
