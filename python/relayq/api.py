@@ -456,8 +456,10 @@ def quantize_model(sym, params=None, dataset=None, calibration=DEFAULT_CALIBRATI
 
 
 def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=None, epochs: int = 1,
-             steps: int | None = None, lr: float = 1e-4, scale_lr: float | None = None, learn_scales: bool = True,
-             learn_weights: bool = True, distill: str = "mse", weight_decay: float = 0.0, log_every: int | None = None,
+             steps: int | None = None, lr: float = 1e-4, scale_lr: float | None = None, bias_lr: float | None = None,
+             learn_scales: bool = True, learn_weights: bool = True, distill: str = "mse", temperature: float = 1.0,
+             feature_weight: float = 0.0, weight_decay: float = 0.0, any_input_size: bool = False,
+             log_every: int | None = None,
              show_progress: bool | None = None, seed: int = 0) -> QuantizedModel:
     """Quantization-aware fine-tuning: train the weights and scales of a quantized model (needs torch).
 
@@ -478,10 +480,16 @@ def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=No
             ``torch.nn.Module``); by default the float model relayq imported (``qmodel.prepared``), so
             that fine-tuning a fine-tuned model again still learns from the float model.
         epochs / steps: passes over the data, or a number of optimizer steps (wins when given).
-        lr / scale_lr: the weights' step and the scales' (log ratio) step, default ``10 * lr``.
+        lr / bias_lr / scale_lr: the weights' step, the fused biases' (default ``lr``) and the scales' (log
+            ratio) step, default ``10 * lr``.
         learn_scales: learn the scales too (LSQ); False trains the weights only.
         learn_weights: False keeps the weights and trains the fused biases and the scales only.
-        distill: ``"mse"`` (between outputs) or ``"kl"`` (between softmaxes: classifiers).
+        distill: ``"mse"`` (between outputs) or ``"kl"`` (between softmaxes: classifiers); ``temperature``
+            softens both softmaxes of ``"kl"``.
+        feature_weight: adds an intermediate-feature loss (every activation point's fake-quantized value
+            against the float model's, relative squared error, averaged over points) with this weight.
+        any_input_size: training inputs may have another height and width than the model's (fully
+            convolutional networks: train on smaller views, faster; they are scored at the model's size).
         log_every: also print (and log to the ``relayq.finetune`` logger) the loss every N steps.
         show_progress: a progress line per epoch with its loss; default ``qmodel.config.show_progress``.
 
@@ -506,9 +514,10 @@ def finetune(qmodel: QuantizedModel, data, *, loss=None, inputs=None, teacher=No
     if show_progress is None:
         show_progress = qmodel.config.show_progress
     result = finetune_graph(qmodel.annotated, qmodel.qpoints, data, loss=loss, inputs=inputs, teacher=teacher,
-                            epochs=epochs, steps=steps, lr=lr, scale_lr=scale_lr, learn_scales=learn_scales,
-                            learn_weights=learn_weights,
-                            distill=distill, weight_decay=weight_decay, log_every=log_every,
+                            epochs=epochs, steps=steps, lr=lr, scale_lr=scale_lr, bias_lr=bias_lr,
+                            learn_scales=learn_scales, learn_weights=learn_weights, distill=distill,
+                            temperature=temperature, feature_weight=feature_weight, any_input_size=any_input_size,
+                            weight_decay=weight_decay, log_every=log_every,
                             show_progress=show_progress, seed=seed, pow2=qmodel.config.power_of_two_scale,
                             float_module=qmodel.prepared)
     simulated = simulate(result.annotated, result.qpoints)

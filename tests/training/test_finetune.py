@@ -209,3 +209,90 @@ def test_frozen_weights_train_biases_and_scales_only(tiny, q48):
     before, after = weights(q48), weights(qf)
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     assert any(qf.qpoints[n].scale != p.scale for n, p in q48.qpoints.items() if p.role == "act")
+
+
+def _feature_error(q, held):
+    """Mean relative squared error, over activation points and held-out batches, between the quantized
+    twin's activations and the float model's (the quantity feature_weight trains down)."""
+    from relayq.training import build_torch_graph
+    from relayq.training.finetune import _feature_loss, _float_vars
+
+    student = build_torch_graph(q.annotated, q.qpoints)
+    teacher = build_torch_graph(q.prepared, q.qpoints, quantize=False)
+    in_teacher = _float_vars(q.annotated, q.prepared)
+    pairs = [(m, in_teacher[x]) for m, x in student.act_points.values()]
+    with torch.no_grad():
+        errs = []
+        for x in held:
+            _, s = student(torch.from_numpy(x), record={m for m, _ in pairs})
+            _, t = teacher(torch.from_numpy(x), record={i for _, i in pairs})
+            errs.append(float(_feature_loss(s, t, pairs)))
+    return float(np.mean(errs))
+
+
+def test_feature_loss_matches_every_activation_point_and_lowers_its_error(tiny):
+    """feature_weight pairs every activation point of the quantized graph with the float activation of the
+    same name, and training on it lowers the held-out feature error more than logit distillation alone."""
+    mod, params, train, held, calib = tiny
+    q = _quantize(mod, params, calib, weight_bits=4, act_bits=4, act_symmetric=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        qf = relayq.finetune(q, train, steps=16, lr=2e-3, distill="kl", temperature=2.0, feature_weight=10.0)
+    n_act = sum(p.role == "act" for p in q.qpoints.values())
+    assert f"features x10 at {n_act} points" in qf.training["loss"] and "T=2" in qf.training["loss"]
+    plain = relayq.finetune(q, train, steps=16, lr=2e-3, distill="kl", temperature=2.0, show_progress=False)
+    before, with_features, without = _feature_error(q, held), _feature_error(qf, held), _feature_error(plain, held)
+    # Measured: 0.079 before, 0.057 with the feature loss, 0.064 without it.
+    assert with_features < 0.8 * before and with_features < 0.95 * without, (before, with_features, without)
+    # Still bit-exact after training on the extra loss.
+    x = held[0]
+    np.testing.assert_array_equal(relayq.build(qf)(x), reference_run(qf.annotated, qf.qpoints, x))
+
+
+def test_bias_lr_trains_biases_while_weights_barely_move(tiny, q48):
+    mod, params, train, held, calib = tiny
+    from relayq.training import build_torch_graph
+
+    qf = relayq.finetune(q48, train, steps=4, lr=1e-9, bias_lr=1e-2, show_progress=False)
+    a, b = build_torch_graph(q48.annotated, q48.qpoints), build_torch_graph(qf.annotated, qf.qpoints)
+    w_moved = max(float((a.weights[k] - b.weights[k]).detach().abs().max()) for k in a.weights)
+    b_moved = max(float((a.biases[k] - b.biases[k]).detach().abs().max()) for k in a.biases)
+    assert w_moved < 1e-6 < 1e-3 < b_moved, (w_moved, b_moved)
+
+
+def test_new_options_are_checked(tiny, q48):
+    mod, params, train, held, calib = tiny
+    with pytest.raises(relayq.ConfigError, match="temperature"):
+        relayq.finetune(q48, train, distill="mse", temperature=2.0)
+    with pytest.raises(relayq.ConfigError, match="temperature must be a positive"):
+        relayq.finetune(q48, train, distill="kl", temperature=0.0)
+    with pytest.raises(relayq.ConfigError, match="feature_weight must be"):
+        relayq.finetune(q48, train, feature_weight=-1.0)
+    with pytest.raises(relayq.ConfigError, match="feature_weight.*user teacher"):
+        relayq.finetune(q48, train, feature_weight=1.0, teacher=lambda x: x)
+    with pytest.raises(relayq.ConfigError, match="bias_lr"):
+        relayq.finetune(q48, train, bias_lr=float("nan"))
+
+
+@pytest.mark.parametrize("batch, match", [
+    (np.full((4, 3, 8, 8), np.nan, "float32"), r"batch 0: input 'data' contains NaN or Inf \(768 of 768"),
+    (np.zeros((4, 3, 8, 8), "uint8"), r"batch 0: input 'data' has dtype uint8, the model expects float32"),
+    ({"x": np.zeros((4, 3, 8, 8), "float32")}, r"batch 0: input names \['x'\] do not match .*'data'"),
+], ids=["nan", "uint8-pixels", "wrong-name"])
+def test_batches_are_checked_like_calibration_batches(tiny, q48, batch, match):
+    """Training batches go through runtime.batch_to_arrays (free batch size), as calibration batches do: a
+    NaN batch is named as bad input (not reported later as a diverged loss) and raw uint8 pixels are refused."""
+    with pytest.raises(relayq.DatasetError, match=match):
+        relayq.finetune(q48, [batch], show_progress=False)
+
+
+def test_any_input_size_trains_on_smaller_views(tiny, q48):
+    """A fully convolutional part plus global pooling: 6x6 training views are refused by default (the
+    model is 8x8) and accepted with any_input_size; the channel count is still checked."""
+    small = [np.random.RandomState(5).randn(4, 3, 6, 6).astype("float32")]
+    with pytest.raises(relayq.DatasetError, match=r"shape \(4, 3, 6, 6\), the model expects \(any batch, 3, 8, 8\)"):
+        relayq.finetune(q48, small, show_progress=False)
+    qf = relayq.finetune(q48, small, steps=2, any_input_size=True, show_progress=False)
+    assert qf.training["steps"] == 2
+    with pytest.raises(relayq.DatasetError, match=r"shape \(4, 2, 6, 6\)"):
+        relayq.finetune(q48, [small[0][:, :2]], any_input_size=True, show_progress=False)

@@ -30,8 +30,8 @@ import tvm
 from tvm import relax
 
 from ..errors import ConfigError, DatasetError, RelayqError
-from ..runtime import _to_numpy
-from ..transform.common import bindings, main_function, simq_info
+from ..runtime import batch_to_arrays
+from ..transform.common import bindings, dtype_of, main_function, op_name, shape_of, simq_info
 from ..utils.progress import Progress
 from .graph import _key, build_torch_graph, require_torch
 
@@ -77,7 +77,8 @@ class FinetuneResult:
         return {"loss": self.loss, "steps": self.steps, "seconds": round(self.seconds, 2), "history": self.history}
 
 
-def _check_options(epochs, steps, lr, scale_lr, distill, loss, inputs, teacher, log_every, weight_decay):
+def _check_options(epochs, steps, lr, scale_lr, distill, loss, inputs, teacher, log_every, weight_decay,
+                   bias_lr=None, temperature=1.0, feature_weight=0.0):
     def positive_int(name, v, optional=False):
         if optional and v is None:
             return
@@ -96,6 +97,17 @@ def _check_options(epochs, steps, lr, scale_lr, distill, loss, inputs, teacher, 
     positive_int("log_every", log_every, optional=True)
     positive_float("lr", lr)
     positive_float("scale_lr", scale_lr, optional=True)
+    positive_float("bias_lr", bias_lr, optional=True)
+    positive_float("temperature", temperature)
+    if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0 \
+            or not math.isfinite(float(feature_weight)):
+        raise ConfigError(f"finetune: feature_weight must be a number >= 0, got {feature_weight!r}")
+    if float(temperature) != 1.0 and (distill != "kl" or loss is not None):
+        raise ConfigError(f"finetune: temperature={temperature} softens the softmaxes of distill='kl'; it means "
+                          f"nothing with {'a user loss' if loss is not None else f'distill={distill!r}'}")
+    if feature_weight and (loss is not None or teacher is not None):
+        raise ConfigError("finetune: feature_weight matches the activations of relayq's own float graph, so it "
+                          "cannot be combined with a user loss or a user teacher")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ConfigError(f"finetune: weight_decay must be a number >= 0, got {weight_decay!r}")
     if distill not in DISTILL_LOSSES:
@@ -128,47 +140,29 @@ def _epoch_data(data, epoch: int):
     return batches
 
 
-def _to_tensors(torch, x, names: list, shapes: list, where: str) -> list:
-    """The model inputs of one batch as float32 tensors; the batch dimension may differ from the module's."""
-    if isinstance(x, dict):
-        missing = [n for n in names if n not in x]
-        if missing:
-            raise DatasetError(f"{where}: inputs {sorted(map(str, x))} do not match the model inputs {names} "
-                               f"(missing: {missing})")
-        arrays = [x[n] for n in names]
-    elif isinstance(x, (list, tuple)):
-        if len(x) != len(names):
-            raise DatasetError(f"{where}: got {len(x)} arrays, the model has {len(names)} inputs {names}"
-                               + (" (for (input, label) batches pass inputs=lambda b: b[0])" if len(names) == 1 else ""))
-        arrays = list(x)
-    else:
-        if len(names) != 1:
-            raise DatasetError(f"{where}: a bare array was given but the model has inputs {names}: pass a dict")
-        arrays = [x]
-    out = []
-    for name, shape, a in zip(names, shapes, arrays):
-        if isinstance(a, torch.Tensor):
-            t = a.detach().float()
-        else:
-            try:
-                arr = _to_numpy(a)
-            except Exception as e:
-                raise DatasetError(f"{where}: input {name!r} ({type(a).__name__}) is not an array: {e}") from e
-            if arr.dtype.kind not in "biuf":
-                raise DatasetError(f"{where}: input {name!r} is not numeric (dtype {arr.dtype})")
-            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        if t.dim() != len(shape) or tuple(t.shape[1:]) != tuple(shape[1:]):
-            raise DatasetError(f"{where}: input {name!r} has shape {tuple(t.shape)}, the model expects "
-                               f"{tuple(shape)} (any batch size)")
-        out.append(t)
-    return out
+def _to_tensors(torch, x, specs: list, where: str, any_size: bool = False) -> list:
+    """The model inputs of one batch as float32 tensors, checked as every relayq batch is
+    (:func:`relayq.runtime.batch_to_arrays`: names, shapes, numeric float data without NaN or Inf; an
+    int array is refused as not preprocessed); the batch dimension may differ from the module's, and
+    with ``any_size`` the dimensions after the second (an image's height and width) too."""
+    if any_size:
+        given = x if isinstance(x, (list, tuple)) else [x.get(s[0]) for s in specs] if isinstance(x, dict) else [x]
+        free = []
+        for spec, a in zip(specs, list(given) + [None] * len(specs)):
+            shape = getattr(a, "shape", None)
+            if shape is not None and len(shape) == len(spec[1]) >= 3:
+                spec = (spec[0], tuple(spec[1][:2]) + tuple(int(d) for d in shape[2:]), spec[2])
+            free.append(spec)
+        specs = free
+    arrays = batch_to_arrays(x, specs, where=where, free_batch=True)
+    return [torch.from_numpy(a).float() for a in arrays]
 
 
 def _as_outputs(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _distill(torch, F, fn, student, teacher, where):
+def _distill(torch, F, fn, student, teacher, where, temperature=1.0):
     s, t = _as_outputs(student), _as_outputs(teacher)
     if len(s) != len(t):
         raise ConfigError(f"{where}: the teacher returned {len(t)} outputs, the model {len(s)}")
@@ -178,8 +172,50 @@ def _distill(torch, F, fn, student, teacher, where):
             b = torch.as_tensor(np.asarray(b), dtype=torch.float32)
         if tuple(a.shape) != tuple(b.shape):
             raise ConfigError(f"{where}: the teacher's output has shape {tuple(b.shape)}, the model's {tuple(a.shape)}")
-        total = total + fn(a, b.detach().float(), F)
+        b = b.detach().float()
+        if temperature != 1.0:
+            # Hinton et al.: soften both distributions; T^2 keeps the gradients' size independent of T.
+            total = total + fn(a / temperature, b / temperature, F) * temperature ** 2
+        else:
+            total = total + fn(a, b, F)
     return total
+
+
+def _float_vars(annotated: tvm.IRModule, float_module) -> dict:
+    """Each ``relax.Var`` of ``annotated`` -> the Var holding the same value in the float module (names
+    can repeat, so Vars, not names). Annotation renames the quantized layers' outputs but keeps every
+    other binding in order, so the bindings are paired by position when the op sequences and shapes
+    match, and by unique name otherwise."""
+    ann = main_function(annotated)
+    if float_module is None:
+        return {v: v for v in list(ann.params) + [b.var for b in bindings(ann)]}
+    flt = main_function(float_module)
+    a = [b for b in bindings(ann) if simq_info(b.value) is None]
+    f = list(bindings(flt))
+    out = dict(zip(ann.params, flt.params))
+
+    def kind(b):
+        return op_name(b.value) or type(b.value).__name__, str(getattr(b.var, "ty", None))
+
+    if len(a) == len(f) and all(kind(x) == kind(y) for x, y in zip(a, f)):
+        out.update({x.var: y.var for x, y in zip(a, f)})
+    else:
+        counts = {}
+        for b in f:
+            counts[b.var.name] = counts.get(b.var.name, 0) + 1
+        by_name = {b.var.name: b.var for b in f if counts[b.var.name] == 1}
+        out.update({b.var: by_name[b.var.name] for b in a if b.var.name in by_name})
+    return out
+
+
+def _feature_loss(student_values: dict, teacher_values: dict, pairs: list):
+    """Mean over activation points of ||student - teacher||^2 / ||teacher||^2 (each point weighs the same
+    whatever its range): the student's fake-quantized activation against the float model's."""
+    total = 0.0
+    for s_var, t_var in pairs:
+        s, t = student_values[s_var], teacher_values[t_var].detach()
+        total = total + (s - t).pow(2).mean() / (t.pow(2).mean() + 1e-12)
+    return total / len(pairs)
 
 
 def _rebind(mod: tvm.IRModule, new_values: dict) -> tvm.IRModule:
@@ -243,8 +279,9 @@ def export(student, annotated: tvm.IRModule, qpoints: dict, learned_scales: bool
 
 def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, inputs=None, teacher=None,
                    epochs: int = 1, steps: int | None = None, lr: float = 1e-4, scale_lr: float | None = None,
-                   learn_scales: bool = True, learn_weights: bool = True, distill: str = "mse",
-                   weight_decay: float = 0.0,
+                   bias_lr: float | None = None, learn_scales: bool = True, learn_weights: bool = True,
+                   distill: str = "mse", temperature: float = 1.0, feature_weight: float = 0.0,
+                   weight_decay: float = 0.0, any_input_size: bool = False,
                    log_every: int | None = None, show_progress: bool = True, seed: int = 0, pow2: bool = False,
                    float_module: tvm.IRModule | None = None, stream=None) -> FinetuneResult:
     """Train the torch twin of ``annotated`` and return its weights and scales (see the module docstring).
@@ -257,8 +294,17 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
         teacher: for distillation, a callable on the input tensors (e.g. the original ``torch.nn.Module``);
             by default the float graph of ``annotated`` itself.
         epochs / steps: passes over the data, or a number of optimizer steps (which wins when given).
-        lr / scale_lr: Adam's step for the weights and for the scales' log ratios (default ``10 * lr``).
-        distill: ``"mse"`` or ``"kl"``.
+        lr / bias_lr / scale_lr: Adam's step for the weights, for the fused biases (default ``lr``) and
+            for the scales' log ratios (default ``10 * lr``). A small ``lr`` with a larger ``bias_lr``
+            keeps the (BatchNorm-folded) weights near the float model's while the biases and scales adapt.
+        distill: ``"mse"`` or ``"kl"``; ``temperature`` softens both softmaxes of ``"kl"`` (loss times T^2).
+        feature_weight: adds this times the intermediate-feature loss: at every activation point, the
+            squared error between the student's fake-quantized activation and the float model's,
+            relative to the float one's mean square, averaged over the points. It gives every layer its
+            own target (many more constraints per image than the logits: less overfitting on few images).
+        any_input_size: accept training inputs whose sizes after the channel axis differ from the
+            module's (a fully convolutional network trained on smaller views, which is cheaper); an op
+            of fixed size (a reshape of the spatial axes) then fails with the torch error.
         learn_weights: False keeps the weights and trains the fused biases and the scales only (few
             parameters: less overfitting on a small unlabelled set).
         float_module: the float model the default teacher runs (a prepared module: its twin has no
@@ -272,7 +318,8 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
     torch = require_torch()
     import torch.nn.functional as F
 
-    _check_options(epochs, steps, lr, scale_lr, distill, loss, inputs, teacher, log_every, weight_decay)
+    _check_options(epochs, steps, lr, scale_lr, distill, loss, inputs, teacher, log_every, weight_decay,
+                   bias_lr, temperature, feature_weight)
     stream = stream or sys.stderr
     torch.manual_seed(seed)
     student = build_torch_graph(annotated, qpoints, learn_scales=learn_scales, train_weights=learn_weights,
@@ -283,10 +330,23 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
                                         quantize=False, learn_scales=False, train_weights=False)
         float_graph.eval()
         teacher_fn = float_graph
+    pairs = []
+    if feature_weight:
+        in_teacher = _float_vars(annotated, float_module)
+        # The marker's output in the student, its input (the float activation) in the teacher.
+        pairs = [(m, in_teacher[x]) for m, x in student.act_points.values() if x in in_teacher]
+        if not pairs:
+            raise ConfigError("finetune: feature_weight: no activation point of the quantized graph is found by "
+                              "name in the float model")
+    student_record = {m for m, _ in pairs}
+    teacher_record = {x for _, x in pairs}
     scale_params = [q.log_ratio for q in student.quantizers.values() if q.log_ratio.requires_grad]
-    trained = [p for p in list(student.weights.values()) + list(student.biases.values()) if p.requires_grad]
-    groups = [{"params": trained, "lr": float(lr), "weight_decay": float(weight_decay)}] if trained else []
-    if not trained and not scale_params:
+    weights = [p for p in student.weights.values() if p.requires_grad]
+    biases = [p for p in student.biases.values() if p.requires_grad]
+    groups = [{"params": weights, "lr": float(lr), "weight_decay": float(weight_decay)}] if weights else []
+    if biases:
+        groups.append({"params": biases, "lr": float(bias_lr or lr), "weight_decay": float(weight_decay)})
+    if not weights and not biases and not scale_params:
         raise ConfigError("finetune: nothing to train (learn_weights=False, learn_scales=False and no layer "
                           "has a fused bias)")
     if scale_params:
@@ -297,8 +357,11 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
     # Cosine decay to zero over the run (constant when its length is unknown).
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))) if total else (lambda t: 1.0))
-    names, shapes = student.input_names, student.input_shapes
-    loss_name = "user loss" if loss is not None else f"distillation ({distill}, {'user teacher' if teacher else 'float graph'})"
+    specs = [(p.name, shape_of(p), dtype_of(p)) for p in main_function(annotated).params]
+    loss_name = "user loss" if loss is not None else (
+        f"distillation ({distill}{f', T={temperature:g}' if temperature != 1.0 else ''}"
+        f"{f', features x{feature_weight:g} at {len(pairs)} points' if pairs else ''}, "
+        f"{'user teacher' if teacher else 'float graph'})")
     history, step, start = [], 0, time.perf_counter()
     max_epochs = epochs if steps is None else sys.maxsize
     epoch = 0
@@ -320,8 +383,11 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
                     x = inputs(batch) if inputs is not None else batch
                 except Exception as e:
                     raise DatasetError(f"{where}: inputs(batch) failed: {type(e).__name__}: {e}") from e
-                tensors = _to_tensors(torch, x, names, shapes, where)
-                out = student(*tensors)
+                tensors = _to_tensors(torch, x, specs, where, any_input_size)
+                if pairs:
+                    out, student_values = student(*tensors, record=student_record)
+                else:
+                    out = student(*tensors)
                 if loss is not None:
                     try:
                         value = loss(out, batch)
@@ -335,12 +401,17 @@ def finetune_graph(annotated: tvm.IRModule, qpoints: dict, data, *, loss=None, i
                 else:
                     with torch.no_grad():
                         try:
-                            target = teacher_fn(*tensors)
+                            if pairs:
+                                target, teacher_values = teacher_fn(*tensors, record=teacher_record)
+                            else:
+                                target = teacher_fn(*tensors)
                         except RelayqError:
                             raise
                         except Exception as e:
                             raise ConfigError(f"{where}: the teacher failed: {type(e).__name__}: {e}") from e
-                    value = _distill(torch, F, DISTILL_LOSSES[distill], out, target, where)
+                    value = _distill(torch, F, DISTILL_LOSSES[distill], out, target, where, float(temperature))
+                    if pairs:
+                        value = value + float(feature_weight) * _feature_loss(student_values, teacher_values, pairs)
                 value = value.reshape(())
                 if not torch.isfinite(value):
                     raise ConfigError(f"{where}: the loss is {float(value)}: training diverged; lower lr "

@@ -450,6 +450,7 @@ def build_torch_graph(annotated, qpoints: dict, *, quantize: bool = True, learn_
             self.steps = []
             self._consts = []
             self.bias_binding = {}                       # bias parameter key -> binding var name
+            self.act_points = {}                         # activation point name -> (its marker Var, its input Var)
             self.folded_bias_points = set()              # weight points whose bias is trained (bias_corr folded in)
             self._build()
 
@@ -514,6 +515,8 @@ def build_torch_graph(annotated, qpoints: dict, *, quantize: bool = True, learn_
                         wvar[v] = key
                         continue
                     ndim = len(shape_of(x))
+                    if isinstance(x, relax.Var):
+                        self.act_points[name] = (v, x)
                     fq = FakeQuant(point, ndim, learn_scales, pow2)
                     fq.enabled = quantize
                     self.quantizers[_key(name)] = fq
@@ -573,12 +576,16 @@ def build_torch_graph(annotated, qpoints: dict, *, quantize: bool = True, learn_
             self._tuple_out = isinstance(body, relax.Tuple)
 
         # -------------------------------------------------------------------- running
-        def forward(self, *inputs):
+        def forward(self, *inputs, record=None):
+            """The outputs; with ``record`` (a set of ``relax.Var``: names may repeat) also ``{var: value}``."""
             env = dict(zip(func.params, inputs))
             for v, step in self.steps:
                 env[v] = step(env)
             out = self._out(env)
-            return tuple(out) if self._tuple_out else out
+            out = tuple(out) if self._tuple_out else out
+            if record is None:
+                return out
+            return out, {v: env[v] for v in record if v in env}
 
         def set_quantize(self, on: bool) -> None:
             """Switch every fake quantizer on or off (off: the float graph with the current weights)."""
