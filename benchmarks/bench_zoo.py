@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-from relayq.testing import torchvision_zoo as tz
 from relayq.testing import zoo_eval
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "zoo.json")
