@@ -49,3 +49,28 @@ def test_mobilenet_v2_w4a8_per_channel_adaround_meets_93_percent():
     pred = np.array([int(lib(everything[i:i + 1]).argmax()) for i in range(len(everything))])
     assert (pred == fp32).mean() >= 0.93
     np.testing.assert_array_equal(lib(everything[:1]), reference_run(q.annotated, q.qpoints, everything[:1]))
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_w8a8_per_tensor_cle_meets_98_percent():
+    """W8A8 per-tensor symmetric with CLE (ReLU6 -> ReLU, high-bias absorption) and empirical bias
+    correction, kl activations: >= 98% agreement (measured 98.3% with one torch thread, held-out 20: 100%;
+    35 s at load 1.6)."""
+    import torch
+
+    # The empirical bias correction runs the torch twin; bench_lowbit.py's protocol uses one torch thread.
+    # The result sits one photo above the bar: with 2 torch threads (another summation order) it was 97.5%.
+    torch.set_num_threads(1)
+    photos, labelled, labels, everything, calib, fp32 = _protocol()
+    from relayq.testing import zoo
+
+    cfg = relayq.QConfig(cross_layer_equalization=True, cle_replace_relu6=True, high_bias_absorption=True,
+                         empirical_bias_correction=True, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod, params = relayq.frontend.from_onnx(zoo.mobilenet_v2(batch=1))        # as bench_lowbit.py does
+        q = relayq.quantize_model(mod, params, calib, "kl", cfg)
+    assert not q.config.per_channel and q.config.weight_bits == 8 and q.config.act_bits == 8
+    lib = relayq.build(q)
+    pred = np.array([int(lib(everything[i:i + 1]).argmax()) for i in range(len(everything))])
+    assert (pred == fp32).mean() >= 0.98
