@@ -27,18 +27,10 @@ import tvm
 from tvm import relax
 
 from .onnx_export import ExportError
-from .transform.common import bindings, const_value, is_const_expr, main_function, op_name
+from .transform.common import bindings, const_value, dtype_of, is_const_expr, main_function, op_name, shape_of
 
 #: The opset written (QuantizeLinear with per-axis scales, ReduceSum with an axes input).
 OPSET = 13
-
-
-def _dtype(e) -> str:
-    return str(e.ty.dtype)
-
-
-def _shape(e) -> list:
-    return [int(s) for s in e.ty.shape.values]
 
 
 def _onnx_type(dtype: str) -> int:
@@ -105,25 +97,25 @@ def _conv2d(w, b, call, name):
     top, left, bottom, right = (int(p) for p in a.padding)
     attrs = dict(strides=[int(s) for s in a.strides], pads=[top, left, bottom, right],
                  dilations=[int(d) for d in a.dilation], group=int(a.groups))
-    if _dtype(x) in ("int8", "uint8") and _dtype(k) in ("int8", "uint8"):
+    if dtype_of(x) in ("int8", "uint8") and dtype_of(k) in ("int8", "uint8"):
         return w.node("ConvInteger", [w.arg(x), w.arg(k)], name, **attrs)        # int32 sums: exact
-    if _dtype(x).startswith("float") and _dtype(k).startswith("float"):
+    if dtype_of(x).startswith("float") and dtype_of(k).startswith("float"):
         return w.node("Conv", [w.arg(x), w.arg(k)], name, **attrs)
-    raise ExportError(f"export_onnx(exact=True): conv2d {name} on {_dtype(x)} x {_dtype(k)} has no exact ONNX form")
+    raise ExportError(f"export_onnx(exact=True): conv2d {name} on {dtype_of(x)} x {dtype_of(k)} has no exact ONNX form")
 
 
 def _matmul(w, b, call, name):
     x, k = call.args
-    if _dtype(x) in ("int8", "uint8") and _dtype(k) in ("int8", "uint8"):
+    if dtype_of(x) in ("int8", "uint8") and dtype_of(k) in ("int8", "uint8"):
         return w.node("MatMulInteger", [w.arg(x), w.arg(k)], name)
-    if _dtype(x).startswith("float"):
+    if dtype_of(x).startswith("float"):
         return w.node("MatMul", [w.arg(x), w.arg(k)], name)
-    raise ExportError(f"export_onnx(exact=True): matmul {name} on {_dtype(x)} x {_dtype(k)} has no exact ONNX form")
+    raise ExportError(f"export_onnx(exact=True): matmul {name} on {dtype_of(x)} x {dtype_of(k)} has no exact ONNX form")
 
 
 def _binary(op):
     def convert(w, b, call, name):
-        dt = _dtype(b.var)
+        dt = dtype_of(b.var)
         return w.node(op, [w.arg(call.args[0], dt), w.arg(call.args[1], dt)], name)
     return convert
 
@@ -138,7 +130,7 @@ def _right_shift(w, b, call, name):
     x, s = call.args
     if not is_const_expr(s):
         raise ExportError(f"export_onnx(exact=True): right_shift {name} by a computed amount")
-    dt = _dtype(b.var)
+    dt = dtype_of(b.var)
     shift = const_value(s).astype(np.int64)
     # Arithmetic shift = floor division by 2^s (the rounding constant is already added by the graph).
     return _floor_div(w, w.arg(x), np.left_shift(np.int64(1), shift).astype(dt), dt, name)
@@ -148,34 +140,34 @@ def _floor_divide(w, b, call, name):
     x, d = call.args
     if not is_const_expr(d):
         raise ExportError(f"export_onnx(exact=True): floor_divide {name} by a computed divisor")
-    dt = _dtype(b.var)
+    dt = dtype_of(b.var)
     if not dt.startswith("int"):
         return w.node("Floor", [w.node("Div", [w.arg(x), w.arg(d)], f"{name}_q")], name)
     return _floor_div(w, w.arg(x), const_value(d), dt, name)
 
 
 def _clip(w, b, call, name):
-    dt = _dtype(b.var)
+    dt = dtype_of(b.var)
     return w.node("Clip", [w.arg(call.args[0]), w.arg(call.args[1], dt), w.arg(call.args[2], dt)], name)
 
 
 def _astype(w, b, call, name):
     from onnx import helper
 
-    return w.node("Cast", [w.arg(call.args[0])], name, to=helper.np_dtype_to_tensor_dtype(np.dtype(_dtype(b.var))))
+    return w.node("Cast", [w.arg(call.args[0])], name, to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype_of(b.var))))
 
 
 def _quantize(w, b, call, name):
     x, scale, zp = call.args
     attrs = {"axis": int(call.attrs.axis)} if np.ndim(const_value(scale)) else {}
-    return w.node("QuantizeLinear", [w.arg(x), w.arg(scale), w.const(const_value(zp).astype(_dtype(b.var)), "zp")],
+    return w.node("QuantizeLinear", [w.arg(x), w.arg(scale), w.const(const_value(zp).astype(dtype_of(b.var)), "zp")],
                   name, **attrs)
 
 
 def _dequantize(w, b, call, name):
     x, scale, zp = call.args
     attrs = {"axis": int(call.attrs.axis)} if np.ndim(const_value(scale)) else {}
-    return w.node("DequantizeLinear", [w.arg(x), w.arg(scale), w.const(const_value(zp).astype(_dtype(x)), "zp")],
+    return w.node("DequantizeLinear", [w.arg(x), w.arg(scale), w.const(const_value(zp).astype(dtype_of(x)), "zp")],
                   name, **attrs)
 
 
@@ -187,16 +179,16 @@ def _axes(call, ndim: int) -> list:
 def _reduce(op):
     def convert(w, b, call, name):
         x = call.args[0]
-        axes = w.const(np.array(_axes(call, len(_shape(x))), np.int64), "axes")
+        axes = w.const(np.array(_axes(call, len(shape_of(x))), np.int64), "axes")
         if op == "ReduceSum":
             return w.node(op, [w.arg(x), axes], name, keepdims=int(call.attrs.keepdims))
         # ReduceMean takes its axes as an attribute until opset 18.
-        return w.node(op, [w.arg(x)], name, axes=_axes(call, len(_shape(x))), keepdims=int(call.attrs.keepdims))
+        return w.node(op, [w.arg(x)], name, axes=_axes(call, len(shape_of(x))), keepdims=int(call.attrs.keepdims))
     return convert
 
 
 def _reshape(w, b, call, name):
-    return w.node("Reshape", [w.arg(call.args[0]), w.const(np.array(_shape(b.var), np.int64), "shape")], name)
+    return w.node("Reshape", [w.arg(call.args[0]), w.const(np.array(shape_of(b.var), np.int64), "shape")], name)
 
 
 def _permute_dims(w, b, call, name):
@@ -207,9 +199,11 @@ def _permute_dims(w, b, call, name):
 
 def _take(w, b, call, name):
     table, idx = call.args
-    n = _shape(table)[int(call.attrs.axis)]
+    n = shape_of(table)[int(call.attrs.axis)]
     # mode="clip": out-of-range indices take the end entries (ONNX's Gather would reject them).
-    i = w.node("Clip", [w.arg(idx), w.const(np.array(0, _dtype(idx)), "lo"), w.const(np.array(n - 1, _dtype(idx)), "hi")],
+    x = w.arg(idx)
+    lo, hi = w.const(np.array(0, dtype_of(idx)), "lo"), w.const(np.array(n - 1, dtype_of(idx)), "hi")
+    i = w.node("Clip", [x, lo, hi],
                f"{name}_index")
     return w.node("Gather", [w.arg(table), i], name, axis=int(call.attrs.axis))
 
@@ -237,7 +231,7 @@ def _pad(w, b, call, name):
     pads = width[0::2] + width[1::2]                 # relax: (begin, end) per axis; ONNX: begins, then ends
     value = float(call.attrs.pad_value) if hasattr(call.attrs, "pad_value") else float(call.args[1].value.value)
     return w.node("Pad", [w.arg(call.args[0]), w.const(np.array(pads, np.int64), "pads"),
-                          w.const(np.array(value, _dtype(b.var)), "pad_value")], name, mode="constant")
+                          w.const(np.array(value, dtype_of(b.var)), "pad_value")], name, mode="constant")
 
 
 def _softmax(w, b, call, name):
@@ -299,7 +293,7 @@ def export_exact(realized: tvm.IRModule, path: str, input_names: list | None = N
         name = input_names[k] if input_names and k < len(input_names) else p.name
         w.names.add(name)
         w.tensor[p] = name
-        graph_inputs.append(helper.make_tensor_value_info(name, _onnx_type(_dtype(p)), _shape(p)))
+        graph_inputs.append(helper.make_tensor_value_info(name, _onnx_type(dtype_of(p)), shape_of(p)))
     for b in bindings(func):
         call = b.value
         if isinstance(call, relax.Var):
@@ -317,7 +311,7 @@ def export_exact(realized: tvm.IRModule, path: str, input_names: list | None = N
     for k, o in enumerate(outs):
         name = "output" if len(outs) == 1 else f"output_{k}"
         w.nodes.append(helper.make_node("Identity", [w.arg(o)], [name], name=w.fresh(f"{name}_Identity")))
-        graph_outputs.append(helper.make_tensor_value_info(name, _onnx_type(_dtype(o)), _shape(o)))
+        graph_outputs.append(helper.make_tensor_value_info(name, _onnx_type(dtype_of(o)), shape_of(o)))
     graph = helper.make_graph(w.nodes, "relayq_integer", graph_inputs, graph_outputs, w.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="relayq")
     model.ir_version = 8
