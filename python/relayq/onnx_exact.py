@@ -26,7 +26,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .onnx_export import ExportError
+from .onnx_export import ExportError, unique_name
 from .transform.common import bindings, const_value, dtype_of, is_const_expr, main_function, op_name, shape_of
 
 #: The opset written (QuantizeLinear with per-axis scales, ReduceSum with an axes input).
@@ -47,11 +47,7 @@ class _Writer:
         self.tensor = {}              # relax var -> ONNX tensor name
 
     def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.names:
-            name, k = f"{base}_{k}", k + 1
-        self.names.add(name)
-        return name
+        return unique_name(self.names, base)
 
     def const(self, array, base: str = "c") -> str:
         from onnx import numpy_helper

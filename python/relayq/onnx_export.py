@@ -64,6 +64,21 @@ _NODE_TYPES = {"conv2d": ("Conv",), "dense": ("Gemm", "MatMul"), "add": ("Add", 
                "max_pool2d": ("MaxPool",)}
 
 
+def unique_name(names: set, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2`` ... : the first not in ``names``, which then holds it.
+
+    Example::
+
+        >>> names = {"w"}; unique_name(names, "w"), unique_name(names, "w")
+        ('w_1', 'w_2')
+    """
+    name, k = base, 1
+    while name in names:
+        name, k = f"{base}_{k}", k + 1
+    names.add(name)
+    return name
+
+
 def _find_node(g, layer: str, op: str, source):
     """The ONNX node of a layer, as the source-name record names it (:mod:`relayq.frontend.source_names`)."""
     node = g.node(source.node) if source is not None and source.node else None
@@ -134,12 +149,7 @@ class _Graph:
         return next((n for n in self.g.node if tensor in n.output and n.name not in self.removed), None)
 
     def fresh(self, base):
-        name, k = base, 1
-        while name in self.names:
-            name = f"{base}_{k}"
-            k += 1
-        self.names.add(name)
-        return name
+        return unique_name(self.names, base)
 
     def const(self, base, array, elem: str):
         from onnx import TensorProto, helper
