@@ -3,7 +3,8 @@
 For each network (torchvision architectures with seeded weights and photo-calibrated BatchNorm, the
 test-defined detector / segmenter / LSTM, MobileNetV2 and all-MiniLM-L6-v2 with real weights): export
 with ``torch.onnx.export(opset 17)`` and ``torch.export``, import both, check the float import against
-torch, quantize the ONNX import (W8A8, per-channel weights, default calibration), build, run, and compare
+torch, quantize the ONNX import (W8A8, per-channel weights, unsigned codes for never-negative
+activations: ``zoo_eval.ZOO_CONFIG``; default calibration), build, run, and compare
 INT8 with FP32; then ONNX Runtime's ``quantize_static`` (QDQ, U8 activations, S8 per-channel weights) on
 the same file with the same calibration inputs. Prints a table and writes benchmarks/results/zoo.json
 (each model's row is written as soon as it is measured, so an interrupted run keeps what it has).
@@ -12,6 +13,7 @@ Example::
 
     python benchmarks/bench_zoo.py --models squeezenet1_1,unet_small
     python benchmarks/bench_zoo.py                     # every model (long: tens of minutes on 2 cores)
+    python benchmarks/bench_zoo.py --config '{"unsigned_activations": false}' --out /tmp/zoo_s8.json
 """
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", default=None,
                     help="relayq's calibrator (default: relayq.config.DEFAULT_CALIBRATION, what a user gets)")
     ap.add_argument("--size", type=int, default=None, help="input side for every model (default: the zoo's)")
+    ap.add_argument("--config", default=None,
+                    help="QConfig fields as JSON on top of the zoo's (relayq.testing.zoo_eval.ZOO_CONFIG), e.g. "
+                         "'{\"unsigned_activations\": false}'")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -73,18 +78,22 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
         with open(args.out) as f:
             previous = {r["model"]: r for r in json.load(f).get("models", [])}
+    import relayq
+
+    fields = {**zoo_eval.ZOO_CONFIG, **(json.loads(args.config) if args.config else {})}
+    config = relayq.QConfig.from_dict(fields)
     print(HEADER, flush=True)
     for name in names:
         t0 = time.perf_counter()
         r = zoo_eval.evaluate(name, size=args.size, n_calib=args.calib, n_eval=args.eval, ort=not args.no_ort,
-                              calibration=args.calibration,
+                              calibration=args.calibration, config=config,
                               frontends=("onnx",) if args.no_torch_export else ("onnx", "torch"))
         r["total_s"] = time.perf_counter() - t0
         r.pop("traceback", None)
         previous[name] = r
         print(row(r), flush=True)
         with open(args.out, "w") as f:
-            json.dump({"cpu": _cpu(), "calib": args.calib, "eval": args.eval,
+            json.dump({"cpu": _cpu(), "calib": args.calib, "eval": args.eval, "config": fields,
                        "models": [previous[m] for m in DEFAULT_ORDER if m in previous]}, f, indent=1)
     return 0
 

@@ -203,6 +203,13 @@ class QConfig:
         act_symmetric: symmetric signed activation codes (zero point 0, the default) or, when False,
             asymmetric unsigned codes ``[0, 2^bits - 1]`` with a zero point (ONNX Runtime's U8 scheme); the
             zero-point terms are folded into the int32 bias at realize time.
+        unsigned_activations: with symmetric activations, a point that calibration never saw negative
+            (after a ReLU, ReLU6, sigmoid, a raw image input) takes unsigned codes ``[0, 2^bits - 1]``
+            with zero point 0 instead of the signed ``[0, 2^(bits-1) - 1]`` half it would use: one more
+            bit of resolution and still no zero-point arithmetic (NNCF's and OpenVINO's symmetric scheme;
+            ONNX Runtime's U8 activations give the same resolution). Off by default: on an AVX2 CPU
+            without VNNI, full-range uint8 inputs cannot take the exact ``vpmaddubsw`` path (its int16
+            pair sums could saturate), so those layers run on the slower exact int16 path.
         bias_correction: subtract the expected output shift that weight quantization causes,
             ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
             each conv / dense bias before it is quantized.
@@ -264,6 +271,7 @@ class QConfig:
     keep_first_last_bits: Optional[int] = None
     power_of_two_scale: bool = False
     act_symmetric: bool = True
+    unsigned_activations: bool = False
     bias_correction: bool = True
     empirical_bias_correction: bool = False
     cross_layer_equalization: bool = False
@@ -283,8 +291,8 @@ class QConfig:
         _check_bits("act_bits", self.act_bits)
         if self.keep_first_last_bits is not None:
             _check_bits("keep_first_last_bits", self.keep_first_last_bits)
-        for name in ("per_channel", "power_of_two_scale", "act_symmetric", "bias_correction", "show_progress",
-                     "cross_layer_equalization", "cle_replace_relu6", "high_bias_absorption", "adaround",
+        for name in ("per_channel", "power_of_two_scale", "act_symmetric", "unsigned_activations", "bias_correction",
+                     "show_progress", "cross_layer_equalization", "cle_replace_relu6", "high_bias_absorption", "adaround",
                      "adaround_activation", "empirical_bias_correction"):
             object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
         for name in ("adaround_iterations", "adaround_samples", "adaround_batch"):

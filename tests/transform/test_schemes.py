@@ -56,6 +56,24 @@ def test_asymmetric_activations_are_exact(calibration, per_channel):
     _assert_exact(q, rng)
 
 
+@pytest.mark.parametrize("calibration", ["naive", "kl"])
+def test_unsigned_activations_take_the_full_unsigned_range_and_stay_exact(calibration):
+    """unsigned_activations: the points calibration never saw negative (after the ReLUs) take uint8 codes
+    with zero point 0 and twice the resolution; signed points (the input) stay signed; still bit-exact."""
+    q0, _ = _quantize(CFG, calibration=calibration)
+    q, rng = _quantize(CFG.replace(unsigned_activations=True), calibration=calibration)
+    acts = {n: p for n, p in q.qpoints.items() if p.role == "act"}
+    unsigned = {n for n, p in acts.items() if not p.signed}
+    assert unsigned and unsigned != set(acts)
+    assert q.qpoints["conv2d_0:in0"].signed                 # the float input has negative values
+    for n in unsigned:
+        p, p0 = acts[n], q0.qpoints[n]
+        assert p.zero_point == 0 and p.qmax == 255 and p0.signed
+        assert p.scale < 0.75 * p0.scale, (n, p.scale, p0.scale)   # about half the step
+    assert any(dtype_of(b.var) == "uint8" for b in bindings(q.realized["main"]))
+    _assert_exact(q, rng)
+
+
 def test_asymmetric_padding_holds_the_zero_point():
     """A padded conv on asymmetric codes pads with the zero point (real zero), not with code 0."""
     q, rng = _quantize(CFG.replace(act_symmetric=False))
@@ -183,6 +201,7 @@ KERNEL_SCHEMES = {
     "a12": ({"act_bits": 12}, {"int16", "depthwise"}),
     # the classifier reads realize's integer average pool: the lowering proves it keeps the 7-bit range
     "asymmetric-a7": ({"act_symmetric": False, "act_bits": 7}, {"u8s8", "depthwise"}),
+    "unsigned": ({"unsigned_activations": True}, {"u8s8", "int16", "depthwise"}),
 }
 _SLOW_SCHEMES = ("w4-per-channel", "a12", "asymmetric-a7")
 

@@ -111,13 +111,19 @@ def _network(name: str, size):
     return net, [(example,)]
 
 
+#: The zoo's quantization scheme: W8A8 with per-channel weights and unsigned codes for the activations
+#: that are never negative, the scheme of ONNX Runtime's ``quantize_static`` (U8 activations, S8
+#: per-channel weights) that :func:`evaluate` compares beside it.
+ZOO_CONFIG = {"per_channel": True, "unsigned_activations": True, "show_progress": False}
+
+
 def evaluate(name: str, *, size: int | None = None, n_calib: int = 16, n_eval: int = 16, n_float: int = 2,
              frontends=("onnx", "torch"), ort: bool = False, config=None, calibration: str | None = None) -> dict:
     """Run zoo network ``name`` (a :data:`torchvision_zoo.NAMES` entry, ``"mobilenet_v2_real"`` or
     ``"minilm"``) through import, float check, quantization, build and run. Returns a dict of results;
     ``failed_stage`` / ``error`` say where it stopped (None when it went through). ``calibration``:
     relayq's default calibrator (:data:`relayq.config.DEFAULT_CALIBRATION`) unless named, so the zoo
-    measures what a user gets.
+    measures what a user gets; ``config``: :data:`ZOO_CONFIG` unless given.
 
     Example::
 
@@ -128,7 +134,7 @@ def evaluate(name: str, *, size: int | None = None, n_calib: int = 16, n_eval: i
     import relayq
     from relayq.transform.annotate import float_ops
 
-    config = config or relayq.QConfig(per_channel=True, show_progress=False)
+    config = config or relayq.QConfig.from_dict(ZOO_CONFIG)
     calibration = calibration or relayq.config.DEFAULT_CALIBRATION
     real = name in ("mobilenet_v2_real", "minilm")
     if name == "mobilenet_v2_real":

@@ -355,6 +355,16 @@ def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig, s
     ``(min, max)``: a zero threshold for a point that was not all zero gets a CalibrationWarning.
     """
     who = _who(calibrator, method)
+    if config.act_symmetric and config.unsigned_activations and seen is not None and seen[0] >= 0:
+        # Never negative: unsigned codes with zero point 0 (an asymmetric point whose range starts at 0).
+        t = _finite_float(_call_calibrator(calibrator, method, name, "threshold", name, bits, False),
+                          who, name, "threshold")
+        if t < 0:
+            raise ConfigError(f"calibrator {who} returned a negative threshold ({t}) for point {name!r}")
+        scale = qmath.scale_from_threshold(t, bits, signed=False)
+        if config.power_of_two_scale:
+            scale = qmath.power_of_two(scale)
+        return QPoint(name, "act", method, (0.0, scale * qmath.qrange(bits, False)[1]), scale, bits, False, -1, 0)
     if config.act_symmetric:
         t = _finite_float(_call_calibrator(calibrator, method, name, "threshold", name, bits, True),
                           who, name, "threshold")
