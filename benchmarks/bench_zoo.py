@@ -3,8 +3,8 @@
 For each network (torchvision architectures with seeded weights and photo-calibrated BatchNorm, the
 test-defined detector / segmenter / LSTM, MobileNetV2 and all-MiniLM-L6-v2 with real weights): export
 with ``torch.onnx.export(opset 17)`` and ``torch.export``, import both, check the float import against
-torch, quantize the ONNX import (W8A8, per-channel weights, unsigned codes for never-negative
-activations: ``zoo_eval.ZOO_CONFIG``; default calibration), build, run, and compare
+torch, quantize the ONNX import (W8A8, per-channel weights, asymmetric uint8 activations:
+``zoo_eval.ZOO_CONFIG``, ONNX Runtime's scheme; default calibration), build, run, and compare
 INT8 with FP32; then ONNX Runtime's ``quantize_static`` (QDQ, U8 activations, S8 per-channel weights) on
 the same file with the same calibration inputs. Prints a table and writes benchmarks/results/zoo.json
 (each model's row is written as soon as it is measured, so an interrupted run keeps what it has).
@@ -13,7 +13,7 @@ Example::
 
     python benchmarks/bench_zoo.py --models squeezenet1_1,unet_small
     python benchmarks/bench_zoo.py                     # every model (long: tens of minutes on 2 cores)
-    python benchmarks/bench_zoo.py --config '{"unsigned_activations": false}' --out /tmp/zoo_s8.json
+    python benchmarks/bench_zoo.py --config '{"act_symmetric": true}' --out /tmp/zoo_s8.json
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=None, help="input side for every model (default: the zoo's)")
     ap.add_argument("--config", default=None,
                     help="QConfig fields as JSON on top of the zoo's (relayq.testing.zoo_eval.ZOO_CONFIG), e.g. "
-                         "'{\"unsigned_activations\": false}'")
+                         "'{\"act_symmetric\": true}'")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -1,8 +1,8 @@
 """The model zoo: networks as users export them (torch.onnx.export opset 17, torch.export), through relayq.
 
 Each network: import through ONNX and through torch.export, float match against torch (relative error
-<= 1e-4), quantize the ONNX import (W8A8, per-channel weights, default calibration), build, run, INT8 vs
-FP32 within the bound written below; and, separately, which ops stayed float (the acceptance allows only
+<= 1e-4), quantize the ONNX import (W8A8 per-channel, asymmetric uint8 activations: ONNX Runtime's
+scheme, ``zoo_eval.ZOO_CONFIG``; default calibration), build, run, INT8 vs FP32 within the bound written below; and, separately, which ops stayed float (the acceptance allows only
 softmax and layer/group norm). Failures known today are xfail with the op and issue that cause them.
 
 The evaluation itself (:func:`relayq.testing.zoo_eval.evaluate`) runs once per model and is shared by
@@ -153,3 +153,18 @@ def test_zoo_ops_left_in_float(name):
     if r["float_ops"]:
         assert r["warnings"], "ops stayed float without a FloatFallbackWarning"
     assert not left, f"{name}: ops left in float: {r['float_ops']}"
+
+
+@pytest.mark.slow
+def test_minilm_w8a8_sentence_embeddings_keep_cosine_099_on_100_sentences():
+    """Issue 7's MiniLM bound: W8A8 (per-channel weights, asymmetric uint8 activations), calibrated on 32
+    sentences with ``mse``, keeps a mean embedding cosine >= 0.99 with FP32 on 100 other sentences.
+
+    Two things make it: a dense read only through a reshape by float ops (the FFN output going into the
+    residual add and LayerNorm) hands over its exact accumulator instead of 8-bit codes, and ``mse`` keeps
+    the long GELU tail that ``kl`` clips (measured: mse 0.9904 mean / 0.9844 min; kl 0.969 / 0.951)."""
+    _needs("minilm")
+    r = zoo_eval.evaluate("minilm", n_calib=32, n_eval=100, calibration="mse", frontends=("onnx",))
+    assert r["failed_stage"] is None, f"minilm failed at {r['failed_stage']}: {r['error']}"
+    assert r["int8_cosine_mean"] >= 0.99, r["int8_cosine_mean"]
+    assert r["int8_cosine_min"] >= 0.98, r["int8_cosine_min"]

@@ -300,3 +300,34 @@ def test_mean_over_time_is_the_integer_mean_of_qmath():
     codes = qmath.quantize(xs[0], np.float32(p.scale), p.bits)
     np.testing.assert_array_equal(y_real[0], qmath.mean_codes(codes, [1]).astype(np.float32) * np.float32(p.scale))
     assert "relax.mean" not in _ops(realized)
+
+
+# ----------------------------------------------------------------------------- float-only readers
+def test_dense_read_only_by_float_ops_through_a_reshape_hands_over_its_accumulator():
+    """A dense whose result is reshaped and then read only by float ops (a transformer's FFN output going
+    into the residual add and the LayerNorm) gets no 8-bit output point: the reshape runs in float on the
+    exact accumulator ``acc * s_x * s_w``, so one scale need not cover the residual stream's outliers."""
+    rng = np.random.RandomState(0)
+    w = relax.const(rng.randn(16, 12).astype("float32"))
+    gamma, beta = relax.const(np.ones(12, "float32")), relax.const(np.zeros(12, "float32"))
+
+    def body(bb, x):
+        y = bb.emit(R.matmul(x, w))
+        r = bb.emit(R.reshape(y, (1, 6, 12)))
+        return [R.nn.layer_norm(r, gamma, beta, axes=[-1])]
+
+    mod = _module([(6, 16)], body)
+    annotated = annotate(prepare(mod, {}), CFG)
+    assert "dense_0" in layers(annotated) and not any(n.startswith("reshape") for n in layers(annotated))
+    data = [[rng.uniform(-3, 3, (6, 16)).astype("float32")] for _ in range(3)]
+    _, qp = calibrate(annotated, data, "naive", CFG)
+    assert "dense_0:w" in qp and "dense_0:out" not in qp, sorted(qp)
+    realized = realize(annotated, qp)
+    # the reshape reads the dequantized int32 accumulator: it is float32, and no int8 tensor reaches it
+    reshapes = [b for b in bindings(realized["main"]) if op_name(b.value) == "relax.reshape"]
+    assert reshapes and all(dtype_of(b.var) == "float32" for b in reshapes)
+    x = data[0][0]
+    y_real = compile_host(realized)(x)[0]
+    np.testing.assert_array_equal(compile_host(simulate(annotated, qp))(x)[0], y_real)
+    # the reference's float LayerNorm rounds differently from TVM's: equal up to float32 rounding
+    np.testing.assert_allclose(reference_run(annotated, qp, x), y_real, rtol=1e-5, atol=1e-5)

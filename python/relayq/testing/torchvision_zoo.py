@@ -30,7 +30,7 @@ from . import data, zoo
 
 __all__ = ["ZooModel", "ARCHITECTURES", "NAMES", "import_torchvision", "calibrate_batchnorm", "photos", "build",
            "onnx_export", "mobilenet_v2_torch", "mobilenet_v2_torch_onnx", "resnet18_torch_onnx",
-           "has_minilm", "minilm_path", "MiniLM", "minilm", "minilm_inputs", "SENTENCES",
+           "has_minilm", "minilm_path", "MiniLM", "minilm", "minilm_inputs", "SENTENCES", "sentences",
            "DetectorFPN", "UNetSmall", "LSTMText"]
 
 #: ONNX opset of every export here: what ``torch.onnx.export`` users pick today.
@@ -429,6 +429,42 @@ SENTENCES = (
     "The library extended its opening hours during exams.",
     "Trains between the two cities run every thirty minutes.",
 )
+
+
+_SUBJECTS = ("The new manager", "My grandmother", "A small startup", "The city council", "Our neighbour's dog",
+             "The research team", "A tired student", "The old fisherman", "The orchestra", "A local bakery",
+             "The hospital", "Two engineers")
+_ACTIONS = ("announced plans to expand", "quietly finished repairing", "spent the whole morning cleaning",
+            "could not afford to replace", "proudly showed visitors", "argued for hours about",
+            "carefully measured", "finally sold", "wrote a long report on", "was surprised by")
+_OBJECTS = ("the leaking roof", "its delivery vans", "the community garden", "a collection of rare stamps",
+            "the budget for next year", "the broken washing machine", "an abandoned railway station",
+            "the results of the experiment", "a wooden sailing boat", "the winter schedule")
+_ENDINGS = ("before the holidays.", "despite the heavy rain.", "after a long discussion.", "on Tuesday.",
+            "for the first time in a decade.", "while everyone else was asleep.", "with help from volunteers.",
+            "as the sun went down.")
+
+
+def sentences(n: int) -> list:
+    """``n`` distinct English sentences: :data:`SENTENCES`, then sentences composed from a fixed vocabulary
+    (a seeded choice of subject, action, object and ending), so that calibration and evaluation of a text
+    model can use disjoint sets of any size up to several thousand.
+
+    >>> len(set(sentences(150))), sentences(21)[:1] == list(SENTENCES[:1])
+    (150, True)
+    """
+    out = list(SENTENCES[:n])
+    rng = np.random.RandomState(7)
+    seen = set(out)
+    limit = len(SENTENCES) + len(_SUBJECTS) * len(_ACTIONS) * len(_OBJECTS) * len(_ENDINGS)
+    if n > limit:
+        raise ValueError(f"sentences: at most {limit} distinct sentences, asked for {n}")
+    while len(out) < n:
+        s = " ".join(str(rng.choice(part)) for part in (_SUBJECTS, _ACTIONS, _OBJECTS, _ENDINGS))
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
 
 
 def minilm_path() -> str:
