@@ -515,12 +515,13 @@ def bench_mobilenet(args, schemes, methods) -> dict:
             observe_s = round(time.perf_counter() - t0, 1)
         rows = relayq_rows(mod, params, calib, predict, score, schemes, args.relayq_methods, shared)
         ort_calib = [photos[i:i + MOBILENET_BATCH_ORT] for i in range(0, len(photos), MOBILENET_BATCH_ORT)]
-        labels = [label for label, _ in schemes] + args.peer_only if args.peers else ORT_LABELS
+        # (Not ``labels``: score() reads the 20 ImageNet labels under that name when the peers are scored.)
+        scheme_labels = [label for label, _ in schemes] + args.peer_only if args.peers else ORT_LABELS
         if not args.no_ort:
-            rows += run_ort(ort_fp32, ort_calib, ort_eval, score, tmp, methods, labels)
+            rows += run_ort(ort_fp32, ort_calib, ort_eval, score, tmp, methods, scheme_labels)
         if args.peers:
             # The same batch-20 ONNX file and calibration batches as ORT's.
-            rows += run_nncf(ort_fp32, ort_calib, ort_eval, score, labels)
+            rows += run_nncf(ort_fp32, ort_calib, ort_eval, score, scheme_labels)
     return {"model": "MobileNetV2, torchvision ImageNet weights",
             "metric": "top-1 agreement with FP32 on 120 photos (100 ai-benchmark + 20 labelled ImageNet); "
                       "top-1 on the 20 labelled", "calibration": "100 ai-benchmark photos",
