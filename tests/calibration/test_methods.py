@@ -164,6 +164,36 @@ def test_asymmetric_ranges():
     assert cal.range("r", 8)[0] == 0.0
 
 
+def _asym_sq_error(x, lo, hi, bits=8):
+    scale = (hi - lo) / ((1 << bits) - 1)
+    zp = np.round(-lo / scale)
+    q = np.clip(np.round(x / scale) + zp, 0, (1 << bits) - 1)
+    return float(np.mean((x - (q - zp) * scale) ** 2))
+
+
+def test_kl_asymmetric_range_keeps_a_one_sided_tail():
+    """GELU outputs of a transformer's FFN: a short negative dip (>= -0.17), most values near zero, a long
+    positive tail. An asymmetric code spends almost all its 255 steps on the tail side; the kl range used
+    to be the symmetric 127-step |x| threshold, which clipped the tail at a fraction of the max (MiniLM:
+    2.8 of 17) with several times the squared error of keeping it. Now the tail side is searched with
+    the steps it really has, and the clipped range costs no more than the full one."""
+    from scipy.special import erf
+
+    rng = np.random.RandomState(8)
+    z = rng.randn(300_000) - 1.0                   # most pre-activations negative: GELU near zero
+    z[:900] = rng.randn(900) * 4 + 8               # a few outlier channels
+    x = (0.5 * z * (1 + erf(z / np.sqrt(2)))).astype("float32")
+    cal = HistogramCalibrator("kl")
+    cal.observe("g", x)
+    lo, hi = cal.range("g", 8)
+    assert lo == pytest.approx(float(x.min()), rel=1e-6)          # the dip is kept whole
+    assert 0.5 * float(x.max()) < hi <= float(x.max())
+    assert _asym_sq_error(x, lo, hi) <= _asym_sq_error(x, float(x.min()), float(x.max()))
+    # the symmetric 127-step search (the old range) clips earlier, at about twice the error
+    t = cal.threshold("g", 8, signed=True)
+    assert t < hi and _asym_sq_error(x, lo, hi) < 0.75 * _asym_sq_error(x, lo, t)
+
+
 def test_weight_threshold_max_and_mse():
     rng = np.random.RandomState(7)
     w = rng.randn(16, 8, 3, 3)

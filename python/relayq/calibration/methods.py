@@ -136,6 +136,8 @@ class HistogramCalibrator(Calibrator):
             return _signed_percentiles(obs, self.p)
         if self.method == "mse":
             return _asym_mse_range(obs, (1 << bits) - 1)
+        if self.method == "kl":
+            return _kl_asym_range(obs, bits)
         t = self.threshold(name, bits, signed=True)
         return float(max(lo, -t)), float(min(hi, t))
 
@@ -308,6 +310,36 @@ def _signed_percentiles(obs: HistogramObserver, p: float) -> tuple[float, float]
     lo = max(float(edges[lo_i]), obs.min)
     hi = min(float(edges[min(hi_i + 1, obs.hist.size)]), obs.max)
     return min(lo, 0.0), max(hi, 0.0)
+
+
+def _kl_asym_range(obs: HistogramObserver, bits: int) -> tuple[float, float]:
+    """The ``kl`` range of an asymmetric code on a tensor with both signs.
+
+    The longer side (its extent ``d``, the other side's ``o``) is clipped where the KL search on *its own*
+    histogram puts the threshold, with the share ``d / (d + o)`` of the code's ``2^bits - 1`` steps that
+    side gets; the shorter side is kept, up to that threshold. Searching |x| with the ``2^(bits-1) - 1``
+    steps of a symmetric code instead (what a symmetric point needs) halves the steps a one-sided
+    tail really has (GELU, SiLU, hardswish outputs: a short negative dip, a long positive tail) and
+    clips it far too early: MiniLM's GELU outputs at 2.8 of 17 (embedding cosine 0.969; 0.985 with this).
+
+    >>> from relayq.calibration.observers import HistogramObserver
+    >>> obs = HistogramObserver(); obs.update(np.concatenate([-0.2 * np.random.RandomState(0).rand(1000),
+    ...                                                       np.random.RandomState(1).exponential(1.0, 20000)]))
+    >>> lo, hi = _kl_asym_range(obs, 8)
+    >>> lo == obs.min and 4.0 < hi <= obs.max
+    True
+    """
+    levels_total = (1 << bits) - 1
+    pos = obs.hist[obs.half:].astype(np.float64)
+    neg = obs.hist[:obs.half][::-1].astype(np.float64)
+    pos[0] = max(pos[0] - obs.zeros, 0.0)            # exact zeros cost nothing at any threshold
+    positive_longer = obs.max >= -obs.min
+    d, o = (obs.max, -obs.min) if positive_longer else (-obs.min, obs.max)
+    steps = max(2, int(round(levels_total * d / (d + o))))
+    t = kl_threshold(pos if positive_longer else neg, obs.bin_width, steps + 1)
+    t = d if t <= 0 else min(t, d)
+    o = min(o, t)
+    return (-o, float(t)) if positive_longer else (-float(t), o)
 
 
 def _asym_mse_range(obs: HistogramObserver, levels: int) -> tuple[float, float]:
