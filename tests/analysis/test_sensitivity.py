@@ -82,3 +82,32 @@ def test_sensitivity_bits_leaves_weightless_layers_out(tiny):
     assert res.change == "w2"
     with pytest.raises(relayq.ConfigError, match="conv2d_99"):
         sensitivity(q, _data(1, 3), layers=["conv2d_99"], show_progress=False)
+
+
+def test_a_layer_that_cannot_be_rederived_is_reported_not_crashed_on():
+    """Keeping a transformer FFN's first dense float gives the GELU table after it an input point on a tensor
+    calibration never observed: that one layer is reported as not measured (a warning naming it, a note in
+    its row), the others are measured; before, the whole analysis raised ConfigError."""
+    torch = pytest.importorskip("torch")
+    from relayq.testing import torchvision_zoo as tz
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.ln = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.LayerNorm(16)
+
+        def forward(self, x):
+            return self.ln(x + self.b(torch.nn.functional.gelu(self.a(x))))
+
+    torch.manual_seed(0)
+    x = np.random.RandomState(0).randn(1, 4, 16).astype("float32")
+    mod, params = relayq.frontend.from_onnx(tz.onnx_export(Net().eval(), x))
+    data = [np.random.RandomState(i).randn(1, 4, 16).astype("float32") for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(mod, params, data, "kl", relayq.QConfig(show_progress=False))
+    with pytest.warns(relayq.CalibrationWarning, match=r"not measured \(dense_0\)"):
+        res = relayq.analysis.sensitivity(q, data, show_progress=False)
+    rows = {r.layer: r for r in res.rows}
+    assert rows["dense_0"].metric is None and "not measured" in rows["dense_0"].note
+    assert rows["dense_1"].metric is not None and rows["elementwise_0"].metric is not None

@@ -38,7 +38,7 @@ import numpy as np
 from tvm import relax
 
 from ..config import LayerConfig
-from ..errors import ConfigError, DatasetError, FloatFallbackWarning
+from ..errors import CalibrationWarning, ConfigError, DatasetError, FloatFallbackWarning
 from ..transform.annotate import annotate, layer_sources, layers as layers_of, point_tensors
 from ..runtime import batch_to_arrays
 from ..transform.calibrate import CalibrationStats, _fast_float, input_specs, recalibrate, tap_module
@@ -200,6 +200,7 @@ class LayerSensitivity:
     metric: float | None          # the metric with the layer changed (None where not measured)
     delta: float | None           # metric - the quantized model's metric
     cosine: float | None = None   # output cosine with the float model, the layer changed
+    note: str | None = None       # why the metric is missing, where it is
 
 
 @dataclasses.dataclass
@@ -340,7 +341,7 @@ def sensitivity(qmodel, data, metric=None, bits: int | None = None, layers=None,
     base_cos = output_cosine(ref, out)
     sources = layer_sources(qmodel.annotated)
     compute = [n for n, t in all_layers.items() if t in ("conv2d", "dense")]
-    rows = []
+    rows, skipped = [], []
     with Progress("sensitivity, layer", total=len(layers), enabled=show_progress) as prog:
         for name in all_layers:
             op = all_layers[name]
@@ -359,11 +360,24 @@ def sensitivity(qmodel, data, metric=None, bits: int | None = None, layers=None,
             if bits is not None and (op in _WEIGHTLESS or wbits is None):
                 prog.step(note=f"{name}: no weights")
                 continue
-            _, _, realized = variants.make(variants.config_for(name, bits))
+            try:
+                _, _, realized = variants.make(variants.config_for(name, bits))
+            except ConfigError as e:
+                # Keeping this layer float gives a later op an input point on a tensor calibration never
+                # observed (a transformer's merges): it cannot be derived without running the data again.
+                row.note = f"not measured: {e}"
+                skipped.append(name)
+                prog.step(note=f"{name}: not measured")
+                continue
             got = runner.run(_host_function(realized))[0]
             row.metric = float(metric_fn(ref, got))
             row.delta = row.metric - base
             row.cosine = output_cosine(ref, got)
             prog.step(note=f"{name} {row.delta:+.4f}")
+    if skipped:
+        warnings.warn(f"relayq: sensitivity: {len(skipped)} layer(s) not measured ({', '.join(skipped[:5])}"
+                      f"{' ...' if len(skipped) > 5 else ''}): changing them needs statistics of tensors calibration "
+                      "did not observe; quantize the model again with that configuration to measure them",
+                      CalibrationWarning, stacklevel=2)
     return SensitivityResult(rows, metric_name, base, base_cos, "float" if bits is None else f"w{bits}",
                              int(ref.shape[0]) if np.ndim(ref) else 1, time.perf_counter() - start, point_sqnr)
