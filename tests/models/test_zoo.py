@@ -70,20 +70,20 @@ CASES = {
     "detector_fpn": Case(size=32, n_calib=16, n_eval=4),
     "lstm_text": Case(),
     "resnet18": Case(),
-    "resnet50": Case(accuracy_xfail=_calib(0.870, 0.856)),
-    "mobilenet_v2": Case(accuracy_xfail=_calib(0.82, 0.83)),
+    "resnet50": Case(accuracy_xfail=_calib(0.857, 0.856)),
+    "mobilenet_v2": Case(accuracy_xfail=_calib(0.786, 0.828)),
     "mobilenet_v3_small": Case(accuracy_xfail=SPREAD),
     "mobilenet_v3_large": Case(accuracy_xfail=SPREAD),
-    "shufflenet_v2_x1_0": Case(accuracy_xfail=_calib(0.855, 0.870)),
-    "densenet121": Case(accuracy_xfail=_calib(0.976, 0.975)),
-    "googlenet": Case(accuracy_xfail=_calib(0.947, 0.919)),
+    "shufflenet_v2_x1_0": Case(accuracy_xfail=_calib(0.876, 0.870)),
+    "densenet121": Case(accuracy_xfail=_calib(0.973, 0.975)),
+    "googlenet": Case(accuracy_xfail=_calib(0.946, 0.919)),
     "inception_v3": Case(accuracy_xfail=_calib(0.541, 0.572)),
     "efficientnet_b0": Case(accuracy_xfail=SPREAD),
-    "regnet_y_400mf": Case(accuracy_xfail=_calib(0.886, 0.884)),
-    "mnasnet1_0": Case(accuracy_xfail=_calib(0.814, 0.796)),
+    "regnet_y_400mf": Case(accuracy_xfail=_calib(0.893, 0.884)),
+    "mnasnet1_0": Case(accuracy_xfail=_calib(0.801, 0.796)),
     "convnext_tiny": Case(),
     "vit_b_16": Case(accuracy_xfail="random-weight ViT-B/16 at 64x64 with every matmul integer: INT8-vs-FP32 cosine "
-                     "mean 0.963 / min 0.815 with kl at the zoo's scheme (ONNX Runtime 0.963 / 0.821): issue 7 item 4"),
+                     "mean 0.974 / min 0.853 with kl at the zoo's scheme (ONNX Runtime 0.963 / 0.821): issue 7 item 4"),
     # Real weights: issue 7's acceptance bounds.
     # bench_accuracy.py's protocol: calibrate on the 100 photos, agreement on them and the 20 labelled ones.
     # Measured with the default calibrator (kl, rounding-true levels + squared-error guard): agreement 98.3%,
@@ -96,8 +96,8 @@ CASES = {
                    "inputs (less / where / astype / sum / divide / sqrt / clip: no quantized tensor involved), the masked "
                    "mean's divide by the token count, and the residual adds, which read a dense's exact accumulator "
                    "and feed only a LayerNorm (quantizing them would round the residual stream's outlier channels)",
-                   accuracy_xfail="sentence-embedding cosine 0.968 mean / 0.948 min with the default kl, which clips "
-                   "the GELU outputs' long tail (ONNX Runtime 0.354 / 0.264); with mse 0.990 / 0.984 on 100 sentences "
+                   accuracy_xfail="sentence-embedding cosine 0.983 mean / 0.975 min with the default kl (bench_zoo, 16 + 16 "
+                   "sentences; ONNX Runtime 0.354 / 0.264), below the 0.99 bound; with mse 0.990 / 0.984 on 100 sentences "
                    "(test_minilm_w8a8_sentence_embeddings_keep_cosine_099_on_100_sentences)"),
 }
 
