@@ -144,3 +144,24 @@ def test_three_presets_build_quantized_mobilenet_v2():
             assert "__dp4a" in lib.device_source()
             if HAS_NVCC:
                 assert "dp4a" in lib.ptx()
+
+
+def test_one_mcpu_table_serves_the_kernels_and_the_other_schedules():
+    """presets.X86_MCPUS gives each known -mcpu its kernel family and its vector width; preset_of and
+    schedule_rest.vector_bits read the same table (they were two lists that disagreed on skylake-avx512:
+    AVX-512 without VNNI got the generic kernels but 512-bit loops)."""
+    import tvm
+
+    from relayq.backend import presets
+    from relayq.backend.schedule_rest import DEFAULT_VECTOR_BITS, vector_bits
+
+    for mcpu, (family, bits) in presets.X86_MCPUS.items():
+        t = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+        assert (presets.preset_of(t), vector_bits(t)) == (family, bits), mcpu
+    for name in ("x86-avx2", "x86-vnni"):
+        t = presets.target_from_preset(name)
+        assert presets.preset_of(t) == name and presets.mcpu_of(t) in presets.X86_MCPUS
+    skx = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert (presets.preset_of(skx), vector_bits(skx)) == ("x86-avx2", 512)
+    plain = tvm.target.Target({"kind": "llvm"})
+    assert (presets.preset_of(plain), vector_bits(plain)) == ("generic", DEFAULT_VECTOR_BITS)

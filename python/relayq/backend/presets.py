@@ -59,18 +59,41 @@ def target_from_preset(name: str) -> tvm.target.Target:
     raise ConfigError(f"unknown target preset {name!r}; known: {list(PRESETS)} (or pass a tvm.target.Target)")
 
 
+#: x86 ``-mcpu`` names relayq knows: the kernel family that serves each and its vector register width.
+#: One table for the kernels (:func:`preset_of`) and the schedules of everything else
+#: (:func:`relayq.backend.schedule_rest.vector_bits`). AVX-512 without VNNI (skylake-avx512) runs the
+#: AVX2 kernels; its other loops still get 512-bit vectors.
+X86_MCPUS = {
+    "core-avx2": ("x86-avx2", 256), "haswell": ("x86-avx2", 256), "broadwell": ("x86-avx2", 256),
+    "skylake": ("x86-avx2", 256), "znver1": ("x86-avx2", 256), "znver2": ("x86-avx2", 256),
+    "znver3": ("x86-avx2", 256), "znver4": ("x86-avx2", 256), "skylake-avx512": ("x86-avx2", 512),
+    "cascadelake": ("x86-vnni", 512), "cooperlake": ("x86-vnni", 512), "icelake-server": ("x86-vnni", 512),
+    "icelake-client": ("x86-vnni", 512), "tigerlake": ("x86-vnni", 512), "sapphirerapids": ("x86-vnni", 512),
+}
+
+
+def mcpu_of(target: tvm.target.Target) -> str:
+    """The ``-mcpu`` of ``target`` ("" when it has none).
+
+    >>> mcpu_of(target_from_preset("x86-avx2"))
+    'core-avx2'
+    """
+    return str(target.attrs.get("mcpu", "")) if hasattr(target, "attrs") else ""
+
+
 def preset_of(target: tvm.target.Target) -> str:
-    """Which kernel family serves ``target``."""
+    """Which kernel family serves ``target``.
+
+    >>> avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    >>> preset_of(target_from_preset("x86-vnni")), preset_of(avx512)
+    ('x86-vnni', 'x86-avx2')
+    """
     if target.kind.name == "cuda":
         return "cuda-dp4a"
     if _triple(target).startswith("aarch64"):
         return "arm-dotprod" if "+dotprod" in [str(a) for a in target.attrs.get("mattr", [])] else "arm-neon"
-    mcpu = str(target.attrs.get("mcpu", "")) if hasattr(target, "attrs") else ""
-    if mcpu in ("cascadelake", "icelake-server", "sapphirerapids", "cooperlake", "tigerlake", "icelake-client"):
-        return "x86-vnni"
-    if mcpu in ("core-avx2", "haswell", "skylake", "znver1", "znver2", "znver3", "znver4", "broadwell"):
-        return "x86-avx2"
-    return "generic"
+    known = X86_MCPUS.get(mcpu_of(target))
+    return known[0] if known is not None else "generic"
 
 
 def lower_for(mod: tvm.IRModule, target: tvm.target.Target, preset: str | None = None) -> tvm.IRModule:

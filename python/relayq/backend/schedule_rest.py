@@ -64,24 +64,21 @@ PARALLEL_MIN_ELEMENTS = 16384
 EXPENSIVE_CALLS = ("tirx.exp", "tirx.exp2", "tirx.erf", "tirx.tanh", "tirx.sigmoid", "tirx.log", "tirx.log2",
                    "tirx.log1p", "tirx.sqrt", "tirx.rsqrt", "tirx.pow", "tirx.sin", "tirx.cos", "tirx.atan",
                    "tirx.fmod")
-#: Vector register width in bits by LLVM CPU (the ``mcpu`` of relayq's presets and close relatives).
-VECTOR_BITS = {"core-avx2": 256, "haswell": 256, "broadwell": 256, "skylake": 256, "znver1": 256,
-               "znver2": 256, "znver3": 256, "znver4": 256, "cascadelake": 512, "skylake-avx512": 512,
-               "icelake-server": 512, "icelake-client": 512, "sapphirerapids": 512, "cooperlake": 512,
-               "tigerlake": 512}
 #: Without a known ``mcpu``: SSE2 (x86-64 baseline) and NEON are 128 bits.
 DEFAULT_VECTOR_BITS = 128
 
 
 def vector_bits(target: tvm.target.Target) -> int:
-    """The vector register width relayq schedules for on ``target``.
+    """The vector register width relayq schedules for on ``target`` (:data:`relayq.backend.presets.X86_MCPUS`).
 
     >>> from relayq.backend import presets
     >>> vector_bits(presets.target_from_preset("x86-avx2"))
     256
     """
-    mcpu = str(target.attrs.get("mcpu", "")) if hasattr(target, "attrs") else ""
-    return VECTOR_BITS.get(mcpu, DEFAULT_VECTOR_BITS)
+    from .presets import X86_MCPUS, mcpu_of
+
+    known = X86_MCPUS.get(mcpu_of(target))
+    return known[1] if known is not None else DEFAULT_VECTOR_BITS
 
 
 # ----------------------------------------------------------------------------- block analysis
