@@ -355,18 +355,10 @@ def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig, s
     ``(min, max)``: a zero threshold for a point that was not all zero gets a CalibrationWarning.
     """
     who = _who(calibrator, method)
-    if config.act_symmetric and config.unsigned_activations and seen is not None and seen[0] >= 0:
-        # Never negative: unsigned codes with zero point 0 (an asymmetric point whose range starts at 0).
-        t = _finite_float(_call_calibrator(calibrator, method, name, "threshold", name, bits, False),
-                          who, name, "threshold")
-        if t < 0:
-            raise ConfigError(f"calibrator {who} returned a negative threshold ({t}) for point {name!r}")
-        scale = qmath.scale_from_threshold(t, bits, signed=False)
-        if config.power_of_two_scale:
-            scale = qmath.power_of_two(scale)
-        return QPoint(name, "act", method, (0.0, scale * qmath.qrange(bits, False)[1]), scale, bits, False, -1, 0)
     if config.act_symmetric:
-        t = _finite_float(_call_calibrator(calibrator, method, name, "threshold", name, bits, True),
+        # unsigned_activations: a point never seen negative takes unsigned codes with zero point 0.
+        signed = not (config.unsigned_activations and seen is not None and seen[0] >= 0)
+        t = _finite_float(_call_calibrator(calibrator, method, name, "threshold", name, bits, signed),
                           who, name, "threshold")
         if t < 0:
             raise ConfigError(f"calibrator {who} returned a negative threshold ({t}) for point {name!r}")
@@ -374,10 +366,13 @@ def act_qpoint(name: str, calibrator, method: str, bits: int, config: QConfig, s
             warnings.warn(f"relayq: calibrator {who} returned threshold 0 for point {name!r}, whose values "
                           f"range over [{seen[0]:.6g}, {seen[1]:.6g}]: the point is quantized with scale 1.0",
                           CalibrationWarning, stacklevel=3)
-        scale = qmath.scale_from_threshold(t, bits)
+        scale = qmath.scale_from_threshold(t, bits, signed)
         if config.power_of_two_scale:
             scale = qmath.power_of_two(scale)
-        return QPoint(name, "act", method, t, scale, bits, True, -1)
+        if signed:
+            return QPoint(name, "act", method, t, scale, bits, True, -1)
+        # as an asymmetric point whose range starts at 0
+        return QPoint(name, "act", method, (0.0, scale * qmath.qrange(bits, False)[1]), scale, bits, False, -1, 0)
     rng = _call_calibrator(calibrator, method, name, "range", name, bits)
     try:
         lo, hi = rng
