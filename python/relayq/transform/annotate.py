@@ -296,28 +296,25 @@ class _Plan:
         codes, whose one scale must also cover the few outlier channels of a transformer's residual
         stream. Only after a conv / dense / matmul, whose accumulator dequantizes exactly; pools and
         activations stay integer (they compute)."""
-        changed = True
-        while changed:
-            changed = False
-            for layer, kind in list(self.layer_kind.items()):
-                if kind != PASS:
-                    continue
-                members = [v for v, owner in self.layer_of.items() if owner == layer]
-                if any(op_name(self.value[v]) not in _QUIET_FLOAT_OPS for v in members):
-                    continue
-                out = self.group_out[layer]
-                if out in self.region_root or any(self.binds[i].var in self.qdomain for i in self.users.get(out, [])):
-                    continue
-                src = self.value[self.root[layer]].args[0]
-                src_layer = self.layer_of.get(src)
-                if src_layer is not None and self.layer_kind[src_layer] != COMPUTE:
-                    continue          # an add / concat / table must finalize its codes anyway
-                for v in members:
-                    del self.layer_of[v]
-                    self.qdomain.discard(v)
-                for table in (self.layer_type, self.layer_kind, self.group_out, self.root, self.resolved, self.sources):
-                    table.pop(layer, None)
-                changed = True
+        # One pass is enough: a demoted layer reads a conv / dense / matmul (or float), never another
+        # pass-through, so no demotion can make an earlier layer demotable.
+        members = defaultdict(list)
+        for v, owner in self.layer_of.items():
+            members[owner].append(v)
+        for layer, kind in list(self.layer_kind.items()):
+            if kind != PASS or any(op_name(self.value[v]) not in _QUIET_FLOAT_OPS for v in members[layer]):
+                continue
+            out = self.group_out[layer]
+            if out in self.region_root or any(self.binds[i].var in self.qdomain for i in self.users.get(out, [])):
+                continue
+            src_layer = self.layer_of.get(self.value[self.root[layer]].args[0])
+            if src_layer is not None and self.layer_kind[src_layer] != COMPUTE:
+                continue          # an add / concat / table must finalize its codes anyway
+            for v in members[layer]:
+                del self.layer_of[v]
+                self.qdomain.discard(v)
+            for table in (self.layer_type, self.layer_kind, self.group_out, self.root, self.resolved, self.sources):
+                table.pop(layer, None)
 
     def _region_boundaries(self):
         """Vars no region may take: the bias add of a conv2d / dense (its layer absorbs it)."""
