@@ -41,6 +41,8 @@ import logging
 import tvm
 from tvm import relax, s_tir, tirx
 
+from .presets import X86_MCPUS, mcpu_of
+
 _log = logging.getLogger("relayq")
 ScheduleError = s_tir.schedule.ScheduleError
 #: What a schedule primitive or TVM analysis raises on a function it cannot handle (TVM's FFI errors are
@@ -75,8 +77,6 @@ def vector_bits(target: tvm.target.Target) -> int:
     >>> vector_bits(presets.target_from_preset("x86-avx2"))
     256
     """
-    from .presets import X86_MCPUS, mcpu_of
-
     known = X86_MCPUS.get(mcpu_of(target))
     return known[1] if known is not None else DEFAULT_VECTOR_BITS
 
