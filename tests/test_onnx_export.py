@@ -26,6 +26,13 @@ def net():
     return model, calib, evaluation
 
 
+def _quantize(model, calib, method, params=None, **config):
+    """``quantize_model`` without progress output, its warnings ignored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return relayq.quantize_model(model, params, calib, method, relayq.QConfig(show_progress=False, **config))
+
+
 @pytest.mark.parametrize("config, weight_type, act_type", [
     (dict(), "INT8", "INT8"),
     (dict(per_channel=True, weight_bits=4), "INT4", "INT8"),
@@ -34,9 +41,7 @@ def net():
 ])
 def test_ort_agrees_with_relayq(net, tmp_path, config, weight_type, act_type):
     model, calib, evaluation = net
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = relayq.quantize_model(model, None, calib, "kl", relayq.QConfig(show_progress=False, **config))
+    q = _quantize(model, calib, "kl", **config)
     path = q.export_onnx(str(tmp_path / "qdq.onnx"))
     exported = onnx.load(path)
     ops = [n.op_type for n in exported.graph.node]
@@ -70,9 +75,7 @@ def test_exact_export_computes_relayqs_codes_bit_for_bit(tmp_path, hardswish, co
     rng = np.random.RandomState(0)
     calib = [rng.randn(1, 3, 8, 8).astype("float32") for _ in range(6)]
     evaluation = [rng.randn(1, 3, 8, 8).astype("float32") * 2 for _ in range(16)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = relayq.quantize_model(model, None, calib, "kl", relayq.QConfig(show_progress=False, **config))
+    q = _quantize(model, calib, "kl", **config)
     path = q.export_onnx(str(tmp_path / "int.onnx"), exact=True)
     ops = [n.op_type for n in onnx.load(path).graph.node]
     assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 1 and "Conv" not in ops
@@ -88,9 +91,7 @@ def test_exact_export_needs_no_onnx_source(net, tmp_path):
     """A model imported as a Relax module (no ONNX kept) exports too; inputs keep the Relax names."""
     model, calib, evaluation = net
     mod, params = relayq.frontend.from_onnx(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = relayq.quantize_model(mod, params, calib, "naive", relayq.QConfig(show_progress=False, check_accuracy=False))
+    q = _quantize(mod, calib, "naive", params, check_accuracy=False)
     sess = ort.InferenceSession(q.export_onnx(str(tmp_path / "int.onnx"), exact=True))
     name = sess.get_inputs()[0].name
     np.testing.assert_array_equal(sess.run(None, {name: evaluation[0]})[0], relayq.build(q)(evaluation[0]))
@@ -100,9 +101,7 @@ def test_exact_export_names_an_op_it_cannot_write(net, tmp_path, monkeypatch):
     from relayq import onnx_exact
 
     model, calib, _ = net
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = relayq.quantize_model(model, None, calib, "naive", relayq.QConfig(show_progress=False, check_accuracy=False))
+    q = _quantize(model, calib, "naive", check_accuracy=False)
     monkeypatch.delitem(onnx_exact.CONVERTERS, "relax.right_shift")
     with pytest.raises(relayq.RelayqError, match=r"binding \w+ is relax.right_shift"):
         q.export_onnx(str(tmp_path / "int.onnx"), exact=True)
@@ -111,18 +110,14 @@ def test_exact_export_names_an_op_it_cannot_write(net, tmp_path, monkeypatch):
 def test_export_needs_the_onnx_model(net, tmp_path):
     model, calib, _ = net
     mod, params = relayq.frontend.from_onnx(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = relayq.quantize_model(mod, params, calib, "naive", relayq.QConfig(show_progress=False, check_accuracy=False))
+    q = _quantize(mod, calib, "naive", params, check_accuracy=False)
     with pytest.raises(relayq.RelayqError, match="onnx_model="):
         q.export_onnx(str(tmp_path / "a.onnx"))
     path = q.export_onnx(str(tmp_path / "b.onnx"), onnx_model=model)        # given explicitly, it works
     assert ort.InferenceSession(path).run(None, {"input": calib[0]})[0].shape == (1, 10)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        changed = relayq.quantize_model(model, None, calib, "naive", relayq.QConfig(
-            show_progress=False, check_accuracy=False, cross_layer_equalization=True, cle_replace_relu6=True))
+    changed = _quantize(model, calib, "naive", check_accuracy=False, cross_layer_equalization=True,
+                        cle_replace_relu6=True)
     with pytest.raises(relayq.RelayqError, match="cle_replace_relu6"):     # its float graph is not the ONNX one
         changed.export_onnx(str(tmp_path / "c.onnx"))
 
