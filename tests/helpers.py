@@ -126,3 +126,14 @@ def float_reference(mod, params, x):
     import relayq
 
     return relayq.build(mod, params=params)(x)
+
+
+def assert_three_ways(q, lib, sim, x):
+    """The compiled integer model ``lib``, the qmath reference and the simulated module ``sim`` of the
+    QuantizedModel ``q`` give the same output on ``x``, bit for bit. Returns that output."""
+    from relayq.analysis.reference import reference_run
+
+    y = lib(x)
+    np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
+    np.testing.assert_array_equal(sim(x)[0], y)
+    return y

@@ -10,7 +10,7 @@ from relayq.analysis.reference import reference_run
 from relayq.calibration import adaround
 from relayq.runtime import compile_host
 
-from helpers import tiny_cnn
+from helpers import assert_three_ways, tiny_cnn
 
 
 def _layer(seed=0, n=512, groups=1, og=6, k=24):
@@ -178,9 +178,7 @@ def test_adaround_w4_exact_and_shows_progress(w4_adaround):
     sim = compile_host(q.simulated)
     for _ in range(2):
         x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
-        y = lib(x)
-        np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
-        np.testing.assert_array_equal(sim(x)[0], y)
+        assert_three_ways(q, lib, sim, x)
 
 
 def _weight(q, name):

@@ -22,6 +22,8 @@ from relayq.transform.annotate import layers, regions
 from relayq.transform.common import bindings, dtype_of, op_name
 from relayq.transform.realize import realize, simulate
 
+from helpers import assert_three_ways
+
 R = relax.op
 CFG = relayq.QConfig(show_progress=False)
 
@@ -291,9 +293,7 @@ def _end_to_end(mod, params, shape, net, n=2):
     cos = []
     for _ in range(n):
         x = rng.randn(*shape).astype("float32")
-        y = lib(x)
-        np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
-        np.testing.assert_array_equal(sim(x)[0], y)
+        y = assert_three_ways(q, lib, sim, x)
         with torch.no_grad():
             f = net(torch.from_numpy(x)).numpy()
         cos.append(float(np.dot(y.ravel(), f.ravel()) / np.linalg.norm(y) / np.linalg.norm(f)))

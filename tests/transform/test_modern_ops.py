@@ -23,6 +23,8 @@ from relayq.transform.annotate import float_ops, layers
 from relayq.transform.common import bindings, dtype_of, op_name
 from relayq.transform.realize import realize, simulate
 
+from helpers import assert_three_ways
+
 R = relax.op
 CFG = relayq.QConfig(show_progress=False)
 
@@ -260,9 +262,7 @@ def test_lstm_gates_are_integer_end_to_end():
     lib, sim = relayq.build(q, target="generic"), compile_host(q.simulated)
     for _ in range(2):
         x = rng.randn(*shape).astype("float32")
-        y = lib(x)
-        np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
-        np.testing.assert_array_equal(sim(x)[0], y)
+        y = assert_three_ways(q, lib, sim, x)
         with torch.no_grad():
             ref = net(torch.from_numpy(x)).numpy()
         assert np.dot(y.ravel(), ref.ravel()) / np.linalg.norm(y) / np.linalg.norm(ref) > 0.99

@@ -12,7 +12,7 @@ from relayq.analysis.reference import reference_run
 from relayq.runtime import compile_host
 from relayq.transform.common import bindings, dtype_of, op_name
 
-from helpers import tiny_cnn
+from helpers import assert_three_ways, tiny_cnn
 
 CFG = relayq.QConfig(show_progress=False)
 
@@ -32,9 +32,7 @@ def _assert_exact(q, rng, n=2):
     sim = compile_host(q.simulated)
     for _ in range(n):
         x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
-        y = lib(x)
-        np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
-        np.testing.assert_array_equal(sim(x)[0], y)
+        assert_three_ways(q, lib, sim, x)
     return lib
 
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import relayq
-from relayq.analysis.reference import reference_run
 from relayq.runtime import compile_host
 from relayq.transform.annotate import annotate, layer_aliases, layer_sources, layers
 from relayq.transform.prepare import prepare
 
+from helpers import assert_three_ways
 from onnx_nets import batches, hardswish_net, set_initializer
 
 pytest.importorskip("torch")
@@ -92,9 +92,7 @@ def test_bias_too_large_for_int32_is_clamped_with_a_warning_and_stays_exact():
     rng = np.random.RandomState(5)
     for _ in range(2):
         x = rng.randn(1, 3, 8, 8).astype("float32")
-        y = lib(x)
-        np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
-        np.testing.assert_array_equal(sim(x)[0], y)
+        assert_three_ways(q, lib, sim, x)
 
 
 #: relayq layer type -> the ONNX op type of the node it must name.
