@@ -291,9 +291,9 @@ class QConfig:
         _check_bits("act_bits", self.act_bits)
         if self.keep_first_last_bits is not None:
             _check_bits("keep_first_last_bits", self.keep_first_last_bits)
-        for name in ("per_channel", "power_of_two_scale", "act_symmetric", "unsigned_activations", "bias_correction",
-                     "show_progress", "cross_layer_equalization", "cle_replace_relu6", "high_bias_absorption", "adaround",
-                     "adaround_activation", "empirical_bias_correction"):
+        for name in ("per_channel", "power_of_two_scale", "act_symmetric", "unsigned_activations",
+                     "bias_correction", "show_progress", "cross_layer_equalization", "cle_replace_relu6",
+                     "high_bias_absorption", "adaround", "adaround_activation", "empirical_bias_correction"):
             object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
         for name in ("adaround_iterations", "adaround_samples", "adaround_batch"):
             v = getattr(self, name)
