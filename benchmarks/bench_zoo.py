@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+from relayq import QConfig
 from relayq.testing import zoo_eval
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "zoo.json")
@@ -78,10 +79,8 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
         with open(args.out) as f:
             previous = {r["model"]: r for r in json.load(f).get("models", [])}
-    import relayq
-
     fields = {**zoo_eval.ZOO_CONFIG, **(json.loads(args.config) if args.config else {})}
-    config = relayq.QConfig.from_dict(fields)
+    config = QConfig.from_dict(fields)
     print(HEADER, flush=True)
     for name in names:
         t0 = time.perf_counter()
