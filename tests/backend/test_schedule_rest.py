@@ -182,3 +182,56 @@ def test_calibration_compiles_through_the_scheduled_pipeline(monkeypatch):
     a, b = np.ones((1, 1, 4, 8), "float32"), np.ones((1, 1, 8, 4), "float32")
     np.testing.assert_array_equal(fn(a, b)[0], np.full((1, 1, 4, 4), 8.0, "float32"))
     assert seen, "the tap model was not compiled through presets.relax_pipeline"
+
+
+def _pool_module(shape, dtype, pool, strides, padding):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(R.nn.max_pool2d(x, pool, strides, padding=padding))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _numpy_max_pool(x, pool, strides, padding):
+    lo = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
+    t, l, b, r = padding
+    xp = np.pad(x, [(0, 0), (0, 0), (t, b), (l, r)], constant_values=lo)
+    oh = (xp.shape[2] - pool[0]) // strides[0] + 1
+    ow = (xp.shape[3] - pool[1]) // strides[1] + 1
+    out = np.full(x.shape[:2] + (oh, ow), lo, x.dtype)
+    for i in range(pool[0]):
+        for j in range(pool[1]):
+            out = np.maximum(out, xp[:, :, i:i + strides[0] * oh:strides[0], j:j + strides[1] * ow:strides[1]])
+    return out
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "float32"])
+@pytest.mark.parametrize("shape,pool,strides,padding", [
+    ((1, 8, 24, 24), (3, 3), (2, 2), (1, 1, 1, 1)),        # ResNet's stem pool
+    ((2, 4, 17, 20), (2, 3), (1, 1), (0, 1, 1, 2)),        # uneven padding, batch 2
+    ((1, 3, 9, 16), (2, 2), (2, 2), (0, 0, 0, 0)),
+])
+def test_max_pool_window_schedule_against_numpy(dtype, shape, pool, strides, padding):
+    """Integer pools take the window-reduction schedule (vectorized across outputs) and an explicit pad
+    holding the dtype's minimum; both exact (the minimum is the identity of max, and the all-minimum
+    corner windows of uint8 / int8 must still give the minimum). Float pools keep the plain schedule."""
+    rng = np.random.default_rng(3)
+    if dtype == "float32":
+        x = rng.standard_normal(shape).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        x = rng.integers(info.min, info.max + 1, shape).astype(dtype)
+        x[..., :2, :2] = info.min                   # a corner window of nothing but the minimum
+    mod = _pool_module(shape, dtype, pool, strides, padding)
+    np.testing.assert_array_equal(_run_single(mod, [x]), _numpy_max_pool(x, pool, strides, padding))
+    fused = S.fused_and_scheduled(mod, AVX2)
+    pools = [f for gv, f in fused.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "max_pool" in gv.name_hint]
+    assert pools and all(S.is_scheduled(f) for f in pools)
+    if dtype != "float32":
+        assert all(S.loop_summary(f)["vectorized"] for f in pools), "the integer pool is not vectorized"
+    padded = any("pad" in gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    assert padded == (any(padding) and dtype != "float32")

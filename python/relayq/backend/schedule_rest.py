@@ -66,6 +66,9 @@ PARALLEL_MIN_ELEMENTS = 16384
 EXPENSIVE_CALLS = ("tirx.exp", "tirx.exp2", "tirx.erf", "tirx.tanh", "tirx.sigmoid", "tirx.log", "tirx.log2",
                    "tirx.log1p", "tirx.sqrt", "tirx.rsqrt", "tirx.pow", "tirx.sin", "tirx.cos", "tirx.atan",
                    "tirx.fmod")
+#: Largest reduction window (product of the reduction loops) vectorized across outputs: pooling windows
+#: are 4..49 taps; a longer reduction (a global mean) is better served by the row-reduction schedule.
+MAX_WINDOW = 64
 #: Without a known ``mcpu``: SSE2 (x86-64 baseline) and NEON are 128 bits.
 DEFAULT_VECTOR_BITS = 128
 
@@ -383,6 +386,10 @@ def _schedule_nest(sch, block, lanes: int) -> None:
         return
     work = _product(exts)
     kinds = _loop_kinds(sch, block)
+    if _is_window_reduction(kinds, exts, lanes) and _writes_integers(sch, block) and \
+            _innermost_reads_follow_outputs(sch, block):
+        _schedule_window_reduction(sch, block, loops, exts, kinds.index("R"), lanes, work)
+        return
     if "R" in kinds or "X" in kinds:
         lead = len(kinds) - len(kinds.lstrip("S"))
         if lead and work >= PARALLEL_MIN_ELEMENTS and _product(exts[:lead]) >= 2:
@@ -401,6 +408,52 @@ def _schedule_nest(sch, block, lanes: int) -> None:
         sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
     if inner is not None:
         sch.vectorize(inner)
+
+
+def _is_window_reduction(kinds: str, exts: list, lanes: int) -> bool:
+    """Spatial loops, then a small reduction window innermost (max / average pooling, a depthwise
+    reduction): the innermost spatial loop is long enough to vectorize across its outputs."""
+    n_spatial = len(kinds) - len(kinds.lstrip("S"))
+    return (n_spatial >= 1 and set(kinds[n_spatial:]) == {"R"} and _product(exts[n_spatial:]) <= MAX_WINDOW
+            and _vector_width(exts[n_spatial - 1], lanes) >= 4)
+
+
+def _writes_integers(sch, block) -> bool:
+    """Integer output: the window schedule is for int8 / uint8 pools (measured 2.2x faster, 1 thread).
+    LLVM turns the same schedule of an fp32 pool into slower code than the plain loop (0.66 -> 0.93 ms on
+    ResNet's stem pool), so float pools keep the plain reduction schedule."""
+    stmt = sch.get(block)
+    return bool(stmt.writes) and str(stmt.writes[0].source.dtype).startswith(("int", "uint"))
+
+
+def _innermost_reads_follow_outputs(sch, block) -> bool:
+    """Whether every read's innermost index moves with the innermost output index (a pool's window slides
+    along the row it writes), so that neighbouring outputs read neighbouring inputs; a reduction along
+    the innermost axis (a layer norm's mean) does not."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if int(iv.iter_type) == 0]
+    out_last = stmt.writes[0].region[-1].min if stmt.writes else None
+    if not spatial or out_last is None or not _uses(out_last, spatial[-1]):
+        return False
+    return all(r.region and _uses(r.region[-1].min, spatial[-1]) for r in stmt.reads
+               if not r.source.same_as(stmt.writes[0].source))
+
+
+def _schedule_window_reduction(sch, block, loops, exts, n_spatial: int, lanes: int, work: int) -> None:
+    """Vectorize a window reduction across neighbouring outputs: the innermost spatial loop is split into
+    vector groups and moved inside the window loops, so each window tap is one (strided) vector load and
+    one vector max / add for ``width`` outputs at once; the accumulator's init becomes its own vector loop;
+    the outer spatial loops are fused and parallel."""
+    width = _vector_width(exts[n_spatial - 1], lanes)
+    outer, inner = sch.split(loops[n_spatial - 1], [None, width])
+    sch.reorder(outer, *loops[n_spatial:], inner)
+    par = list(loops[:n_spatial - 1]) + [outer]
+    if work >= PARALLEL_MIN_ELEMENTS:          # parallel and vectorize before the init is split off: both
+        # want the whole reduction block under their loop
+        sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
+    sch.vectorize(inner)
+    init = sch.decompose_reduction(block, loops[n_spatial])
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _dtype_bits(sch, block) -> int:
@@ -535,6 +588,55 @@ def loop_summary(func: tirx.PrimFunc) -> dict:
     return counts
 
 
+# ----------------------------------------------------------------------------- relax-level preparation
+def _pool_pad_value(dtype: str) -> float:
+    """The identity of max over an integer ``dtype``: its smallest value."""
+    t = tvm.runtime.DataType(dtype)
+    return float(-(1 << (t.bits - 1)) if t.type_code == tvm.runtime.DataTypeCode.INT else 0)
+
+
+@relax.expr_functor.mutator
+class _PoolPadding(relax.PyExprMutator):
+    """Integer ``max_pool2d(x, padding=p)`` -> ``max_pool2d(pad(x, p, min of dtype))``: the pool's loop then
+    reads without a bounds test on every tap, and the pad is one cheap copy (ResNet-18's int8 stem pool:
+    0.76 -> 0.3 ms). Float pools keep the bounds test: their pad copy (4 bytes an element, rows of odd
+    length that do not vectorize) costs what the test saves."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.max_pool2d"):
+            return call
+        a = call.attrs
+        pads = [int(v) for v in a.padding]
+        x = call.args[0]
+        dtype = str(x.ty.dtype)
+        if not any(pads) or a.layout != "NCHW" or a.ceil_mode or not dtype.startswith(("int", "uint")):
+            return call
+        top, left, bottom, right = pads
+        padded = self.builder_.emit(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right],
+                                                    pad_value=_pool_pad_value(dtype)))
+        return relax.op.nn.max_pool2d(padded, a.pool_size, a.strides, (0, 0, 0, 0), a.dilation,
+                                      False, a.count_include_pad, a.layout, a.out_layout)
+
+
+def explicit_pool_padding():
+    """Module pass: max-pool padding made an explicit ``nn.pad`` (see :class:`_PoolPadding`); exact, since the
+    pad value is the identity of max.
+
+    >>> # mod = explicit_pool_padding()(mod)
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="RelayqExplicitPoolPadding")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = _PoolPadding(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
+
+
 def fused_and_scheduled(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """``mod`` after the CPU pipeline's legalization, fusion and :func:`schedule_rest`, before VM lowering:
     the TIR functions a build runs (for inspection and tests).
@@ -544,8 +646,8 @@ def fused_and_scheduled(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     with target:
-        seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                                       + [schedule_rest(target)])
+        seq = tvm.transform.Sequential([explicit_pool_padding()] + cpu.library_dispatch_passes(target)
+                                       + cpu.legalize_passes(target) + [schedule_rest(target)])
         return seq(mod)
 
 
@@ -562,8 +664,8 @@ def relax_pipeline(target: tvm.target.Target):
     @tvm.transform.module_pass(opt_level=0, name="RelayqCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                                           + [schedule_rest(target)] + cpu.dataflow_lower_passes(target)
+            seq = tvm.transform.Sequential([explicit_pool_padding()] + cpu.library_dispatch_passes(target)
+                                           + cpu.legalize_passes(target) + [schedule_rest(target)] + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))
             return seq(mod)
 
