@@ -261,6 +261,19 @@ def torch_isa() -> str:
 
 
 # ----------------------------------------------------------------------------- measurement
+def kernel_paths(qmodel, preset: str) -> str:
+    """How many integer layers each kernel path runs on ``preset`` (u8s8, int16, depthwise, ...): the
+    exact int16 path is about half the speed of u8s8, so the count explains a slow network."""
+    from relayq.backend import lower, presets
+
+    stats = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # the build itself already warned about slow layers
+        lower.lower_quantized(qmodel.realized, presets.KERNEL_FAMILY.get(preset, preset), stats=stats)
+    counts = collections.Counter(s.get("path") or s["kind"] for s in stats if s.get("int8"))
+    return "kernel paths " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
 def cosine(a, b):
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)))
@@ -321,7 +334,8 @@ def run_config(model_name, batch, args, calib_imgs, eval_imgs, workdir, log):
         build_s[f"relayq build {p}"] = time.perf_counter() - t0
         engines[f"relayq INT8 ({p})"] = lib8
         engines[f"relayq FP32 ({p})"] = lib32
-        isa[f"relayq INT8 ({p})"] = isa[f"relayq FP32 ({p})"] = f"preset {p}"
+        isa[f"relayq INT8 ({p})"] = f"preset {p}; {kernel_paths(q, p)}"
+        isa[f"relayq FP32 ({p})"] = f"preset {p}"
         pairs.append((f"relayq INT8 ({p})", f"relayq FP32 ({p})"))
 
     onnx_path = os.path.join(workdir, f"{model_name}_b{batch}.onnx")
