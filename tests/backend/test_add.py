@@ -87,12 +87,12 @@ def _term(bb, q, sc, so, zp=0):
     return bb.emit(relax.op.right_shift(t, relax.const(s, "int64")))
 
 
-def _block(rng, c, skip_conv, lo):
+def _block(rng, c, skip_conv, lo, hw=10):
     """x -> conv(relu) -> conv ; skip = x or conv1x1(x) ; add (realize's chain) -> clip -> int8."""
     l1, l2 = conv_layer(rng, c, c, relu=True), conv_layer(rng, c, c, per_channel=True)
     ls = conv_layer(rng, c, c, k=1, pad=0)
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, c, 10, 10), "int8"))
+    x = relax.Var("x", relax.TensorType((1, c, hw, hw), "int8"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y2 = l2.emit(bb, l1.emit(bb, x))
@@ -117,12 +117,14 @@ PRESETS = [("x86-avx2", AVX2, HAS_AVX2), ("x86-vnni", VNNI, HAS_VNNI), ("generic
 @pytest.mark.parametrize("kind,target,can_run", PRESETS, ids=[p[0] for p in PRESETS])
 @pytest.mark.parametrize("mode", ["fuse", "standalone"])
 @pytest.mark.parametrize("skip_conv", [False, True], ids=["identity", "conv_skip"])
-def test_residual_add_lowering_is_bit_exact(kind, target, can_run, mode, skip_conv, monkeypatch):
+@pytest.mark.parametrize("hw", [10, 16], ids=["channel_tile", "row_tile"])
+def test_residual_add_lowering_is_bit_exact(kind, target, can_run, mode, skip_conv, hw, monkeypatch):
+    """10 x 10 rows take the x86 channel-tiled conv, 16 x 16 the row-tiled one (``x86.rows_pays``)."""
     if not can_run:
         pytest.skip(f"{kind} kernels cannot run on this CPU")
     monkeypatch.setattr(L, "RESIDUAL_ADD", mode)
     rng = np.random.default_rng(5)
-    mod, reference = _block(rng, 16, skip_conv, 0 if skip_conv else -127)
+    mod, reference = _block(rng, 16, skip_conv, 0 if skip_conv else -127, hw)
     stats = []
     lowered = L.lower_quantized(mod, kind, stats=stats)
     kinds = [s["kind"] for s in stats]
@@ -132,7 +134,10 @@ def test_residual_add_lowering_is_bit_exact(kind, target, can_run, mode, skip_co
         assert kinds.count("add") == 1 and "conv2d+add" not in kinds
     # nothing of the int64 chain is left to TVM
     assert "int64" not in lowered["main"].script()
-    x = rng.integers(-127, 128, (1, 16, 10, 10)).astype(np.int8)
+    if kind == "x86-avx2":
+        rows = [s for s in stats if s.get("intrin") == "relayq_dot_8x4_s8u8s32_rows_avx2"]
+        assert bool(rows) == (hw == 16), stats
+    x = rng.integers(-127, 128, (1, 16, hw, hw)).astype(np.int8)
     out, _ = run_module(lowered, target, x)
     np.testing.assert_array_equal(out, reference(x))
 

@@ -147,3 +147,33 @@ def test_u8s8_at_the_saturation_edge_is_exact():
     assert kern.info["path"] == "u8s8"
     got, _ = build_and_run(kern, x, AVX2)
     np.testing.assert_array_equal(got, _conv_ref(x, w, b, rq, (1, 1), (1, 1, 1, 1), 1, 255))
+
+
+# (C, O, H, W, k, padding, dilation): stride-1 layers the row-tiled AVX2 kernel takes (x86.rows_pays)
+ROW_CASES = [
+    (12, 24, 16, 16, 3, 1, 1),      # 16 columns: two 8-wide vectors, no padded column
+    (5, 6, 8, 24, 1, 0, 1),         # 1x1, C and O not multiples of 4 (padded channels and tile)
+    (8, 16, 14, 14, 3, 1, 1),       # 14 columns: 2 padded ones, cut off before the output
+    (4, 8, 20, 24, 3, 2, 2),        # dilation 2, padding 2, non-square
+]
+
+
+@needs_avx2
+@pytest.mark.parametrize("key", [k for k, v in EXPECTED_PATH.items() if v == "u8s8"])
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_row_tiled_conv_exact(case, key):
+    """The row-tiled kernel (weights broadcast, 8 output columns in the lanes) on every u8s8 scheme:
+    bit-exact with qmath and with the channel-tiled kernel it replaces."""
+    c, o, h, w_, k, p, d = case
+    rng = np.random.default_rng(sum(map(ord, key)) + c)
+    x, w, codes, out = _scheme(rng, key, (1, c, h, w_), (o, c, k, k))
+    b = rng.integers(-3000, 3000, o).astype(np.int32)
+    rq = _requant(rng, o, o % 2 == 0, out)
+    pads = (p, p, p, p)
+    assert x86.rows_pays(o, c, k, k, h, w_, pads, (d, d))
+    kern = x86.conv2d_int8(x.shape, w, b, rq, (1, 1), pads, (d, d), 1, isa="avx2", codes=codes)
+    assert kern.info["intrin"] == intrin.AVX2_U8S8_ROWS
+    got, _ = build_and_run(kern, x, AVX2)
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=codes.pad)
+    acc = qmath.conv2d_int(xp, w, (1, 1), (0, 0, 0, 0), (d, d), 1) + b.reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(got, rq.reference(acc))

@@ -50,6 +50,9 @@ from tvm.script import tirx as T
 
 # Names of the intrinsics (prefixed so that they never clash with TVM's or anybody else's).
 AVX2_U8S8 = "relayq_dot_8x4_u8s8s32_avx2"
+# The same dot product with the operands' roles swapped (weights broadcast, 8 output columns of uint8 input
+# in the lanes): the stride-1 conv kernel whose tile runs along the output row (``x86._conv2d_int8_rows``).
+AVX2_U8S8_ROWS = "relayq_dot_8x4_s8u8s32_rows_avx2"
 AVX2_S8S8 = "relayq_dot_8x2_i16_s8s8s32_avx2"
 # The first s8 x s8 form: int8 operands sign-extended inside every call (kept registered; slower).
 AVX2_S8S8_BYTES = "relayq_dot_8x2_s8s8s32_avx2"
@@ -96,6 +99,38 @@ def _u8s8_8x4_avx2(A: T.Buffer((4,), "uint8", offset_factor=1),
         pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
                                         a_u8x32, B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
         # vpmaddwd with ones: add neighbouring pairs into 8 int32 lanes
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
+
+
+# ----------------------------------------------------------------------------- AVX2 s8 weights x u8 rows
+@T.prim_func(s_tir=True)
+def _s8u8_rows_desc(A: T.Buffer((4,), "int8", offset_factor=1),
+                    B: T.Buffer((8, 4), "uint8", offset_factor=1),
+                    C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _s8u8_rows_avx2(A: T.Buffer((4,), "int8", offset_factor=1),
+                    B: T.Buffer((8, 4), "uint8", offset_factor=1),
+                    C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        # the same vpmaddubsw + vpmaddwd as the u8s8 form with the roles swapped: the 4 weights of one
+        # output channel broadcast, the lanes 8 output columns of uint8 input
+        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        a_s8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="int8x32")
+        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                        B.vload([0, 0], dtype="uint8x32"), a_s8x32, dtype="int16x16")
         C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
 
@@ -221,6 +256,7 @@ def _s8s8_4x4_sdot(A: T.Buffer((4,), "int8", offset_factor=1),
 
 _TABLE = {
     AVX2_U8S8: (_u8s8_8x4_desc, _u8s8_8x4_avx2),
+    AVX2_U8S8_ROWS: (_s8u8_rows_desc, _s8u8_rows_avx2),
     AVX2_S8S8: (_i16_8x2_desc, _i16_8x2_avx2),
     AVX2_S8S8_BYTES: (_s8s8_8x2_desc, _s8s8_8x2_avx2),
     VNNI_U8S8: (_u8s8_16x4_desc, _u8s8_16x4_vnni),
