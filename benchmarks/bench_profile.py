@@ -183,7 +183,8 @@ def main():
         print(f"    {k:40s}{ms:8.3f}")
     if "openvino_int8" in result:
         print(f"  top {args.top} OpenVINO INT8 nodes:")
-        for n, (typ, ex, ms) in sorted(result["openvino_int8"]["nodes_ms"].items(), key=lambda kv: -kv[1][2])[:args.top]:
+        nodes = sorted(result["openvino_int8"]["nodes_ms"].items(), key=lambda kv: -kv[1][2])
+        for n, (typ, ex, ms) in nodes[:args.top]:
             print(f"    {n[:40]:40s}{ms:8.3f}   {typ} / {ex}")
     out = args.out or os.path.join(RESULTS, f"profile_{args.model}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

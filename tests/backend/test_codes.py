@@ -159,11 +159,11 @@ ROW_CASES = [
 
 
 @needs_avx2
-@pytest.mark.parametrize("key", [k for k, v in EXPECTED_PATH.items() if v == "u8s8"])
+@pytest.mark.parametrize("key", list(SCHEMES))
 @pytest.mark.parametrize("case", ROW_CASES)
 def test_row_tiled_conv_exact(case, key):
-    """The row-tiled kernel (weights broadcast, 8 output columns in the lanes) on every u8s8 scheme:
-    bit-exact with qmath and with the channel-tiled kernel it replaces."""
+    """The row-tiled kernel (weights broadcast, 8 output columns in the lanes) on every scheme, through
+    vpmaddubsw (u8s8) or the exact int16 vpmaddwd: bit-exact with qmath."""
     c, o, h, w_, k, p, d = case
     rng = np.random.default_rng(sum(map(ord, key)) + c)
     x, w, codes, out = _scheme(rng, key, (1, c, h, w_), (o, c, k, k))
@@ -172,7 +172,8 @@ def test_row_tiled_conv_exact(case, key):
     pads = (p, p, p, p)
     assert x86.rows_pays(o, c, k, k, h, w_, pads, (d, d))
     kern = x86.conv2d_int8(x.shape, w, b, rq, (1, 1), pads, (d, d), 1, isa="avx2", codes=codes)
-    assert kern.info["intrin"] == intrin.AVX2_U8S8_ROWS
+    assert kern.info["intrin"] == {"u8s8": intrin.AVX2_U8S8_ROWS, "int16": intrin.AVX2_S8S8}[EXPECTED_PATH[key]]
+    assert kern.info["tiling"] == "rows" and kern.info["path"] == EXPECTED_PATH[key]
     got, _ = build_and_run(kern, x, AVX2)
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=codes.pad)
     acc = qmath.conv2d_int(xp, w, (1, 1), (0, 0, 0, 0), (d, d), 1) + b.reshape(1, -1, 1, 1)

@@ -60,15 +60,17 @@ VNNI_U8S8 = "relayq_dot_16x4_u8s8s32_vnni"
 ARM_SDOT = "relayq_dot_4x4_s8s8s32_sdot"
 
 # Output lanes of one intrinsic call: a ymm register holds 8 int32, a zmm register 16.
-LANES = {AVX2_U8S8: 8, AVX2_S8S8: 8, AVX2_S8S8_BYTES: 8, VNNI_U8S8: 16, ARM_SDOT: 4}
+LANES = {AVX2_U8S8: 8, AVX2_U8S8_ROWS: 8, AVX2_S8S8: 8, AVX2_S8S8_BYTES: 8, VNNI_U8S8: 16, ARM_SDOT: 4}
 # Input values reduced per lane by one call: pmaddubsw+pmaddwd and vpdpbusd sum 4 bytes per int32
 # lane; the exact s8s8 path sign-extends to int16 and vpmaddwd sums 2 of them.
-KPACK = {AVX2_U8S8: 4, AVX2_S8S8: 2, AVX2_S8S8_BYTES: 2, VNNI_U8S8: 4, ARM_SDOT: 4}
+KPACK = {AVX2_U8S8: 4, AVX2_U8S8_ROWS: 4, AVX2_S8S8: 2, AVX2_S8S8_BYTES: 2, VNNI_U8S8: 4, ARM_SDOT: 4}
 # dtype of the activation / weight operand each intrinsic expects. The exact s8 x s8 AVX2 path keeps
 # int8 values in int16 storage (sign-extended once, by the packing stage and in numpy), so that the
 # inner loop is one 32-bit broadcast, one vpmaddwd and one add per 16 products.
-A_DTYPE = {AVX2_U8S8: "uint8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8", VNNI_U8S8: "uint8", ARM_SDOT: "int8"}
-W_DTYPE = {AVX2_U8S8: "int8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8", VNNI_U8S8: "int8", ARM_SDOT: "int8"}
+A_DTYPE = {AVX2_U8S8: "uint8", AVX2_U8S8_ROWS: "uint8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8",
+           VNNI_U8S8: "uint8", ARM_SDOT: "int8"}
+W_DTYPE = {AVX2_U8S8: "int8", AVX2_U8S8_ROWS: "int8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8",
+           VNNI_U8S8: "int8", ARM_SDOT: "int8"}
 
 
 # ----------------------------------------------------------------------------- AVX2 u8 x s8

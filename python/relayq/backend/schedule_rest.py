@@ -665,7 +665,8 @@ def relax_pipeline(target: tvm.target.Target):
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential([explicit_pool_padding()] + cpu.library_dispatch_passes(target)
-                                           + cpu.legalize_passes(target) + [schedule_rest(target)] + cpu.dataflow_lower_passes(target)
+                                           + cpu.legalize_passes(target) + [schedule_rest(target)]
+                                           + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))
             return seq(mod)
 

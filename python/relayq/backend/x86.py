@@ -73,8 +73,10 @@ MAX_ACC_REGS = {"avx2": 12, "vnni": 24, "sdot": 24}
 INT8_CONV_ACC_REGS = {"avx2": 14, "vnni": 24, "sdot": 24}
 # Candidate register-tile widths (output columns). 7 divides every ResNet row width (56/28/14/7).
 TILE_W_CANDIDATES = (8, 7, 6, 5, 4)
-# Stride-1 convs on the AVX2 u8s8 path take the row-tiled kernel (:func:`_conv2d_int8_rows`).
+# Stride-1 convs on AVX2 take the row-tiled kernel (:func:`_conv2d_int8_rows`) where :func:`rows_pays`.
 ROWS_KERNEL = True
+# The channel-tiled kernel's intrinsic -> the row-tiled kernel's (vpmaddwd is symmetric: the same one).
+ROWS_INTRIN = {intrin.AVX2_U8S8: intrin.AVX2_U8S8_ROWS, intrin.AVX2_S8S8: intrin.AVX2_S8S8}
 # Output columns per depthwise accumulator vector (2 ymm of int32 / 1 zmm).
 DW_TILE = 16
 # VNNI's uint8 shift for possibly negative inputs: x + 128 maps [-128, 127] onto [0, 255] exactly.
@@ -232,9 +234,10 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
         k.info["path"] = "generic"
         return k
     name, offset = chosen
-    if name == intrin.AVX2_U8S8 and tuple(strides) == (1, 1) and ROWS_KERNEL and rows_pays(o, c, kh, kw, h, w,
-                                                                                            padding, dilation):
-        return _conv2d_int8_rows(x_shape, weight, bias, rq, padding, dilation, isa, residual, codes, offset)
+    if name in ROWS_INTRIN and tuple(strides) == (1, 1) and ROWS_KERNEL and rows_pays(o, c, kh, kw, h, w,
+                                                                                       padding, dilation):
+        return _conv2d_int8_rows(x_shape, weight, bias, rq, padding, dilation, isa, residual, codes, offset,
+                                 ROWS_INTRIN[name])
     lanes, kp, a_dtype = intrin.LANES[name], intrin.KPACK[name], intrin.A_DTYPE[name]
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     reg_w = pick_tile_w(ow)
@@ -356,18 +359,21 @@ def _rows_tile(o: int, ow: int) -> tuple[int, int]:
 
 
 def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, padding, dilation, isa, residual, codes: Codes,
-                      offset: int) -> Kernel:
-    """Stride-1 conv2d on the AVX2 u8 x s8 path with the register tile along the output row: each
-    ``vpmaddubsw`` multiplies 8 neighbouring output columns' inputs (4 input channels each) by one output
-    channel's 4 weights (broadcast), so the int32 accumulators hold rows of one channel and the epilogue
-    (bias, requant, residual add) runs along contiguous NCHW rows: no transpose between the tile and the
-    output, and one multiplier per channel instead of a vector of them. The input is packed as in
-    :func:`conv2d_int8` (``[N, C/4, H+pad, W+pad, 4]`` uint8, offset and zero point applied); the weight
-    as ``[O, C/4, KH, KW, 4]``. Same arithmetic, same saturation bound (the weight pairs along the
-    input channels are the same), bit-identical results."""
+                      offset: int, name: str) -> Kernel:
+    """Stride-1 conv2d on AVX2 with the register tile along the output row: each dot product multiplies
+    8 neighbouring output columns' inputs (``kp`` input channels each) by one output channel's ``kp``
+    weights (broadcast), so the int32 accumulators hold rows of one channel and the epilogue (bias,
+    requant, residual add) runs along contiguous NCHW rows: no transpose between the tile and the
+    output, and one multiplier per channel instead of a vector of them. ``name`` is the intrinsic:
+    :data:`intrin.AVX2_U8S8_ROWS` (``vpmaddubsw``, kp=4, uint8 input with the offset / zero point applied
+    in the pack) or :data:`intrin.AVX2_S8S8` (the exact int16 ``vpmaddwd`` path, kp=2; it is symmetric in
+    its operands). The input is packed as in :func:`conv2d_int8` (``[N, C/kp, H+pad, W+pad, kp]``), the
+    weight as ``[O, C/kp, KH, KW, kp]``. Same arithmetic, same saturation bound (the weight pairs along
+    the input channels are the same), bit-identical results."""
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = weight.shape
-    name, lanes, kp = intrin.AVX2_U8S8_ROWS, 8, 4
+    lanes, kp = 8, intrin.KPACK[name]
+    a_dtype, w_dtype = ("uint8", "int8") if name == intrin.AVX2_U8S8_ROWS else ("int16", "int16")
     oh, ow = conv_out_hw(h, w, kh, kw, (1, 1), padding, dilation)
     chans, vecs = _rows_tile(o, ow)
     op, cp, owp = _ceil(o, chans), _ceil(c, kp), _ceil(ow, lanes * vecs)
@@ -377,15 +383,15 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, padding, dilation, isa
     wp = max(w + padding[1] + padding[3], owp + (kw - 1) * dw)
     fill = codes.pad + offset
     X = te.placeholder((n, c, h, w), codes.dtype, name="x")
-    Wk = te.placeholder((op, cp // kp, kh, kw, kp), "int8", name="w")
+    Wk = te.placeholder((op, cp // kp, kh, kw, kp), w_dtype, name="w")
     B = te.placeholder((op,), "int32", name="bias")
     tbl = te.placeholder((3, op), "int64", name="rq") if rq.per_channel else None
-    cast = _input_cast("uint8", offset)
+    cast = _input_cast(a_dtype, offset)
 
     def pack(b, cb, i, j, ci):
         ch = cb * kp + ci
         ok = tirx.all(ch < c, i >= pt, i < pt + h, j >= pl, j < pl + w)
-        return tirx.if_then_else(ok, cast(X[b, tirx.min(ch, c - 1), i - pt, j - pl]), tirx.const(fill, "uint8"))
+        return tirx.if_then_else(ok, cast(X[b, tirx.min(ch, c - 1), i - pt, j - pl]), tirx.const(fill, a_dtype))
 
     Xp = te.compute((n, cp // kp, hp, wp, kp), pack, name="pack")
     icb = te.reduce_axis((0, cp // kp), "icb")
@@ -441,13 +447,13 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, padding, dilation, isa
 
     wpad = np.zeros((op, cp, kh, kw), weight.dtype)
     wpad[:o, :c] = weight
-    wk = np.ascontiguousarray(wpad.reshape(op, cp // kp, kp, kh, kw).transpose(0, 1, 3, 4, 2).astype(np.int8))
+    wk = np.ascontiguousarray(wpad.reshape(op, cp // kp, kp, kh, kw).transpose(0, 1, 3, 4, 2).astype(w_dtype))
     bpad = np.zeros(op, np.int64)
     bpad[:o] = np.asarray(bias, np.int64).reshape(-1)
     wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
     consts = [wk, _offset_bias(bpad, wsum, offset)] + ([rq.table(op)] if tbl is not None else [])
-    info = {"intrin": name, "path": "u8s8", "offset": offset, "offset128": offset == U8_OFFSET,
-            "tile": (chans, vecs * lanes), "lanes": lanes, "kpack": kp}
+    info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
+            "tile": (chans, vecs * lanes), "lanes": lanes, "kpack": kp, "tiling": "rows"}
     if residual is not None:
         info["residual_add"] = {"int32": residual[1].int32_ok}
         return Kernel(sch.mod["main"], consts, (n, o, oh, ow), residual[1].out_dtype, f"qconv2d_add_{isa}", info)
