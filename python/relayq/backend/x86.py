@@ -9,6 +9,12 @@ int32 accumulators living only in a small register tile (no int32 tensor is writ
   ``reg_o * L`` output channels x ``reg_w`` output columns register tile accumulated over
   (C/kp, KH, KW) with one tensor intrinsic per (L, kp) block (see :mod:`relayq.backend.intrin`).
   The tile then goes through bias + requant + clip + cast straight to the NCHW int8 output.
+* **conv2d, row-tiled** (AVX2, where :func:`rows_pays`) -- the same dot products with the roles
+  swapped: one output channel's ``kp`` weights broadcast, 8 neighbouring output columns in the lanes
+  (input packed ``[N, C/kp, H+pad, stride phase, W', kp]``, weight ``[O, C/kp, KH, KW, kp]``). The
+  accumulators hold rows of single channels, so the epilogue runs along contiguous NCHW rows, and a
+  tile of 4 channels x 16 columns loads fewer operands per dot product than 8 channels x 8 columns
+  (1.04-1.21x per layer, 1 thread; :func:`_conv2d_int8_rows`).
 * **depthwise** (groups == C == O) -- no tensorization: a padded int8 copy of the input and a
   ``DW_TILE``-wide vector of int32 accumulators along the output row per (channel, row).
 * **dense** -- ``(M, K) x (K, N)`` with the weight packed into ``[N/L, K/kp, L, kp]`` and an
@@ -48,8 +54,8 @@ Example::
     >>> rq = Requant.from_arrays(1 << 30, 1 << 30, 40, 0, 127)
     >>> k = conv2d_int8((1, 16, 14, 14), np.ones((32, 16, 3, 3), np.int8), np.zeros(32, np.int32), rq,
     ...                 (1, 1), (1, 1, 1, 1), (1, 1), 1, isa="avx2", nonneg=True)
-    >>> k.info["intrin"]
-    'relayq_dot_8x4_u8s8s32_avx2'
+    >>> k.info["intrin"], k.info["tiling"]              # 14 columns: the row-tiled kernel (rows_pays)
+    ('relayq_dot_8x4_s8u8s32_rows_avx2', 'rows')
 """
 from __future__ import annotations
 
@@ -234,10 +240,9 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
         k.info["path"] = "generic"
         return k
     name, offset = chosen
-    if name in ROWS_INTRIN and tuple(strides) == (1, 1) and ROWS_KERNEL and rows_pays(o, c, kh, kw, h, w,
-                                                                                       padding, dilation):
-        return _conv2d_int8_rows(x_shape, weight, bias, rq, padding, dilation, isa, residual, codes, offset,
-                                 ROWS_INTRIN[name])
+    if name in ROWS_INTRIN and ROWS_KERNEL and rows_pays(o, c, kh, kw, h, w, strides, padding, dilation):
+        return _conv2d_int8_rows(x_shape, weight, bias, rq, strides, padding, dilation, isa, residual, codes,
+                                 offset, ROWS_INTRIN[name])
     lanes, kp, a_dtype = intrin.LANES[name], intrin.KPACK[name], intrin.A_DTYPE[name]
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     reg_w = pick_tile_w(ow)
@@ -329,7 +334,7 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     return Kernel(sch.mod["main"], consts, (n, o, oh, ow), rq.out_dtype, f"qconv2d_{isa}", info)
 
 
-def rows_pays(o, c, kh, kw, h, w, padding, dilation) -> bool:
+def rows_pays(o, c, kh, kw, h, w, strides, padding, dilation) -> bool:
     """Whether the row-tiled kernel (:func:`_conv2d_int8_rows`) beats the channel-tiled one for a stride-1
     layer. Measured on one core (``bench_kernels``-style layers, AVX2 u8s8): 1.11-1.17x faster where the
     output row is a multiple of 8 columns (MobileNetV2's 112- and 56-wide 1x1 layers, ResNet-50's 56-wide
@@ -337,10 +342,12 @@ def rows_pays(o, c, kh, kw, h, w, padding, dilation) -> bool:
     and 14-wide 3x3: 1.17x); 0.77-0.98x on 1x1 layers of 28 / 14 / 7 columns and 0.92x on 3x3 at 7 (its
     8-wide vectors waste a column in 8, the channel tile's 7-wide tile none).
 
-    >>> rows_pays(64, 64, 3, 3, 56, 56, (1, 1, 1, 1), (1, 1)), rows_pays(576, 96, 1, 1, 14, 14, (0,) * 4, (1, 1))
-    (True, False)
+    >>> rows_pays(64, 64, 3, 3, 56, 56, (1, 1), (1,) * 4, (1, 1))
+    True
+    >>> rows_pays(576, 96, 1, 1, 14, 14, (1, 1), (0,) * 4, (1, 1))
+    False
     """
-    _, ow = conv_out_hw(h, w, kh, kw, (1, 1), padding, dilation)
+    _, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     waste = _ceil(ow, 8) - ow
     return waste == 0 or (kh * kw > 1 and ow >= 14 and waste * 7 <= ow)
 
@@ -358,8 +365,8 @@ def _rows_tile(o: int, ow: int) -> tuple[int, int]:
     return min(chans, o), vecs
 
 
-def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, padding, dilation, isa, residual, codes: Codes,
-                      offset: int, name: str) -> Kernel:
+def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dilation, isa, residual,
+                      codes: Codes, offset: int, name: str) -> Kernel:
     """Stride-1 conv2d on AVX2 with the register tile along the output row: each dot product multiplies
     8 neighbouring output columns' inputs (``kp`` input channels each) by one output channel's ``kp``
     weights (broadcast), so the int32 accumulators hold rows of one channel and the epilogue (bias,
@@ -369,18 +376,22 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, padding, dilation, isa
     in the pack) or :data:`intrin.AVX2_S8S8` (the exact int16 ``vpmaddwd`` path, kp=2; it is symmetric in
     its operands). The input is packed as in :func:`conv2d_int8` (``[N, C/kp, H+pad, W+pad, kp]``), the
     weight as ``[O, C/kp, KH, KW, kp]``. Same arithmetic, same saturation bound (the weight pairs along
-    the input channels are the same), bit-identical results."""
+    the input channels are the same), bit-identical results. With a column stride the pack splits the
+    columns by phase (``column = jj * sw + phase``), so that a tap's 8 output columns still read one
+    contiguous vector."""
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = weight.shape
     lanes, kp = 8, intrin.KPACK[name]
     a_dtype, w_dtype = ("uint8", "int8") if name == intrin.AVX2_U8S8_ROWS else ("int16", "int16")
-    oh, ow = conv_out_hw(h, w, kh, kw, (1, 1), padding, dilation)
+    oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     chans, vecs = _rows_tile(o, ow)
     op, cp, owp = _ceil(o, chans), _ceil(c, kp), _ceil(ow, lanes * vecs)
+    sh, sw = strides
     dh, dw = dilation
     pt, pl = padding[0], padding[1]
-    hp = max(h + padding[0] + padding[2], oh + (kh - 1) * dh)
-    wp = max(w + padding[1] + padding[3], owp + (kw - 1) * dw)
+    hp = max(h + padding[0] + padding[2], (oh - 1) * sh + (kh - 1) * dh + 1)
+    wp = max(w + padding[1] + padding[3], (owp - 1) * sw + (kw - 1) * dw + 1)
+    wq = max(-(-wp // sw), owp + ((kw - 1) * dw) // sw)
     fill = codes.pad + offset
     X = te.placeholder((n, c, h, w), codes.dtype, name="x")
     Wk = te.placeholder((op, cp // kp, kh, kw, kp), w_dtype, name="w")
@@ -388,12 +399,13 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, padding, dilation, isa
     tbl = te.placeholder((3, op), "int64", name="rq") if rq.per_channel else None
     cast = _input_cast(a_dtype, offset)
 
-    def pack(b, cb, i, j, ci):
-        ch = cb * kp + ci
+    def pack(b, cb, i, ph, jj, ci):
+        ch, j = cb * kp + ci, jj * sw + ph
         ok = tirx.all(ch < c, i >= pt, i < pt + h, j >= pl, j < pl + w)
-        return tirx.if_then_else(ok, cast(X[b, tirx.min(ch, c - 1), i - pt, j - pl]), tirx.const(fill, a_dtype))
+        return tirx.if_then_else(ok, cast(X[b, tirx.min(ch, c - 1), tirx.min(tirx.max(i - pt, 0), h - 1),
+                                            tirx.min(tirx.max(j - pl, 0), w - 1)]), tirx.const(fill, a_dtype))
 
-    Xp = te.compute((n, cp // kp, hp, wp, kp), pack, name="pack")
+    Xp = te.compute((n, cp // kp, hp, sw, wq, kp), pack, name="pack")
     icb = te.reduce_axis((0, cp // kp), "icb")
     ry = te.reduce_axis((0, kh), "kh")
     rx = te.reduce_axis((0, kw), "kw")
@@ -402,8 +414,8 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, padding, dilation, isa
     acc = te.compute(
         (n, op, oh, owp),
         lambda b, oc, i, j: te.sum(Wk[oc, icb, ry, rx, ici].astype("int32")
-                                   * Xp[b, icb, i + ry * dh, j + rx * dw, ici].astype("int32"),
-                                   axis=[icb, ry, rx, ici]),
+                                   * Xp[b, icb, i * sh + ry * dh, (rx * dw) % sw, j + (rx * dw) // sw, ici]
+                                   .astype("int32"), axis=[icb, ry, rx, ici]),
         name="acc")
     if residual is None:
         res_in = []
