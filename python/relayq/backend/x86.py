@@ -479,6 +479,25 @@ def _schedule_pack(sch, name):
     sch.parallel(sch.fuse(*loops[:3]))
 
 
+def _schedule_padding(sch, name, outer: int = 3):
+    """A padded copy ``if_then_else(in bounds, x[affine], fill)`` as two vector loops per row: the fill,
+    then the in-bounds copy without a test (``decompose_padding``), parallel over the ``outer`` leading
+    loops. The single guarded loop does not vectorize (TVM scalarizes a per-lane test): it took 0.13 ms
+    of MobileNetV2's 0.47 ms int8 depthwise layer (144 channels, 56 x 56; 0.34 ms split, 1 thread). A
+    pack split by stride phase does not fit TVM's padding pattern and keeps the guarded loop. (The conv
+    packs measured no gain from the split: their layers are compute-bound.)"""
+    blk = sch.get_sblock(name)
+    loops = sch.get_loops(blk)
+    sch.parallel(sch.fuse(*loops[:outer]))
+    if not sch.can_decompose_padding(blk, sch.get_loops(blk)[1]):
+        return
+    # split under the parallel rows: each row is filled and copied while in L1 (a whole-buffer fill
+    # first writes a large fp32 buffer twice: 0.28 -> 0.40 ms measured)
+    fill = sch.decompose_padding(blk, sch.get_loops(blk)[1])
+    for b in (fill, sch.get_sblock(name)):
+        sch.vectorize(sch.get_loops(b)[-1])
+
+
 # ============================================================================ depthwise (int8 and fp32)
 def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fill, epilogue, extra, w_dtype=None):
     n, c, h, w = (int(v) for v in x_shape)
@@ -500,8 +519,8 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     def pack(b, ch, i, ph, jj):
         col = jj * sw + ph
         ok = tirx.all(i >= pt, i < pt + h, col >= pl, col < pl + w)
-        return tirx.if_then_else(ok, X[b, ch, tirx.min(tirx.max(i - pt, 0), h - 1),
-                                       tirx.min(tirx.max(col - pl, 0), w - 1)], tirx.const(fill, dtype))
+        # affine reads under the test (no clamping): _schedule_padding splits the border off
+        return tirx.if_then_else(ok, X[b, ch, i - pt, col - pl], tirx.const(fill, dtype))
 
     Xp = te.compute((n, c, hp, sw, wq), pack, name="pack")
     ry = te.reduce_axis((0, kh), "kh")
@@ -514,7 +533,7 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     out, args = epilogue(acc, (n, c, oh, ow))
     func = te.create_prim_func([X, Wd] + args + [out])
     sch = s_tir.Schedule(func)
-    _schedule_pack(sch, "pack")
+    _schedule_padding(sch, "pack")
     blk = sch.get_sblock("acc")
     b_, ch, i_, j_, r_kh, r_kw = sch.get_loops(blk)
     jo, ji = sch.split(j_, [None, tile])
