@@ -516,13 +516,24 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     wq = max(-(-wp // sw), owp + ((kw - 1) * dw) // sw)
     pt, pl = padding[0], padding[1]
 
-    def pack(b, ch, i, ph, jj):
-        col = jj * sw + ph
-        ok = tirx.all(i >= pt, i < pt + h, col >= pl, col < pl + w)
-        # affine reads under the test (no clamping): _schedule_padding splits the border off
-        return tirx.if_then_else(ok, X[b, ch, i - pt, col - pl], tirx.const(fill, dtype))
+    # integer codes with a column stride: padded copy, then the phases (0.99 -> 0.60 ms on MobileNetV2's
+    # 112 -> 56 int8 depthwise, 1 thread); fp32 stays one guarded pass (the extra copy of 4-byte values
+    # measured slower: 0.81 -> 1.06 ms)
+    two_stage = sw > 1 and not dtype.startswith("float")
+    if not two_stage:
+        def pack(b, ch, i, ph, jj):
+            col = jj * sw + ph
+            ok = tirx.all(i >= pt, i < pt + h, col >= pl, col < pl + w)
+            # affine reads under the test (no clamping): _schedule_padding splits the border off
+            return tirx.if_then_else(ok, X[b, ch, i - pt, col - pl], tirx.const(fill, dtype))
 
-    Xp = te.compute((n, c, hp, sw, wq), pack, name="pack")
+        Xp = te.compute((n, c, hp, sw, wq), pack, name="pack")
+    else:
+        # strided: a padded copy (split like the stride-1 pack), then the column phases without a test
+        Xpad = te.compute((n, c, hp, wq * sw), lambda b, ch, i, col: tirx.if_then_else(
+            tirx.all(i >= pt, i < pt + h, col >= pl, col < pl + w), X[b, ch, i - pt, col - pl],
+            tirx.const(fill, dtype)), name="pad")
+        Xp = te.compute((n, c, hp, sw, wq), lambda b, ch, i, ph, jj: Xpad[b, ch, i, jj * sw + ph], name="pack")
     ry = te.reduce_axis((0, kh), "kh")
     rx = te.reduce_axis((0, kw), "kw")
     acc = te.compute(
@@ -533,7 +544,13 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     out, args = epilogue(acc, (n, c, oh, ow))
     func = te.create_prim_func([X, Wd] + args + [out])
     sch = s_tir.Schedule(func)
-    _schedule_padding(sch, "pack")
+    if not two_stage:
+        _schedule_padding(sch, "pack")
+    else:
+        _schedule_padding(sch, "pad")
+        pk = sch.get_loops(sch.get_sblock("pack"))
+        sch.parallel(sch.fuse(*pk[:3]))
+        sch.vectorize(pk[-1])
     blk = sch.get_sblock("acc")
     b_, ch, i_, j_, r_kh, r_kw = sch.get_loops(blk)
     jo, ji = sch.split(j_, [None, tile])
