@@ -395,6 +395,8 @@ def _schedule_nest(sch, block, lanes: int) -> None:
         if lead and work >= PARALLEL_MIN_ELEMENTS and _product(exts[:lead]) >= 2:
             sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
         return
+    if len(loops) >= 2 and _schedule_padding(sch, block, loops, work):
+        return
     width = _vector_width(exts[-1], lanes)
     par = list(loops[:-1])
     inner = loops[-1]
@@ -408,6 +410,24 @@ def _schedule_nest(sch, block, lanes: int) -> None:
         sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
     if inner is not None:
         sch.vectorize(inner)
+
+
+def _schedule_padding(sch, block, loops, work: int) -> bool:
+    """A constant pad (``if_then_else(in bounds, x[affine], value)``) as two vector loops per row: the fill,
+    then the in-bounds copy without a test (TVM's ``decompose_padding``). The guarded loop does not
+    vectorize (a per-lane test is scalarized): ResNet-18's int8 pool pad (64 x 114 x 114) took 0.30 ms
+    that way, one thread. False (nothing changed) where the block is not such a pad."""
+    try:
+        if not sch.can_decompose_padding(block, loops[-1]):
+            return False
+    except _SCHEDULE_FAILURES:
+        return False
+    if work >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    fill = sch.decompose_padding(block, sch.get_loops(block)[-1])
+    for b in (fill, block):
+        sch.vectorize(sch.get_loops(b)[-1])
+    return True
 
 
 def _is_window_reduction(kinds: str, exts: list, lanes: int) -> bool:
