@@ -12,9 +12,9 @@ int32 accumulators living only in a small register tile (no int32 tensor is writ
 * **conv2d, row-tiled** (AVX2, where :func:`rows_pays`) -- the same dot products with the roles
   swapped: one output channel's ``kp`` weights broadcast, 8 neighbouring output columns in the lanes
   (input packed ``[N, C/kp, H+pad, stride phase, W', kp]``, weight ``[O, C/kp, KH, KW, kp]``). The
-  accumulators hold rows of single channels, so the epilogue runs along contiguous NCHW rows, and a
-  tile of 4 channels x 16 columns loads fewer operands per dot product than 8 channels x 8 columns
-  (1.04-1.21x per layer, 1 thread; :func:`_conv2d_int8_rows`).
+  accumulators hold rows of single channels, so the epilogue runs along contiguous NCHW rows, and the
+  small tile (6 or 4 channels x 8 columns) stays in registers where 8 x 8 spills (1.0-1.24x per
+  layer, 1 thread; :func:`_conv2d_int8_rows`, :func:`_rows_tile`).
 * **depthwise** (groups == C == O) -- no tensorization: a padded int8 copy of the input and a
   ``DW_TILE``-wide vector of int32 accumulators along the output row per (channel, row).
 * **dense** -- ``(M, K) x (K, N)`` with the weight packed into ``[N/L, K/kp, L, kp]`` and an
@@ -353,16 +353,14 @@ def rows_pays(o, c, kh, kw, h, w, strides, padding, dilation) -> bool:
 
 
 def _rows_tile(o: int, ow: int) -> tuple[int, int]:
-    """(output channels, 8-column vectors) of the row kernel's register tile: the fewest padded columns,
-    then the larger tile, within 12 accumulators (16 ymm: the tile, its input vectors, one broadcast)."""
-    best = None
-    for vecs, chans in ((2, 4), (1, 8), (3, 3)):
-        waste = _ceil(ow, 8 * vecs) - ow
-        key = (waste, -vecs * chans)
-        if best is None or key < best[0]:
-            best = (key, (chans, vecs))
-    chans, vecs = best[1]
-    return min(chans, o), vecs
+    """(output channels, 8-column vectors) of the row kernel's register tile: one vector of columns and
+    6 channels where they divide the layer, else 4. Measured on one core (AVX2 u8s8, ms): ResNet's
+    64-64 3x3 at 56 columns 8x1 1.71, 6x1 1.47, 4x1 1.43, 4x2 1.63, 3x3 2.04; 256-256 3x3 at 14:
+    8x1 1.81, 6x1 1.49, 4x1 1.49; MobileNetV2's 16-96 1x1 at 112: 8x1 0.78, 6x1 0.78, 4x1 0.85. Wider
+    tiles run out of the 16 ymm registers (LLVM spills an accumulator; the ones vector of vpmaddwd and
+    the next tap's loads take the rest)."""
+    del ow                      # one 8-column vector: any row pads to a multiple of 8 only
+    return min(6 if o % 6 == 0 else 4, o), 1
 
 
 def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dilation, isa, residual,
