@@ -18,7 +18,9 @@ CONV_CASES = [
     (3, 8, 10, 11, 3, 2, 1, 1, True),    # stride 2, C=3 (channel padding to kp), non-square
     (16, 24, 7, 7, 1, 1, 0, 1, True),    # 1x1, O not a multiple of 16 (VNNI lanes)
     (8, 8, 9, 9, 3, 2, 1, 8, True),      # depthwise stride 2
-    (6, 6, 5, 5, 3, 1, 1, 6, False),     # depthwise stride 1
+    (6, 6, 5, 5, 3, 1, 1, 6, False),     # depthwise stride 1 (a small map: one epilogue per channel)
+    (8, 8, 12, 13, 3, 1, 1, 8, True),    # depthwise stride 1, a map above x86.DW_SMALL_MAP (per row)
+    (8, 8, 21, 20, 3, 2, 1, 8, False),   # depthwise stride 2 above DW_SMALL_MAP (padded copy, then phases)
     (8, 12, 6, 6, 3, 1, 1, 2, True),     # grouped (generic fallback)
 ]
 DENSE_CASES = [(3, 40, 20, True), (1, 64, 24, False), (4, 100, 33, True)]
