@@ -205,6 +205,27 @@ def _input_cast(a_dtype, offset):
     return cast
 
 
+def _bias_table(rq: Requant, bias, channels: int) -> np.ndarray:
+    """The ``(3, channels)`` requant table ``[M; R + bias * M; S]`` with the bias folded into the addend:
+    ``(acc + b) * M + R == acc * M + (b * M + R)`` in int64 (wrapping arithmetic is a ring, so the
+    bits are the same even where it wraps). The epilogue then multiplies the bare int32 accumulator:
+    LLVM emits one ``vpmuldq`` per 4 lanes for ``sext(acc) * sext(M)``, where ``sext(acc) + sext(b)``
+    (33 bits) took the full 64 x 64 multiply (3 ``vpmuludq`` and shifts): the epilogue was a third
+    of MobileNetV2's 1x1 layers. Padded channels get M = 0, S = 1.
+
+    >>> _bias_table(Requant.from_arrays(3, 4, 33, 0, 127), [1, 2], 3).tolist()
+    [[3, 3, 0], [7, 10, 0], [33, 33, 1]]
+    """
+    out = np.zeros((3, channels), np.int64)
+    out[2] = 1
+    b = np.asarray(bias, np.int64).reshape(-1)
+    n = b.size if not rq.per_channel else rq.multiplier.size
+    m = np.broadcast_to(rq.multiplier, (n,))
+    out[0, :n], out[2, :n] = m, np.broadcast_to(rq.shift, (n,))
+    out[1, :n] = np.broadcast_to(rq.addend, (n,)) + b[:n] * m
+    return out
+
+
 def _offset_bias(bias, w_sum, offset):
     """bias - offset * sum(W) (int32, wrapping like the int32 adds of the kernel)."""
     b = np.asarray(bias, np.int64) - int(offset) * w_sum.astype(np.int64)
@@ -262,8 +283,7 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     X = te.placeholder((n, c, h, w), codes.dtype, name="x")
     w_dtype = intrin.W_DTYPE[name]
     Wk = te.placeholder((op // lanes, cp // kp, kh, kw, lanes, kp), w_dtype, name="w")
-    B = te.placeholder((op,), "int32", name="bias")
-    tbl = te.placeholder((3, op), "int64", name="rq") if rq.per_channel else None
+    tbl = te.placeholder((3, op), "int64", name="rq")          # with the bias (_bias_table)
     cast = _input_cast(a_dtype, offset)
 
     def pack(b, cb, i, j, ci):
@@ -285,20 +305,20 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     if residual is None:
         res_in = []
         out = te.compute((n, o, oh, ow), lambda b, oc, i, j: requant_expr(
-            acc[b, oc // lanes, i, j, oc % lanes] + B[oc], oc, rq, tbl), name="out")
+            acc[b, oc // lanes, i, j, oc % lanes], oc, rq, tbl), name="out")
     else:
         r_index, r_spec, r_dtype = residual
         R = te.placeholder((n, o, oh, ow), r_dtype, name="residual")
         res_in = [R]
 
         def fused(b, oc, i, j):
-            q1 = requant_expr(acc[b, oc // lanes, i, j, oc % lanes] + B[oc], oc, rq, tbl)
+            q1 = requant_expr(acc[b, oc // lanes, i, j, oc % lanes], oc, rq, tbl)
             vals = [R[b, oc, i, j]] * 2
             vals[r_index] = q1
             return generic.add_requant_expr(vals, r_spec)
 
         out = te.compute((n, o, oh, ow), fused, name="out")
-    args = [X] + res_in + [Wk, B] + ([tbl] if tbl is not None else []) + [out]
+    args = [X] + res_in + [Wk, tbl] + [out]
     func = te.create_prim_func(args)
 
     sch = s_tir.Schedule(func)
@@ -328,7 +348,7 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     bpad = np.zeros(op, np.int64)
     bpad[:o] = np.asarray(bias, np.int64).reshape(-1)
     wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
-    consts = [wk, _offset_bias(bpad, wsum, offset)] + ([rq.table(op)] if tbl is not None else [])
+    consts = [wk, _bias_table(rq, _offset_bias(bpad, wsum, offset), op)]
     info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
             "tile": (reg_o * lanes, reg_w), "lanes": lanes, "kpack": kp}
     if residual is not None:
@@ -396,8 +416,7 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
     fill = codes.pad + offset
     X = te.placeholder((n, c, h, w), codes.dtype, name="x")
     Wk = te.placeholder((op, cp // kp, kh, kw, kp), w_dtype, name="w")
-    B = te.placeholder((op,), "int32", name="bias")
-    tbl = te.placeholder((3, op), "int64", name="rq") if rq.per_channel else None
+    tbl = te.placeholder((3, op), "int64", name="rq")          # with the bias (_bias_table)
     cast = _input_cast(a_dtype, offset)
 
     def pack(b, cb, i, ph, jj, ci):
@@ -420,7 +439,7 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
         name="acc")
     if residual is None:
         res_in = []
-        out = te.compute((n, o, oh, ow), lambda b, oc, i, j: requant_expr(acc[b, oc, i, j] + B[oc], oc, rq, tbl),
+        out = te.compute((n, o, oh, ow), lambda b, oc, i, j: requant_expr(acc[b, oc, i, j], oc, rq, tbl),
                          name="out")
     else:
         r_index, r_spec, r_dtype = residual
@@ -429,11 +448,11 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
 
         def fused(b, oc, i, j):
             vals = [R[b, oc, i, j]] * 2
-            vals[r_index] = requant_expr(acc[b, oc, i, j] + B[oc], oc, rq, tbl)
+            vals[r_index] = requant_expr(acc[b, oc, i, j], oc, rq, tbl)
             return generic.add_requant_expr(vals, r_spec)
 
         out = te.compute((n, o, oh, ow), fused, name="out")
-    args = [X] + res_in + [Wk, B] + ([tbl] if tbl is not None else []) + [out]
+    args = [X] + res_in + [Wk, tbl] + [out]
     sch = s_tir.Schedule(te.create_prim_func(args))
     _schedule_pack(sch, "pack")
     blk = sch.get_sblock("acc")
@@ -464,7 +483,7 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
     bpad = np.zeros(op, np.int64)
     bpad[:o] = np.asarray(bias, np.int64).reshape(-1)
     wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
-    consts = [wk, _offset_bias(bpad, wsum, offset)] + ([rq.table(op)] if tbl is not None else [])
+    consts = [wk, _bias_table(rq, _offset_bias(bpad, wsum, offset), op)]
     info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
             "tile": (chans, vecs * lanes), "lanes": lanes, "kpack": kp, "tiling": "rows"}
     if residual is not None:
@@ -593,19 +612,15 @@ def depthwise_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilatio
     weight = weight_codes(weight)
     codes = codes or Codes()
     o = weight.shape[0]
-    tbl = te.placeholder((3, o), "int64", name="rq") if rq.per_channel else None
-    B = te.placeholder((o,), "int32", name="bias")
+    tbl = te.placeholder((3, o), "int64", name="rq")           # with the bias (_bias_table)
 
     def epi(acc, shape):
-        out = te.compute(shape, lambda b, ch, i, j: requant_expr(acc[b, ch, i, j] + B[ch], ch, rq, tbl),
-                         name="out")
-        return out, [B] + ([tbl] if tbl is not None else [])
+        out = te.compute(shape, lambda b, ch, i, j: requant_expr(acc[b, ch, i, j], ch, rq, tbl), name="out")
+        return out, [tbl]
 
     func, oshape, tile = _depthwise(x_shape, weight, strides, padding, dilation, codes.dtype, "int32", codes.pad,
                                     epi, None, str(weight.dtype))
-    consts = [np.ascontiguousarray(weight[:, 0]), np.asarray(bias, np.int32).reshape(-1)]
-    if tbl is not None:
-        consts.append(rq.table(o))
+    consts = [np.ascontiguousarray(weight[:, 0]), _bias_table(rq, np.asarray(bias, np.int32).reshape(-1), o)]
     return Kernel(func, consts, oshape, rq.out_dtype, f"qdwconv2d_{isa}", {"tile": tile, "path": "depthwise"})
 
 
