@@ -264,7 +264,8 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
         k.info["path"] = "generic"
         return k
     name, offset = chosen
-    if name in ROWS_INTRIN and ROWS_KERNEL and rows_pays(o, c, kh, kw, h, w, strides, padding, dilation):
+    if name in ROWS_INTRIN and ROWS_KERNEL and rows_pays(o, c, kh, kw, h, w, strides, padding, dilation,
+                                                         int16=name == intrin.AVX2_S8S8):
         return _conv2d_int8_rows(x_shape, weight, bias, rq, strides, padding, dilation, isa, residual, codes,
                                  offset, ROWS_INTRIN[name])
     lanes, kp, a_dtype = intrin.LANES[name], intrin.KPACK[name], intrin.A_DTYPE[name]
@@ -357,13 +358,14 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     return Kernel(sch.mod["main"], consts, (n, o, oh, ow), rq.out_dtype, f"qconv2d_{isa}", info)
 
 
-def rows_pays(o, c, kh, kw, h, w, strides, padding, dilation) -> bool:
+def rows_pays(o, c, kh, kw, h, w, strides, padding, dilation, int16: bool = False) -> bool:
     """Whether the row-tiled kernel (:func:`_conv2d_int8_rows`) beats the channel-tiled one for a stride-1
     layer. Measured on one core (``bench_kernels``-style layers, AVX2 u8s8): 1.11-1.17x faster where the
     output row is a multiple of 8 columns (MobileNetV2's 112- and 56-wide 1x1 layers, ResNet-50's 56-wide
     1x1, 3x3 at 56 / 112 equal or better) and on 3x3 layers whose row pads by at most 1/7 (ResNet-18's 28-
     and 14-wide 3x3: 1.17x); 0.77-0.98x on 1x1 layers of 28 / 14 / 7 columns and 0.92x on 3x3 at 7 (its
-    8-wide vectors waste a column in 8, the channel tile's 7-wide tile none).
+    8-wide vectors waste a column in 8, the channel tile's 7-wide tile none). On the exact int16 path
+    (``int16``) the row tile wins wherever the layer has 64 output channels or more.
 
     >>> rows_pays(64, 64, 3, 3, 56, 56, (1, 1), (1,) * 4, (1, 1))
     True
@@ -372,6 +374,11 @@ def rows_pays(o, c, kh, kw, h, w, strides, padding, dilation) -> bool:
     """
     _, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     waste = _ceil(ow, 8) - ow
+    if int16:
+        # the int16 path loads twice the operands per product: the row tile's fewer loads per dot
+        # product win on small maps too (1x1 32-192 at 28 columns 1.87x, 64-384 at 14 1.14x, 160-960 at 7
+        # 1.10x), except with few output channels (192-32 at 28: 0.87x)
+        return o >= 64 or waste == 0
     return waste == 0 or (kh * kw > 1 and ow >= 14 and waste * 7 <= ow)
 
 
