@@ -748,13 +748,13 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
     A = te.placeholder((m, k), codes.dtype, name="x")
     w_dtype = intrin.W_DTYPE[name]
     Wk = te.placeholder((np_ // lanes, kpad // kp, lanes, kp), w_dtype, name="w")
-    B = te.placeholder((np_,), "int32", name="bias")
     deq = rq is None
     if deq:
+        B = te.placeholder((np_,), "int32", name="bias")
         scale = np.asarray(out_scale, np.float32).reshape(-1)
         tbl = te.placeholder((np_,), "float32", name="scale") if scale.size > 1 else None
     else:
-        tbl = te.placeholder((3, np_), "int64", name="rq") if rq.per_channel else None
+        tbl = te.placeholder((3, np_), "int64", name="rq")           # with the bias (_bias_table)
     cast = _input_cast(a_dtype, offset)
     # padded K entries meet zero weights: any fill is exact, 0 keeps the pack simple
     Ap = te.compute((m, kpad // kp, kp), lambda i, kb, ki: tirx.if_then_else(
@@ -769,9 +769,8 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
             return v * (tbl[j] if tbl is not None else tirx.const(float(scale[0]), "float32"))
         out = te.compute((m, n), epi, name="out")
     else:
-        out = te.compute((m, n), lambda i, j: requant_expr(acc[i, j // lanes, j % lanes] + B[j], j, rq, tbl),
-                         name="out")
-    args = [A, Wk, B] + ([tbl] if tbl is not None else []) + [out]
+        out = te.compute((m, n), lambda i, j: requant_expr(acc[i, j // lanes, j % lanes], j, rq, tbl), name="out")
+    args = [A, Wk] + ([B] if deq else []) + ([tbl] if tbl is not None else []) + [out]
     sch = s_tir.Schedule(te.create_prim_func(args))
     pk = sch.get_sblock("pack")
     sch.parallel(sch.get_loops(pk)[0])
@@ -795,14 +794,15 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
                               .astype(w_dtype))
     bpad = np.zeros(np_, np.int64)
     bpad[:n] = np.asarray(bias, np.int64).reshape(-1)
-    consts = [wk, _offset_bias(bpad, wpad.astype(np.int64).sum(axis=0), offset)]
-    if tbl is not None:
-        if deq:
+    b32 = _offset_bias(bpad, wpad.astype(np.int64).sum(axis=0), offset)
+    if not deq:
+        consts = [wk, _bias_table(rq, b32, np_)]
+    else:
+        consts = [wk, b32]
+        if tbl is not None:
             spad = np.zeros(np_, np.float32)
             spad[:n] = scale
             consts.append(spad)
-        else:
-            consts.append(rq.table(np_))
     info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
             "tile": (mt, nt * lanes), "dequantize": deq}
     return Kernel(sch.mod["main"], consts, (m, n), "float32" if deq else rq.out_dtype,
