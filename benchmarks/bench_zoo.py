@@ -14,6 +14,7 @@ Example::
     python benchmarks/bench_zoo.py --models squeezenet1_1,unet_small
     python benchmarks/bench_zoo.py                     # every model (long: tens of minutes on 2 cores)
     python benchmarks/bench_zoo.py --config '{"act_symmetric": true}' --out /tmp/zoo_s8.json
+    python benchmarks/bench_zoo.py --eval 68 --out /tmp/zoo_e68.json   # 68 evaluation photos: less noisy
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import time
 from relayq import QConfig
 from relayq.testing import zoo_eval
 
+#: The evaluation set of the standard table; ``--eval`` above it also reports these first ones apart.
+STANDARD_EVAL = 16
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "zoo.json")
 #: Small networks first: on a shared 2-core machine the run may be cut short.
 DEFAULT_ORDER = ("squeezenet1_1", "unet_small", "detector_fpn", "lstm_text", "shufflenet_v2_x1_0", "mobilenet_v2",
@@ -50,6 +53,20 @@ def row(r: dict) -> str:
             f"{_fmt(r.get('ort_cosine_min'), '.4f')} {r['quantize_s']:7.1f} {r['build_s']:6.1f}  {left}")
 
 
+def paired_row(r: dict, first: int | None = None) -> str:
+    """A line with the metrics on the first ``first`` evaluation inputs (all when None) and the paired top-1
+    count: on how many inputs only relayq (only ONNX Runtime) agrees with FP32."""
+    s = zoo_eval.summary(r, first)
+    n = len(r.get("int8_cosines", []))
+    label = f"  first {min(first, n)}" if first else f"  all {n}"
+    cos = f"{s['int8_cosine_mean']:.4f}/{s['int8_cosine_min']:.4f}"
+    ocos = f"{s['ort_cosine_mean']:.4f}/{s['ort_cosine_min']:.4f}" if "ort_cosine_mean" in s else "-"
+    paired = (f"  top-1 only relayq {s['top1_only_int8']}, only ORT {s['top1_only_ort']}" if "top1_only_int8" in s
+              else "")
+    return (f"{label:<20} {'':>4} {'':>9} {'':>9} {_fmt(s.get('int8_top1_agreement'), '6.1%'):>7} {cos} "
+            f"{_fmt(s.get('ort_top1_agreement'), '6.1%'):>7} {ocos}{paired}")
+
+
 HEADER = (f"{'model':<20} {'size':>4} {'float err':>9} {'q/all':>9} {'top1':>7} {'cos mean/min':>13} "
           f"{'ORT top1':>7} {'ORT cos mean/min':>15} {'quant s':>7} {'build s':>6}  ops left in float")
 
@@ -59,7 +76,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(DEFAULT_ORDER),
                     help=f"comma-separated subset of: {', '.join(DEFAULT_ORDER)}")
     ap.add_argument("--calib", type=int, default=16, help="calibration inputs (batch 1 each)")
-    ap.add_argument("--eval", type=int, default=16, help="evaluation inputs (not seen by calibration or BN)")
+    ap.add_argument("--eval", type=int, default=16,
+                    help="evaluation inputs (not seen by calibration or BN; batch 1 each). Above 16 (at most 68 for "
+                         "the photo networks: 100 photos, 16 set BatchNorm, 16 calibrate) each model gets two more "
+                         "lines: the metrics on the first 16 (the default set) and on all, with the paired top-1 "
+                         "counts (on how many inputs only relayq / only ORT agrees with FP32)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's quantize_static")
     ap.add_argument("--no-torch-export", action="store_true", help="import through ONNX only")
     ap.add_argument("--calibration", default=None,
@@ -91,6 +112,9 @@ def main(argv=None) -> int:
         r.pop("traceback", None)
         previous[name] = r
         print(row(r), flush=True)
+        if args.eval > STANDARD_EVAL and not r.get("failed_stage"):
+            print(paired_row(r, STANDARD_EVAL), flush=True)
+            print(paired_row(r), flush=True)
         with open(args.out, "w") as f:
             json.dump({"cpu": _cpu(), "calib": args.calib, "eval": args.eval, "config": fields,
                        "models": [previous[m] for m in DEFAULT_ORDER if m in previous]}, f, indent=1)

@@ -137,3 +137,25 @@ def assert_three_ways(q, lib, sim, x):
     np.testing.assert_array_equal(y, reference_run(q.annotated, q.qpoints, x))
     np.testing.assert_array_equal(sim(x)[0], y)
     return y
+
+
+def conv2d_nchw(x, w, strides, padding, groups):
+    """A direct float64 conv2d, NCHW / OIHW, zero ``padding`` (top, left, bottom, right), tap by tap: the
+    reference for what relayq computes about convs (bias correction).
+
+    >>> conv2d_nchw(np.ones((1, 1, 2, 2)), np.ones((1, 1, 3, 3)), (1, 1), (1, 1, 1, 1), 1)[0, 0].tolist()
+    [[4.0, 4.0], [4.0, 4.0]]
+    """
+    (sh, sw), (pt, pl, pb, pr) = strides, padding
+    x = np.pad(x.astype(np.float64), [(0, 0), (0, 0), (pt, pb), (pl, pr)])
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    xg = x.reshape(n, groups, cg, h, wd)
+    wg = w.astype(np.float64).reshape(groups, o // groups, cg, kh, kw)
+    y = np.zeros((n, groups, o // groups, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xg[:, :, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            y += np.einsum("ngchw,goc->ngohw", patch, wg[:, :, :, i, j])
+    return y.reshape(n, o, oh, ow)

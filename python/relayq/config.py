@@ -211,8 +211,10 @@ class QConfig:
             without VNNI, full-range uint8 inputs cannot take the exact ``vpmaddubsw`` path (its int16
             pair sums could saturate), so those layers run on the slower exact int16 path.
         bias_correction: subtract the expected output shift that weight quantization causes,
-            ``E[(W_q - W) x]`` per output channel (x's channel means measured during calibration), from
-            each conv / dense bias before it is quantized.
+            ``E[(W_q - W) x]`` per output channel, from each conv / dense bias before it is quantized.
+            ``E[x]`` is measured during calibration: per input feature for a dense, per channel and
+            kernel tap for a conv (zero padding and stride included, so the shift is exact on small
+            feature maps too).
         empirical_bias_correction: with ``bias_correction``, correct each conv / dense layer by
             ``E[(W_q - W) x_q]`` with ``E[x_q]`` the channel means of the input the partly quantized model
             gives the layer (earlier layers already corrected), instead of the float model's input means.

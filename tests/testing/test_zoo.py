@@ -334,3 +334,21 @@ def test_missing_packages_raise_clear_errors(monkeypatch):
     assert not zoo.has_mobilenet_weights()
     assert data.available() == {"imagenet_samples": False, "calibration_photos": False,
                                 "mobilenet_weights": False}
+
+
+def test_zoo_eval_summary_recomputes_metrics_on_a_prefix_with_paired_counts():
+    """bench_zoo --eval N prints the first 16 apart: summary() must give the metrics of exactly that prefix,
+    and the paired top-1 counts (inputs where only one tool agrees with FP32)."""
+    from relayq.testing import zoo_eval
+
+    r = {"int8_cosines": [0.9, 0.8, 1.0, 0.7], "ort_cosines": [0.95, 0.6, 0.9, 0.9],
+         "int8_top1_hits": [1, 0, 1, 1], "ort_top1_hits": [1, 1, 0, 0]}
+    s = zoo_eval.summary(r, 2)
+    assert s["int8_cosine_mean"] == pytest.approx(0.85) and s["int8_cosine_min"] == pytest.approx(0.8)
+    assert s["ort_cosine_mean"] == pytest.approx(0.775) and s["ort_cosine_min"] == pytest.approx(0.6)
+    assert (s["int8_top1_agreement"], s["ort_top1_agreement"]) == (0.5, 1.0)
+    assert (s["top1_only_int8"], s["top1_only_ort"]) == (0, 1)
+    s = zoo_eval.summary(r)
+    assert s["int8_cosine_min"] == pytest.approx(0.7) and s["int8_top1_agreement"] == 0.75
+    assert (s["top1_only_int8"], s["top1_only_ort"]) == (2, 1)
+    assert "ort_top1_agreement" not in zoo_eval.summary({"int8_cosines": [1.0], "int8_top1_hits": [1]})

@@ -12,7 +12,7 @@ from relayq.analysis.reference import reference_run
 from relayq.runtime import compile_host
 from relayq.transform.common import bindings, dtype_of, op_name
 
-from helpers import assert_three_ways, tiny_cnn
+from helpers import assert_three_ways, conv2d_nchw, tiny_cnn
 
 CFG = relayq.QConfig(show_progress=False)
 
@@ -189,6 +189,50 @@ def test_bias_correction_removes_the_mean_shift_and_stays_exact():
     # 3-bit weights shift every logit's mean; the correction must remove a good part of it.
     assert shift[True] < 0.7 * shift[False]
 
+
+
+def _conv_model(w, b, strides, padding, groups, shape):
+    """x -> conv2d(+bias): one layer whose input is the model input, so its bias correction can be
+    recomputed from the data itself."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("data", relax.TensorType(shape, "float32"))
+    wv, bv = relax.Var("w", relax.TensorType(w.shape, "float32")), relax.Var("b", relax.TensorType(b.shape, "float32"))
+    with bb.function("main", [x, wv, bv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, wv, strides=strides, padding=padding, groups=groups))
+            y = bb.emit_output(bb.emit(relax.op.add(y, relax.op.reshape(bv, (1, -1, 1, 1)))))
+        bb.emit_func_output(y)
+    return bb.get(), {"w": w, "b": b}
+
+
+@pytest.mark.parametrize("kernel,strides,padding,groups,side", [
+    (3, (1, 1), (1, 1, 1, 1), 1, 2),       # a 3x3 kernel on a 2x2 map: 5 of its 9 taps read padding
+    (3, (2, 2), (1, 1, 1, 1), 1, 5),       # stride 2: the taps read different rows
+    (3, (1, 1), (1, 1, 1, 1), 4, 3),       # depthwise
+    (1, (2, 2), (0, 0, 0, 0), 1, 4),       # a strided 1x1 conv reads every other row only
+])
+def test_bias_correction_is_the_exact_mean_shift_at_padded_borders(kernel, strides, padding, groups, side):
+    """The analytic correction equals E[conv(x, W_q - W)] over every sample and output position: the
+    mean each kernel tap reads includes the zero padding and the stride (small feature maps, where the
+    channel mean alone was off by more than the shift itself)."""
+    rng = np.random.RandomState(0)
+    shape = (2, 4, side, side)
+    w = (rng.randn(6 if groups == 1 else 4, 4 // groups, kernel, kernel) * 0.5).astype("float32")
+    mod, params = _conv_model(w, rng.randn(w.shape[0]).astype("float32"), strides, padding, groups, shape)
+    # a spatial pattern (brighter on one side) and a positive mean: the borders matter
+    ramp = np.linspace(0.5, 3.0, side, dtype="float32")[None, None, :, None]
+    data = [(rng.rand(*shape) + ramp).astype("float32") for _ in range(3)]
+    cfg = CFG.replace(weight_bits=3, per_channel=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = relayq.quantize_model(mod, params, data, "naive", cfg)
+    (p,) = [p for p in q.qpoints.values() if p.role == "weight"]
+    w_err = p.weight_codes(w) * np.asarray(p.scale).reshape(-1, 1, 1, 1) - w.astype(np.float64)
+    exact = np.mean([conv2d_nchw(x, w_err, strides, padding, groups).mean(axis=(0, 2, 3)) for x in data], axis=0)
+    assert np.abs(exact).max() > 1e-3                  # 3-bit weights: a shift worth correcting
+    np.testing.assert_allclose(p.bias_corr, exact, rtol=1e-5, atol=1e-7)
 
 # Every documented scheme on the fused x86 kernels: (QConfig fields, the paths its conv/dense layers may take)
 KERNEL_SCHEMES = {

@@ -23,7 +23,7 @@ import numpy as np
 from . import data
 from . import torchvision_zoo as tz
 
-__all__ = ["evaluate", "rel_err", "cosines", "STAGES"]
+__all__ = ["evaluate", "summary", "rel_err", "cosines", "STAGES"]
 
 #: Stages in order; ``result["failed_stage"]`` names the first that failed.
 STAGES = ("build_torch", "onnx_export", "onnx_import", "onnx_float", "torch_import", "torch_float",
@@ -43,10 +43,6 @@ def cosines(got: list, ref: list) -> np.ndarray:
         g, r = np.asarray(g, np.float64).ravel(), np.asarray(r, np.float64).ravel()
         out.append(float(g @ r / max(np.linalg.norm(g) * np.linalg.norm(r), 1e-30)))
     return np.array(out)
-
-
-def _top1_agreement(got: list, ref: list) -> float:
-    return float(np.mean([np.argmax(g) == np.argmax(r) for g, r in zip(got, ref)]))
 
 
 def _torch_outputs(net, inputs: list) -> list:
@@ -186,22 +182,56 @@ def evaluate(name: str, *, size: int | None = None, n_calib: int = 16, n_eval: i
         r["build_s"] = time.perf_counter() - t0
         stage = "int8_run"
         got = [lib(*x) for x in evals]
-        cos = cosines(got, ref)
-        r["int8_cosine_mean"], r["int8_cosine_min"] = float(cos.mean()), float(cos.min())
-        if name == "mobilenet_v2_real" or name in tz.ARCHITECTURES and tz.ARCHITECTURES[name].kind in ("classifier", "text"):
-            r["int8_top1_agreement"] = _top1_agreement(got, ref)
+        classifier = name == "mobilenet_v2_real" or \
+            name in tz.ARCHITECTURES and tz.ARCHITECTURES[name].kind in ("classifier", "text")
+        _record(r, "int8", got, ref, classifier)
         if ort:
             stage = "ort_int8"
-            og = _ort_int8(onnx_model, calib, evals, input_names)
-            ocos = cosines(og, ref)
-            r["ort_cosine_mean"], r["ort_cosine_min"] = float(ocos.mean()), float(ocos.min())
-            if "int8_top1_agreement" in r:
-                r["ort_top1_agreement"] = _top1_agreement(og, ref)
+            _record(r, "ort", _ort_int8(onnx_model, calib, evals, input_names), ref, classifier)
     except Exception as e:  # recorded for the table; the tests assert on failed_stage
         r["failed_stage"] = stage
         r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         r["traceback"] = traceback.format_exc()[-3000:]
     return r
+
+
+def _record(r: dict, who: str, got: list, ref: list, classifier: bool) -> None:
+    """``r[who + "_cosine_mean" / "_cosine_min" / "_top1_agreement"]`` and the per-input values behind them
+    (``_cosines``, ``_top1_hits``), from which :func:`summary` recomputes the metrics on a prefix."""
+    cos = cosines(got, ref)
+    r[f"{who}_cosines"] = [round(float(c), 7) for c in cos]
+    r[f"{who}_cosine_mean"], r[f"{who}_cosine_min"] = float(cos.mean()), float(cos.min())
+    if classifier:
+        r[f"{who}_top1_hits"] = [int(np.argmax(g) == np.argmax(f)) for g, f in zip(got, ref)]
+        r[f"{who}_top1_agreement"] = float(np.mean(r[f"{who}_top1_hits"]))
+
+
+def summary(r: dict, first: int | None = None) -> dict:
+    """The metrics of an :func:`evaluate` result on its first ``first`` evaluation inputs (all when None):
+    ``{"int8_cosine_mean", "int8_cosine_min", "int8_top1_agreement", "ort_..."}`` for what was measured,
+    plus, where both top-1 hit lists exist, ``top1_only_int8`` / ``top1_only_ort``: the inputs on which
+    only relayq's INT8 (only ONNX Runtime's) agrees with FP32, the discordant pairs that decide a paired
+    (McNemar) comparison of the two agreements.
+
+    Example::
+
+        >>> r = evaluate("mobilenet_v2", n_eval=68, ort=True)           # doctest: +SKIP
+        >>> summary(r, 16)["int8_top1_agreement"], summary(r)["int8_top1_agreement"]  # doctest: +SKIP
+        (0.5625, 0.4559)
+    """
+    out = {}
+    for who in ("int8", "ort"):
+        cos = r.get(f"{who}_cosines")
+        if cos:
+            cos = np.asarray(cos[:first])
+            out[f"{who}_cosine_mean"], out[f"{who}_cosine_min"] = float(cos.mean()), float(cos.min())
+        hits = r.get(f"{who}_top1_hits")
+        if hits:
+            out[f"{who}_top1_agreement"] = float(np.mean(hits[:first]))
+    if r.get("int8_top1_hits") and r.get("ort_top1_hits"):
+        a, b = np.asarray(r["int8_top1_hits"][:first]), np.asarray(r["ort_top1_hits"][:first])
+        out["top1_only_int8"], out["top1_only_ort"] = int(np.sum(a > b)), int(np.sum(b > a))
+    return out
 
 
 def _export_named(net, example: tuple, names: list):

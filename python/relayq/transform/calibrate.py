@@ -95,15 +95,36 @@ def input_specs(mod: tvm.IRModule) -> list:
     return [(p.name, shape_of(p), dtype_of(p)) for p in main_function(mod).params]
 
 
-def tap_module(annotated: tvm.IRModule, input_means: bool = False, layer_inputs: bool = False):
+def conv_window(call) -> tuple | None:
+    """``(kernel, strides, padding, dilation)`` of an NCHW / OIHW conv2d with static shapes whose taps do
+    not all see the channel mean (a kernel larger than 1x1, padding, or a stride), for :func:`window_means`;
+    None where the channel mean is exact (or the layout is not NCHW / OIHW)."""
+    a = call.attrs
+    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
+        return None
+    try:
+        kernel = tuple(int(k) for k in shape_of(call.args[1])[2:])
+        int(shape_of(call.args[0])[2]), int(shape_of(call.args[0])[3])
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return None                               # symbolic shapes: the channel mean it is
+    strides, padding = tuple(int(v) for v in a.strides), tuple(int(v) for v in a.padding)
+    if kernel == (1, 1) and strides == (1, 1) and not any(padding):
+        return None
+    return kernel, strides, padding, tuple(int(v) for v in a.dilation)
+
+
+def tap_module(annotated: tvm.IRModule, input_means: bool = False, layer_inputs: bool = False,
+               windows: dict | None = None):
     """The annotated module with markers removed and every activation point's input as an output.
 
     Returns ``(module, names)``: the module's ``main`` returns ``(tap_0, tap_1, ..., original output)``,
     so ``names[i]`` is output ``i`` however many tensors the model itself returns (a tuple output is
-    flattened by the runtime into several). With ``input_means`` it also returns the per-channel mean
-    of every conv2d / dense input, named after the layer's weight point (``"conv2d_0:w"``), for bias
-    correction; with ``layer_inputs`` the float input itself of every conv2d / dense, named
-    ``"conv2d_0:w:in"`` (for AdaRound).
+    flattened by the runtime into several). With ``input_means`` it also returns the mean input of every
+    conv2d / dense, named after the layer's weight point (``"conv2d_0:w"``), for bias correction: per
+    channel, or for a conv whose taps see more than the channel mean (padding, stride, a kernel above
+    1x1: :func:`conv_window`) the mean map over the batch ``(C, H, W)``, whose window attributes
+    ``windows`` (when given) receives by point name, for :func:`window_means`. With ``layer_inputs`` the
+    float input itself of every conv2d / dense, named ``"conv2d_0:w:in"`` (for AdaRound).
     """
     func = main_function(annotated)
     bb = relax.BlockBuilder()
@@ -128,9 +149,12 @@ def tap_module(annotated: tvm.IRModule, input_means: bool = False, layer_inputs:
                 if input_means and op_name(b.value) in ("relax.nn.conv2d", "relax.matmul") \
                         and b.value.args[1] in weight_of:
                     x = substitute(b.value.args[0], remap)
-                    axes = [0, 2, 3] if op_name(b.value) == "relax.nn.conv2d" else [0]
+                    window = conv_window(b.value) if op_name(b.value) == "relax.nn.conv2d" else None
+                    axes = [0] if window is not None or op_name(b.value) != "relax.nn.conv2d" else [0, 2, 3]
                     taps.append(bb.emit(relax.op.mean(x, axis=axes)))
                     names.append(weight_of[b.value.args[1]])
+                    if window is not None and windows is not None:
+                        windows[names[-1]] = window
                 if layer_inputs and op_name(b.value) in ("relax.nn.conv2d", "relax.matmul") \
                         and b.value.args[1] in weight_of:
                     x = substitute(b.value.args[0], remap)
@@ -193,7 +217,9 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     """Run ``dataset`` through the tap module, feeding every activation point to ``calibrator``.
 
     Returns the names of the activation points observed. When a ``means`` dict is given, it receives
-    the per-channel mean input of every conv2d / dense layer, keyed by weight point. ``ranges``
+    the mean input of every conv2d / dense layer, keyed by weight point: per input feature for a dense,
+    per channel for a 1x1 stride-1 unpadded conv, else per channel and kernel tap ``(C, KH, KW)``
+    (:func:`window_means`: what each tap reads, zero padding included). ``ranges``
     receives ``(min, max)`` of every activation point over the whole dataset. ``record``, when given,
     is called after each batch as ``record(arrays, taps, outputs)``: the input arrays, a dict point
     name -> float value, and the float model's own outputs (a list), e.g. to keep the last batches for
@@ -206,7 +232,8 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     running the batches (``"batches"``).
     """
     start = time.perf_counter()
-    tmod, names = tap_module(annotated, input_means=means is not None, layer_inputs=bool(samplers))
+    windows = {}
+    tmod, names = tap_module(annotated, input_means=means is not None, layer_inputs=bool(samplers), windows=windows)
     sums = {}
     lo_hi = {}
     specs = input_specs(annotated)
@@ -243,7 +270,8 @@ def observe(annotated: tvm.IRModule, dataset, calibrator, show_progress: bool = 
     if seen == 0:
         raise DatasetError("the calibration dataset is empty: pass at least one batch")
     if means is not None:
-        means.update({k: v / seen for k, v in sums.items()})     # every batch has the same shape
+        # every batch has the same shape; a conv's mean map becomes the mean each kernel tap sees
+        means.update({k: window_means(v / seen, *windows[k]) if k in windows else v / seen for k, v in sums.items()})
     if ranges is not None:
         ranges.update(lo_hi)
     _warn_degenerate(lo_hi, seen)
@@ -294,20 +322,68 @@ def _call_calibrator(calibrator, method: str, name: str, what: str, *args):
 
 
 def bias_correction(w: np.ndarray, p: QPoint, mean_in: np.ndarray) -> np.ndarray:
-    """The expected output shift ``E[(W_q - W) x]`` per output channel from the mean input per channel.
+    """The expected output shift ``E[(W_q - W) x]`` per output channel from the mean input.
 
-    ``w`` is OIHW (conv2d, any groups) or (K, N) (dense); border effects of padding are neglected, as in
-    the bias correction of Nagel et al. (data-free quantization).
+    ``w`` is OIHW (conv2d, any groups) or (K, N) (dense). ``mean_in`` is what :func:`observe` measures:
+    for a conv the mean input each kernel tap sees, ``(C, KH, KW)`` (:func:`window_means`: zero padding
+    and stride included, so the shift is exact on small feature maps, where a 3x3 kernel on a 2x2 map
+    sees padding in more than half of its taps), or per input channel ``(C,)`` (borders neglected, as in
+    Nagel et al.'s data-free bias correction); for a dense the mean per input feature ``(K,)``.
+
+    >>> p = QPoint("w", "weight", "max", 1.0, 0.5, 8)
+    >>> bias_correction(np.full((1, 1, 1, 2), 0.2), p, np.array([[[1.0, 3.0]]])).tolist()   # codes 0: error -0.2
+    [-0.8]
     """
     ax = None if p.axis < 0 else p.axis
     scale = _bcast(p.scale, w.ndim, ax)
     err = qmath.dequantize(p.weight_codes(w), scale).astype(np.float64) - w
-    if w.ndim == 4:
-        o, cg = w.shape[:2]
-        groups = mean_in.size // cg
-        m = mean_in.reshape(groups, cg)[np.arange(o) // (o // groups)]       # (O, C/g): each output's inputs
-        return np.einsum("oc,oc->o", err.sum(axis=(2, 3)), m)
-    return mean_in @ err
+    return expected_output(err, mean_in)
+
+
+def expected_output(w: np.ndarray, mean_in: np.ndarray) -> np.ndarray:
+    """The mean output per channel of a conv2d (OIHW, any groups) or dense ((K, N)) weight ``w`` without
+    its bias, given the mean input: ``(C, KH, KW)`` per kernel tap (:func:`window_means`) or ``(C,)`` per
+    channel (for a conv, every tap then sees the channel mean: padding borders neglected).
+
+    >>> expected_output(np.ones((2, 1, 3, 3)), np.array([1.0, 2.0])).tolist()     # depthwise
+    [9.0, 18.0]
+    """
+    w = np.asarray(w, np.float64)
+    mean_in = np.asarray(mean_in, np.float64)
+    if w.ndim != 4:
+        return mean_in.reshape(-1) @ w
+    o, cg, kh, kw = w.shape
+    if mean_in.ndim == 1:
+        mean_in = np.broadcast_to(mean_in[:, None, None], (mean_in.size, kh, kw))
+    groups = mean_in.shape[0] // cg
+    m = mean_in.reshape(groups, cg, kh, kw)[np.arange(o) // (o // groups)]   # (O, C/g, KH, KW): each output's inputs
+    return np.einsum("ocij,ocij->o", w, m)
+
+
+def window_means(mean_map: np.ndarray, kernel, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)) -> np.ndarray:
+    """The mean input each tap of a conv2d kernel sees, ``(C, KH, KW)``, from the mean input map ``(C, H, W)``.
+
+    Tap ``(i, j)`` reads input row ``s_h * y + d_h * i - pad_top`` for every output row ``y`` (and the same
+    for columns); rows outside the map read the zero padding. Averaged over every output position, this
+    is what the output's mean depends on: ``E[conv(x, W)] = sum W[o, c, i, j] * M[c, i, j]`` exactly,
+    where the channel mean alone is right only without padding. ``padding`` is (top, left, bottom, right).
+
+    >>> window_means(np.ones((1, 2, 2)), (3, 3), padding=(1, 1, 1, 1))[0].tolist()   # 2x2 map, 3x3 kernel
+    [[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]]
+    """
+    mean_map = np.asarray(mean_map, np.float64)
+    _, h, w = mean_map.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
+    pt, pl, pb, pr = padding
+
+    def taps(size, k, s, d, before, after):
+        out = (size + before + after - d * (k - 1) - 1) // s + 1
+        rows = s * np.arange(out)[None, :] + d * np.arange(k)[:, None] - before        # (k, out)
+        hit = (rows[:, :, None] == np.arange(size)[None, None, :]).sum(axis=1)        # (k, size): reads per row
+        return hit / out
+
+    a, b = taps(h, kh, sh, dh, pt, pb), taps(w, kw, sw, dw, pl, pr)
+    return np.einsum("ih,chw,jw->cij", a, mean_map, b)
 
 
 def _bcast(v, ndim, axis):
@@ -418,8 +494,9 @@ class CalibrationStats:
 
     Filled by :func:`calibrate` when passed as ``stats``. ``calibrator`` holds the streamed histograms
     of every activation point (the built-in calibrators keep one 4096-bin histogram per point);
-    ``means`` the per-channel mean input of every conv2d / dense (bias correction), keyed by weight
-    point; ``ranges`` the observed ``(min, max)`` of every activation point.
+    ``means`` the mean input of every conv2d / dense (bias correction: per channel, or per channel and
+    kernel tap, see :func:`observe`), keyed by weight point; ``ranges`` the observed ``(min, max)`` of every
+    activation point.
 
     Example::
 
