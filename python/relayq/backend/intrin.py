@@ -73,21 +73,27 @@ W_DTYPE = {AVX2_U8S8: "int8", AVX2_U8S8_ROWS: "int8", AVX2_S8S8: "int16", AVX2_S
            VNNI_U8S8: "int8", ARM_SDOT: "int8"}
 
 
+def _dot_desc(lanes: int, kp: int, a_dtype: str, b_dtype: str):
+    """The description every dot-product intrinsic here implements: ``C[i] += sum_k A[k] * B[i, k]`` over
+    ``lanes`` int32 outputs and ``kp`` products each (``A`` the broadcast operand, ``B`` the lanes' own),
+    in the operand dtypes the intrinsic reads."""
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((kp,), a_dtype, offset_factor=1), B: T.Buffer((lanes, kp), b_dtype, offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:kp], B[0:lanes, 0:kp])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, kp):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
 # ----------------------------------------------------------------------------- AVX2 u8 x s8
-@T.prim_func(s_tir=True)
-def _u8s8_8x4_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
-                   B: T.Buffer((8, 4), "int8", offset_factor=1),
-                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
 @T.prim_func(s_tir=True)
 def _u8s8_8x4_avx2(A: T.Buffer((4,), "uint8", offset_factor=1),
                    B: T.Buffer((8, 4), "int8", offset_factor=1),
@@ -107,20 +113,6 @@ def _u8s8_8x4_avx2(A: T.Buffer((4,), "uint8", offset_factor=1),
 
 # ----------------------------------------------------------------------------- AVX2 s8 weights x u8 rows
 @T.prim_func(s_tir=True)
-def _s8u8_rows_desc(A: T.Buffer((4,), "int8", offset_factor=1),
-                    B: T.Buffer((8, 4), "uint8", offset_factor=1),
-                    C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _s8u8_rows_avx2(A: T.Buffer((4,), "int8", offset_factor=1),
                     B: T.Buffer((8, 4), "uint8", offset_factor=1),
                     C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
@@ -139,20 +131,6 @@ def _s8u8_rows_avx2(A: T.Buffer((4,), "int8", offset_factor=1),
 
 # ----------------------------------------------------------------------------- AVX2 s8 x s8 (exact)
 @T.prim_func(s_tir=True)
-def _s8s8_8x2_desc(A: T.Buffer((2,), "int8", offset_factor=1),
-                   B: T.Buffer((8, 2), "int8", offset_factor=1),
-                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _s8s8_8x2_avx2(A: T.Buffer((2,), "int8", offset_factor=1),
                    B: T.Buffer((8, 2), "int8", offset_factor=1),
                    C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
@@ -167,20 +145,6 @@ def _s8s8_8x2_avx2(A: T.Buffer((2,), "int8", offset_factor=1),
 
 
 # ----------------------------------------------------------------------------- AVX2 s8 x s8 in int16
-@T.prim_func(s_tir=True)
-def _i16_8x2_desc(A: T.Buffer((2,), "int16", offset_factor=1),
-                  B: T.Buffer((8, 2), "int16", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
 @T.prim_func(s_tir=True)
 def _i16_8x2_avx2(A: T.Buffer((2,), "int16", offset_factor=1),
                   B: T.Buffer((8, 2), "int16", offset_factor=1),
@@ -198,20 +162,6 @@ def _i16_8x2_avx2(A: T.Buffer((2,), "int16", offset_factor=1),
 
 # ----------------------------------------------------------------------------- AVX-512 VNNI
 @T.prim_func(s_tir=True)
-def _u8s8_16x4_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
-                    B: T.Buffer((16, 4), "int8", offset_factor=1),
-                    C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _u8s8_16x4_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
                     B: T.Buffer((16, 4), "int8", offset_factor=1),
                     C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
@@ -228,20 +178,6 @@ def _u8s8_16x4_vnni(A: T.Buffer((4,), "uint8", offset_factor=1),
 
 # ----------------------------------------------------------------------------- AArch64 sdot
 @T.prim_func(s_tir=True)
-def _s8s8_4x4_desc(A: T.Buffer((4,), "int8", offset_factor=1),
-                   B: T.Buffer((4, 4), "int8", offset_factor=1),
-                   C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        for i in T.serial(0, 4):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _s8s8_4x4_sdot(A: T.Buffer((4,), "int8", offset_factor=1),
                    B: T.Buffer((4, 4), "int8", offset_factor=1),
                    C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
@@ -257,12 +193,12 @@ def _s8s8_4x4_sdot(A: T.Buffer((4,), "int8", offset_factor=1),
 
 
 _TABLE = {
-    AVX2_U8S8: (_u8s8_8x4_desc, _u8s8_8x4_avx2),
-    AVX2_U8S8_ROWS: (_s8u8_rows_desc, _s8u8_rows_avx2),
-    AVX2_S8S8: (_i16_8x2_desc, _i16_8x2_avx2),
-    AVX2_S8S8_BYTES: (_s8s8_8x2_desc, _s8s8_8x2_avx2),
-    VNNI_U8S8: (_u8s8_16x4_desc, _u8s8_16x4_vnni),
-    ARM_SDOT: (_s8s8_4x4_desc, _s8s8_4x4_sdot),
+    AVX2_U8S8: (_dot_desc(8, 4, "uint8", "int8"), _u8s8_8x4_avx2),
+    AVX2_U8S8_ROWS: (_dot_desc(8, 4, "int8", "uint8"), _s8u8_rows_avx2),
+    AVX2_S8S8: (_dot_desc(8, 2, "int16", "int16"), _i16_8x2_avx2),
+    AVX2_S8S8_BYTES: (_dot_desc(8, 2, "int8", "int8"), _s8s8_8x2_avx2),
+    VNNI_U8S8: (_dot_desc(16, 4, "uint8", "int8"), _u8s8_16x4_vnni),
+    ARM_SDOT: (_dot_desc(4, 4, "int8", "int8"), _s8s8_4x4_sdot),
 }
 
 
