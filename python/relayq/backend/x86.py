@@ -14,7 +14,7 @@ int32 accumulators living only in a small register tile (no int32 tensor is writ
   (input packed ``[N, C/kp, H+pad, stride phase, W', kp]``, weight ``[O, C/kp, KH, KW, kp]``). The
   accumulators hold rows of single channels, so the epilogue runs along contiguous NCHW rows, and the
   small tile (6 or 4 channels x 8 columns) stays in registers where 8 x 8 spills (1.0-1.24x per
-  layer, 1 thread; :func:`_conv2d_int8_rows`, :func:`_rows_tile`).
+  layer, 1 thread; :func:`_conv2d_int8_rows`, :func:`_rows_channels`).
 * **depthwise** (groups == C == O) -- no tensorization: a padded int8 copy of the input and a
   ``DW_TILE``-wide vector of int32 accumulators along the output row per (channel, row).
 * **dense** -- ``(M, K) x (K, N)`` with the weight packed into ``[N/L, K/kp, L, kp]`` and an
@@ -303,22 +303,8 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
             Xp[b, icb, i * sh + ry * dh, j * sw + rx * dw, ici].astype("int32")
             * Wk[ob, icb, ry, rx, oi, ici].astype("int32"), axis=[icb, ry, rx, ici]),
         name="acc")
-    if residual is None:
-        res_in = []
-        out = te.compute((n, o, oh, ow), lambda b, oc, i, j: requant_expr(
-            acc[b, oc // lanes, i, j, oc % lanes], oc, rq, tbl), name="out")
-    else:
-        r_index, r_spec, r_dtype = residual
-        R = te.placeholder((n, o, oh, ow), r_dtype, name="residual")
-        res_in = [R]
-
-        def fused(b, oc, i, j):
-            q1 = requant_expr(acc[b, oc // lanes, i, j, oc % lanes], oc, rq, tbl)
-            vals = [R[b, oc, i, j]] * 2
-            vals[r_index] = q1
-            return generic.add_requant_expr(vals, r_spec)
-
-        out = te.compute((n, o, oh, ow), fused, name="out")
+    out, res_in = _conv_epilogue(lambda b, oc, i, j: acc[b, oc // lanes, i, j, oc % lanes], (n, o, oh, ow),
+                                 rq, tbl, residual)
     args = [X] + res_in + [Wk, tbl] + [out]
     func = te.create_prim_func(args)
 
@@ -346,21 +332,46 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     wpad[:o, :c] = weight
     wk = np.ascontiguousarray(wpad.reshape(op // lanes, lanes, cp // kp, kp, kh, kw).transpose(0, 2, 4, 5, 1, 3)
                               .astype(w_dtype))
-    bpad = np.zeros(op, np.int64)
-    bpad[:o] = np.asarray(bias, np.int64).reshape(-1)
-    wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
-    consts = [wk, _bias_table(rq, _offset_bias(bpad, wsum, offset), op)]
     info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
             "tile": (reg_o * lanes, reg_w), "lanes": lanes, "kpack": kp}
+    return _conv_kernel(sch, wk, wpad, bias, rq, offset, residual, (n, o, oh, ow), isa, info)
+
+
+def _conv_epilogue(acc_at, out_shape, rq: Requant, tbl, residual):
+    """The output stage of both int8 conv kernels: ``requant(acc_at(b, oc, i, j))`` (the bias is in
+    ``tbl``, see :func:`_bias_table`), or with ``residual = (index, spec, dtype)`` that value as operand
+    ``index`` of the quantized add with a second input. Returns ``(out, extra_inputs)``."""
+    if residual is None:
+        return te.compute(out_shape, lambda b, oc, i, j: requant_expr(acc_at(b, oc, i, j), oc, rq, tbl),
+                          name="out"), []
+    r_index, r_spec, r_dtype = residual
+    R = te.placeholder(out_shape, r_dtype, name="residual")
+
+    def fused(b, oc, i, j):
+        vals = [R[b, oc, i, j]] * 2
+        vals[r_index] = requant_expr(acc_at(b, oc, i, j), oc, rq, tbl)
+        return generic.add_requant_expr(vals, r_spec)
+
+    return te.compute(out_shape, fused, name="out"), [R]
+
+
+def _conv_kernel(sch, wk, wpad, bias, rq: Requant, offset: int, residual, out_shape, isa, info) -> Kernel:
+    """The finished int8 conv :class:`Kernel`: the packed weight ``wk``, the requant table with the bias
+    and the input offset's compensation folded in (``wpad``: the OIHW weight padded to the kernel's
+    channel counts), and the output dtype / name of a plain or residual-add conv."""
+    op = wpad.shape[0]
+    bpad = np.zeros(op, np.int64)
+    bpad[:out_shape[1]] = np.asarray(bias, np.int64).reshape(-1)
+    wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
+    consts = [wk, _bias_table(rq, _offset_bias(bpad, wsum, offset), op)]
     if residual is not None:
         info["residual_add"] = {"int32": residual[1].int32_ok}
-        return Kernel(sch.mod["main"], consts, (n, o, oh, ow), residual[1].out_dtype, f"qconv2d_add_{isa}", info)
-    return Kernel(sch.mod["main"], consts, (n, o, oh, ow), rq.out_dtype, f"qconv2d_{isa}", info)
+        return Kernel(sch.mod["main"], consts, out_shape, residual[1].out_dtype, f"qconv2d_add_{isa}", info)
+    return Kernel(sch.mod["main"], consts, out_shape, rq.out_dtype, f"qconv2d_{isa}", info)
 
 
 def rows_pays(o, c, kh, kw, h, w, strides, padding, dilation, int16: bool = False) -> bool:
-    """Whether the row-tiled kernel (:func:`_conv2d_int8_rows`) beats the channel-tiled one for a stride-1
-    layer. Measured on one core (``bench_kernels``-style layers, AVX2 u8s8): 1.11-1.17x faster where the
+    """Whether the row-tiled kernel (:func:`_conv2d_int8_rows`) beats the channel-tiled one for a layer. Measured on one core (``bench_kernels``-style layers, AVX2 u8s8): 1.11-1.17x faster where the
     output row is a multiple of 8 columns (MobileNetV2's 112- and 56-wide 1x1 layers, ResNet-50's 56-wide
     1x1, 3x3 at 56 / 112 equal or better) and on 3x3 layers whose row pads by at most 1/7 (ResNet-18's 28-
     and 14-wide 3x3: 1.17x); 0.77-0.98x on 1x1 layers of 28 / 14 / 7 columns and 0.92x on 3x3 at 7 (its
@@ -382,20 +393,18 @@ def rows_pays(o, c, kh, kw, h, w, strides, padding, dilation, int16: bool = Fals
     return waste == 0 or (kh * kw > 1 and ow >= 14 and waste * 7 <= ow)
 
 
-def _rows_tile(o: int, ow: int) -> tuple[int, int]:
-    """(output channels, 8-column vectors) of the row kernel's register tile: one vector of columns and
-    6 channels where they divide the layer, else 4. Measured on one core (AVX2 u8s8, ms): ResNet's
-    64-64 3x3 at 56 columns 8x1 1.71, 6x1 1.47, 4x1 1.43, 4x2 1.63, 3x3 2.04; 256-256 3x3 at 14:
-    8x1 1.81, 6x1 1.49, 4x1 1.49; MobileNetV2's 16-96 1x1 at 112: 8x1 0.78, 6x1 0.78, 4x1 0.85. Wider
-    tiles run out of the 16 ymm registers (LLVM spills an accumulator; the ones vector of vpmaddwd and
-    the next tap's loads take the rest)."""
-    del ow                      # one 8-column vector: any row pads to a multiple of 8 only
-    return min(6 if o % 6 == 0 else 4, o), 1
+def _rows_channels(o: int) -> int:
+    """Output channels of the row kernel's register tile (times one 8-column vector): 6 where they divide
+    the layer, else 4. Measured on one core (AVX2 u8s8, ms): ResNet's 64-64 3x3 at 56 columns 8x1 1.71,
+    6x1 1.47, 4x1 1.43, 4x2 1.63, 3x3 2.04; 256-256 3x3 at 14: 8x1 1.81, 6x1 1.49, 4x1 1.49; MobileNetV2's
+    16-96 1x1 at 112: 8x1 0.78, 6x1 0.78, 4x1 0.85. Wider tiles run out of the 16 ymm registers (LLVM
+    spills an accumulator; the ones vector of vpmaddwd and the next tap's loads take the rest)."""
+    return min(6 if o % 6 == 0 else 4, o)
 
 
 def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dilation, isa, residual,
                       codes: Codes, offset: int, name: str) -> Kernel:
-    """Stride-1 conv2d on AVX2 with the register tile along the output row: each dot product multiplies
+    """conv2d on AVX2 with the register tile along the output row: each dot product multiplies
     8 neighbouring output columns' inputs (``kp`` input channels each) by one output channel's ``kp``
     weights (broadcast), so the int32 accumulators hold rows of one channel and the epilogue (bias,
     requant, residual add) runs along contiguous NCHW rows: no transpose between the tile and the
@@ -412,8 +421,8 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
     lanes, kp = 8, intrin.KPACK[name]
     a_dtype, w_dtype = ("uint8", "int8") if name == intrin.AVX2_U8S8_ROWS else ("int16", "int16")
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
-    chans, vecs = _rows_tile(o, ow)
-    op, cp, owp = _ceil(o, chans), _ceil(c, kp), _ceil(ow, lanes * vecs)
+    chans = _rows_channels(o)
+    op, cp, owp = _ceil(o, chans), _ceil(c, kp), _ceil(ow, lanes)
     sh, sw = strides
     dh, dw = dilation
     pt, pl = padding[0], padding[1]
@@ -444,29 +453,15 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
                                    * Xp[b, icb, i * sh + ry * dh, (rx * dw) % sw, j + (rx * dw) // sw, ici]
                                    .astype("int32"), axis=[icb, ry, rx, ici]),
         name="acc")
-    if residual is None:
-        res_in = []
-        out = te.compute((n, o, oh, ow), lambda b, oc, i, j: requant_expr(acc[b, oc, i, j], oc, rq, tbl),
-                         name="out")
-    else:
-        r_index, r_spec, r_dtype = residual
-        R = te.placeholder((n, o, oh, ow), r_dtype, name="residual")
-        res_in = [R]
-
-        def fused(b, oc, i, j):
-            vals = [R[b, oc, i, j]] * 2
-            vals[r_index] = requant_expr(acc[b, oc, i, j], oc, rq, tbl)
-            return generic.add_requant_expr(vals, r_spec)
-
-        out = te.compute((n, o, oh, ow), fused, name="out")
+    out, res_in = _conv_epilogue(lambda b, oc, i, j: acc[b, oc, i, j], (n, o, oh, ow), rq, tbl, residual)
     args = [X] + res_in + [Wk, tbl] + [out]
     sch = s_tir.Schedule(te.create_prim_func(args))
     _schedule_pack(sch, "pack")
     blk = sch.get_sblock("acc")
     b_, oc_, i_, j_, r_icb, r_kh, r_kw, r_ici = sch.get_loops(blk)
     oco, oci = sch.split(oc_, [None, chans])
-    jo, jv, ji = sch.split(j_, [None, vecs, lanes])
-    sch.reorder(b_, oco, i_, jo, r_icb, r_kh, r_kw, oci, jv, ji, r_ici)
+    jo, ji = sch.split(j_, [None, lanes])
+    sch.reorder(b_, oco, i_, jo, r_icb, r_kh, r_kw, oci, ji, r_ici)
     row = sch.fuse(b_, oco, i_)
     sch.parallel(row)
     outb = sch.get_sblock("out")
@@ -474,7 +469,6 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
     # predicate, and TVM scalarizes predicated vectors)
     sch.reverse_compute_at(outb, row)
     sch.unroll(oci)
-    sch.unroll(jv)
     init = sch.decompose_reduction(blk, r_icb)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ji, name)
@@ -487,16 +481,9 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
     wpad = np.zeros((op, cp, kh, kw), weight.dtype)
     wpad[:o, :c] = weight
     wk = np.ascontiguousarray(wpad.reshape(op, cp // kp, kp, kh, kw).transpose(0, 1, 3, 4, 2).astype(w_dtype))
-    bpad = np.zeros(op, np.int64)
-    bpad[:o] = np.asarray(bias, np.int64).reshape(-1)
-    wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
-    consts = [wk, _bias_table(rq, _offset_bias(bpad, wsum, offset), op)]
     info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
-            "tile": (chans, vecs * lanes), "lanes": lanes, "kpack": kp, "tiling": "rows"}
-    if residual is not None:
-        info["residual_add"] = {"int32": residual[1].int32_ok}
-        return Kernel(sch.mod["main"], consts, (n, o, oh, ow), residual[1].out_dtype, f"qconv2d_add_{isa}", info)
-    return Kernel(sch.mod["main"], consts, (n, o, oh, ow), rq.out_dtype, f"qconv2d_{isa}", info)
+            "tile": (chans, lanes), "lanes": lanes, "kpack": kp, "tiling": "rows"}
+    return _conv_kernel(sch, wk, wpad, bias, rq, offset, residual, (n, o, oh, ow), isa, info)
 
 
 def _schedule_pack(sch, name):
