@@ -371,7 +371,8 @@ def _conv_kernel(sch, wk, wpad, bias, rq: Requant, offset: int, residual, out_sh
 
 
 def rows_pays(o, c, kh, kw, h, w, strides, padding, dilation, int16: bool = False) -> bool:
-    """Whether the row-tiled kernel (:func:`_conv2d_int8_rows`) beats the channel-tiled one for a layer. Measured on one core (``bench_kernels``-style layers, AVX2 u8s8): 1.11-1.17x faster where the
+    """Whether the row-tiled kernel (:func:`_conv2d_int8_rows`) beats the channel-tiled one for a layer.
+    Measured on one core (``bench_kernels``-style layers, AVX2 u8s8): 1.11-1.17x faster where the
     output row is a multiple of 8 columns (MobileNetV2's 112- and 56-wide 1x1 layers, ResNet-50's 56-wide
     1x1, 3x3 at 56 / 112 equal or better) and on 3x3 layers whose row pads by at most 1/7 (ResNet-18's 28-
     and 14-wide 3x3: 1.17x); 0.77-0.98x on 1x1 layers of 28 / 14 / 7 columns and 0.92x on 3x3 at 7 (its
