@@ -24,12 +24,16 @@ ONNX Runtime's MLAS and PyTorch's FBGEMM (used by the FX x86 INT8 path) have no 
 listed as "not held".
 
 Runs are interleaved (one call of every engine per round, rounds repeated) and the medians reported.
+Every call starts on an idle machine: the harness waits until no thread of the process is still busy
+(:func:`wait_idle`; ONNX Runtime's pool spins 50-100 ms after each run, and a fixed 20 ms pause used to
+leave that spinning on the next engine's cores).
 Every INT8 output is checked against its own FP32 (top-1 agreement and mean cosine of the logits on
 the calibration-disjoint evaluation images). Prints a table, writes ``benchmarks/results/latency.json``.
 
     python benchmarks/bench_latency.py                    # everything (~5-8 min on 2 cores)
     python benchmarks/bench_latency.py --models resnet18 --batches 1 --rounds 10
     python benchmarks/bench_latency.py --hold-avx2           # AVX2 figures on an AVX-512 host
+    python benchmarks/bench_latency.py --preset x86-vnni --hold-vnni   # VNNI figures on an AMX host
 """
 from __future__ import annotations
 
@@ -44,11 +48,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys  # noqa: E402
 
 # The engines read their ISA switches when their libraries load: set them before any import.
-HOLD_AVX2 = "--hold-avx2" in sys.argv
-if HOLD_AVX2:
-    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"          # OpenVINO's CPU plugin and PyTorch's oneDNN
-    os.environ["DNNL_MAX_CPU_ISA"] = "AVX2"            # older oneDNN spelling
-    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"         # PyTorch's vectorized ATen kernels
+# --hold-vnni holds oneDNN to AVX-512 VNNI without AMX (the peers of relayq's x86-vnni preset on a host
+# that has AMX): (oneDNN ISA, ATen capability) per switch.
+HOLDS = {"--hold-avx2": ("AVX2", "avx2"), "--hold-vnni": ("AVX512_CORE_VNNI", "avx512")}
+HELD = next((flag for flag in HOLDS if flag in sys.argv), None)
+if HELD:
+    os.environ["ONEDNN_MAX_CPU_ISA"] = HOLDS[HELD][0]  # OpenVINO's CPU plugin and PyTorch's oneDNN
+    os.environ["DNNL_MAX_CPU_ISA"] = HOLDS[HELD][0]    # older oneDNN spelling
+    os.environ["ATEN_CPU_CAPABILITY"] = HOLDS[HELD][1]  # PyTorch's vectorized ATen kernels
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -289,8 +296,30 @@ def agreement(run_int8, run_fp32, evals):
     return float((np.concatenate(p8) == np.concatenate(p32)).mean()), float(np.mean(c))
 
 
+def wait_idle(window_s: float = 0.01, busy_fraction: float = 0.1, limit_s: float = 2.0) -> float:
+    """Sleep until this process's threads have gone idle: until a ``window_s`` window in which all of
+    them together used under ``busy_fraction`` of one core (``time.process_time`` counts every thread).
+    Returns the seconds waited. The engines' thread pools spin-wait after a run before they sleep:
+    ONNX Runtime's for 50-100 ms (measured on this VM: relayq's ResNet-18 took 9.6 ms right after an
+    ORT call, 9.9 ms 50 ms after it, 5.9 ms 100 ms after it, 5.0 ms alone). A fixed 20 ms pause let that
+    spinning steal a core from whichever engine came next, and the rotating order always put the same
+    engine there.
+
+    >>> wait_idle() < 2.0
+    True
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        cpu = time.process_time()
+        time.sleep(window_s)
+        if time.process_time() - cpu < busy_fraction * window_s:
+            break
+    return time.perf_counter() - start
+
+
 def interleaved(engines: dict, x, rounds: int, warmup: int = 2):
-    """Median milliseconds per engine; every round calls each engine once, in rotating order."""
+    """Median milliseconds per engine; every round calls each engine once, in rotating order, each call
+    on an idle machine (:func:`wait_idle`: no other engine's pool threads still spinning)."""
     names = list(engines)
     for _ in range(warmup):
         for n in names:
@@ -299,10 +328,10 @@ def interleaved(engines: dict, x, rounds: int, warmup: int = 2):
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            wait_idle()
             t0 = time.perf_counter()
             engines[n](x)
             times[n].append((time.perf_counter() - t0) * 1e3)
-            time.sleep(0.02)             # let the spinning pool threads of the previous engine go idle
     return {n: float(np.median(v)) for n, v in times.items()}, {n: v for n, v in times.items()}
 
 
@@ -465,13 +494,15 @@ def main():
     ap.add_argument("--no-openvino", action="store_true")
     ap.add_argument("--hold-avx2", action="store_true",
                     help="hold every engine that has a switch to AVX2 (read before imports; see the docstring)")
+    ap.add_argument("--hold-vnni", action="store_true",
+                    help="hold OpenVINO / PyTorch's oneDNN to AVX-512 VNNI without AMX (with --preset x86-vnni)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", default=RESULTS)
     args = ap.parse_args()
     if args.host_preset is None and not args.no_host_preset:
         from relayq.backend.presets import best_host_preset
         args.host_preset = best_host_preset()
-    if args.no_host_preset or args.hold_avx2:
+    if args.no_host_preset or args.hold_avx2 or args.hold_vnni:
         args.host_preset = None
 
     def log(s=""):
@@ -483,7 +514,7 @@ def main():
         f"{' + ' + args.host_preset if args.host_preset and args.host_preset != args.preset else ''}; "
         f"images: {src}; calibration {args.calibration}, {len(calib_imgs)} images; {THREADS} threads")
     log(f"CPU: {_cpu_name()}; flags {sorted(f for f in _cpu_flags() if f in ('avx2', 'avx512f', 'avx512_vnni'))}; "
-        f"{'engines held to AVX2 where they allow it' if args.hold_avx2 else 'engines at their own best ISA'}")
+        f"{'engines held to ' + HOLDS[HELD][0] + ' where they allow it' if HELD else 'engines at their own best ISA'}")
     results = []
     with tempfile.TemporaryDirectory(prefix="relayq_bench_") as workdir:
         for model_name in args.models.split(","):
@@ -505,7 +536,7 @@ def main():
         tvm_version = None
     out = {"preset": args.preset, "host_preset": args.host_preset, "threads": THREADS, "images": src,
            "calibration": args.calibration, "per_channel": args.per_channel, "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "tvm": tvm_version, "hold_avx2": args.hold_avx2,
+           "cpu_count": os.cpu_count(), "tvm": tvm_version, "hold_avx2": args.hold_avx2, "held_isa": HOLDS[HELD][0] if HELD else None,
            "cpu": _cpu_name(), "host_flags": sorted(f for f in _cpu_flags() if f in ("avx2", "avx512f", "avx512_vnni")), "total_seconds": total, "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -10,6 +10,11 @@ where relayq loses time against OpenVINO, and the top kernels of each engine are
 
     python benchmarks/bench_profile.py --model resnet18 --hold-avx2
     python benchmarks/bench_profile.py --model mobilenet_v2 --preset x86-avx2 --rounds 20
+    python benchmarks/bench_profile.py --model vit_b_16 --hold-avx2     # any network of bench_zoo_latency
+
+``--model`` takes ResNet-18 / MobileNetV2 (``relayq.testing.zoo``, 224 px, the benchmark photos) or any
+image network of the zoo (:mod:`relayq.testing.torchvision_zoo`, at its zoo size and with its zoo inputs,
+as ``bench_zoo_latency.py`` runs it).
 
 The instrument hook costs a few microseconds a call: the per-kernel sum is about the plain latency
 (printed beside it), not exactly it.
@@ -24,6 +29,8 @@ os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 if "--hold-avx2" in sys.argv:
     os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"          # read by OpenVINO's CPU plugin when it loads
+elif "--hold-vnni" in sys.argv:
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_VNNI"   # no AMX: the peer of relayq's x86-vnni preset
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -124,31 +131,48 @@ def ov_profile(compiled, x, rounds: int) -> tuple[dict, dict, float]:
     return nodes, dict(groups), float(np.median(plain)) * 1e3
 
 
+def network(name: str):
+    """(onnx model, 16 calibration inputs, one more input) of a benchmark or zoo network."""
+    if name in ("resnet18", "mobilenet_v2"):
+        onnx_model = zoo.resnet18(batch=1) if name == "resnet18" else zoo.mobilenet_v2(batch=1)
+        photos = rdata.calibration_photos(17) if rdata.has_calibration_photos() else \
+            np.random.default_rng(0).standard_normal((17, 3, 224, 224)).astype("float32")
+        return onnx_model, [p[None] for p in photos[:16]], photos[16][None]
+    from relayq.testing import torchvision_zoo as tz
+    from relayq.testing import zoo_eval
+
+    if name not in tz.ARCHITECTURES:
+        raise SystemExit(f"unknown --model {name!r}: resnet18, mobilenet_v2 or one of {sorted(tz.ARCHITECTURES)}")
+    size = tz.ARCHITECTURES[name].size
+    net, _ = zoo_eval._network(name, size)
+    inputs = [c[0] for c in zoo_eval._model_inputs(name, 17, tz.BN_PHOTOS, size)]
+    return tz.onnx_export(net, (inputs[0],), input_name="input"), inputs[:16], inputs[16]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--model", default="resnet18", help="resnet18, mobilenet_v2 or a zoo image network")
     ap.add_argument("--preset", default="x86-avx2")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per engine")
     ap.add_argument("--threads", default=str(THREADS), help="threads (also --threads=N, read before TVM loads)")
     ap.add_argument("--hold-avx2", action="store_true", help="hold OpenVINO to AVX2 (ONEDNN_MAX_CPU_ISA)")
+    ap.add_argument("--hold-vnni", action="store_true", help="hold OpenVINO to AVX-512 VNNI without AMX")
     ap.add_argument("--no-openvino", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    onnx_model = zoo.resnet18(batch=1) if args.model == "resnet18" else zoo.mobilenet_v2(batch=1)
-    photos = rdata.calibration_photos(17) if rdata.has_calibration_photos() else \
-        np.random.default_rng(0).standard_normal((17, 3, 224, 224)).astype("float32")
-    calib, x = [p[None] for p in photos[:16]], photos[16][None]
+    onnx_model, calib, x = network(args.model)
+    in_name = onnx_model.graph.input[0].name
     mod, params = relayq.frontend.from_onnx(onnx_model)
-    q = relayq.quantize_model(mod, params, calib, "kl", relayq.QConfig(show_progress=False))
+    q = relayq.quantize_model(mod, params, [{in_name: c} for c in calib], "kl", relayq.QConfig(show_progress=False))
     stats8 = []
     lower.lower_quantized(q.realized, args.preset, stats=stats8)
     lib8 = relayq.build(q, target=args.preset)
     lib32 = relayq.build(mod, params=params, target=args.preset)
     k8, plain8 = relayq_profile(lib8, x, args.rounds)
     k32, plain32 = relayq_profile(lib32, x, args.rounds)
-    result = {"model": args.model, "preset": args.preset, "threads": THREADS, "hold_avx2": args.hold_avx2,
+    result = {"model": args.model, "preset": args.preset, "threads": THREADS, "hold_avx2": args.hold_avx2, "hold_vnni": args.hold_vnni,
               "relayq_int8": {"latency_ms": plain8, "kernels_ms": k8, "groups_ms": relayq_groups(k8, stats8)},
               "relayq_fp32": {"latency_ms": plain32, "kernels_ms": k32, "groups_ms": relayq_groups(k32, [])}}
     if not args.no_openvino and peers.openvino_available():
@@ -166,7 +190,8 @@ def main():
         result["openvino_int8"] = {"latency_ms": plain_ov, "nodes_ms": nodes, "groups_ms": groups}
 
     print(f"{args.model}, batch 1, {THREADS} threads, relayq preset {args.preset}"
-          f"{', OpenVINO held to AVX2' if args.hold_avx2 else ''}; mean ms per run over {args.rounds} runs")
+          f"{', OpenVINO held to AVX2' if args.hold_avx2 else ''}{', OpenVINO held to AVX-512 VNNI' if args.hold_vnni else ''}"
+          f"; mean ms per run over {args.rounds} runs")
     print(f"  latency (plain median): relayq INT8 {plain8:.2f}  relayq FP32 {plain32:.2f}"
           + (f"  OpenVINO INT8 {result['openvino_int8']['latency_ms']:.2f}" if "openvino_int8" in result else ""))
     for label, key in (("relayq INT8", "relayq_int8"), ("relayq FP32", "relayq_fp32")):
