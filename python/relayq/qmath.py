@@ -11,6 +11,9 @@ Conventions (every realized graph and every kernel must compute exactly these in
 * Requantizing an integer accumulator by a real factor ``r = M * 2^-shift`` (``M`` a Q31 integer in
   ``[2^30, 2^31)``): ``(acc * M + 2^(shift-1)) >> shift`` with an arithmetic shift, i.e. round half
   towards +infinity, computed in int64 so that it can never overflow for int32 accumulators.
+  A conv / dense layer whose accumulator is provably small gets a shorter multiplier
+  (:func:`requant_multiplier_bits`, at least ``out_bits + 4`` bits) so that the whole
+  requantization fits int32: the kernels then run it on 8 int32 lanes instead of 64-bit halves.
 
 Example::
 
@@ -107,26 +110,34 @@ def dequantize(q, scale, zero_point=0):
     return (np.asarray(scale, dtype=np.float32) * (np.asarray(q, dtype=np.float32) - np.float32(zero_point)))
 
 
-def quantize_multiplier(real: float) -> tuple[int, int]:
+def quantize_multiplier(real: float, bits: int = MULTIPLIER_BITS) -> tuple[int, int]:
     """Split a positive real factor into a Q31 integer multiplier ``M`` and a right shift.
 
     ``real ~= M * 2^-shift`` with ``2^30 <= M < 2^31`` (relative error below 2^-31). Returns plain
     Python ints. Raises :class:`ConfigError` when the factor cannot be expressed with a right shift of
     1..62 bits (a factor >= 2^30, or so small that every accumulator would map to zero).
 
+    With ``bits < 31`` the multiplier keeps ``bits`` significant bits (``2^(bits-1) <= M < 2^bits``,
+    relative error below 2^-bits; see :func:`requant_multiplier_bits`), except for a power of two,
+    which keeps the Q31 form ``M = 2^30`` (exact either way; realize turns it into a bare shift).
+
     >>> quantize_multiplier(0.5)
     (1073741824, 31)
+    >>> quantize_multiplier(0.3, bits=12)
+    (2458, 13)
     """
     real = float(real)
     if not np.isfinite(real) or real <= 0:
         raise ConfigError(f"requantization factor must be finite and > 0, got {real}")
     mant, exp = np.frexp(real)
-    m = int(round(float(mant) * (1 << MULTIPLIER_BITS)))
+    if float(mant) == 0.5:
+        bits = MULTIPLIER_BITS
+    m = int(round(float(mant) * (1 << bits)))
     exp = int(exp)
-    if m == (1 << MULTIPLIER_BITS):
+    if m == (1 << bits):
         m //= 2
         exp += 1
-    shift = MULTIPLIER_BITS - exp
+    shift = bits - exp
     if shift < 1:
         raise ConfigError(f"requantization factor {real} is too large (>= 2^30)")
     if shift > 62:
@@ -135,14 +146,46 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     return m, shift
 
 
-def quantize_multipliers(reals) -> tuple[np.ndarray, np.ndarray]:
+def quantize_multipliers(reals, bits: int = MULTIPLIER_BITS) -> tuple[np.ndarray, np.ndarray]:
     """Vector form of :func:`quantize_multiplier`: int64 arrays of multipliers and shifts.
 
     >>> m, s = quantize_multipliers([0.5, 0.25]); s.tolist()
     [31, 32]
     """
-    pairs = [quantize_multiplier(r) for r in np.asarray(reals, dtype=np.float64).reshape(-1)]
+    pairs = [quantize_multiplier(r, bits) for r in np.asarray(reals, dtype=np.float64).reshape(-1)]
     return (np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64))
+
+
+#: The fewest significant bits a shortened multiplier keeps beyond the output's bits: its relative error
+#: (below 2^-bits) then moves an output code by at most 2^-4 of a unit.
+MULTIPLIER_GUARD_BITS = 4
+
+
+def requant_multiplier_bits(bound: int, out_bits: int) -> int:
+    """Multiplier bits for a requantization whose input is provably within ``[-bound, bound]``: the most
+    bits that keep ``bound * M + 2^(shift-1)`` inside int32 (``bound * 2^bits <= 2^30``, and the rounding
+    addend at most ``2^30`` when the shift is at most 31), or :data:`MULTIPLIER_BITS` (Q31, int64
+    arithmetic) when that leaves fewer than ``out_bits + MULTIPLIER_GUARD_BITS`` bits. Realize and the
+    reference use it with the same bound (:func:`accumulator_bounds` plus the bias), so their integers stay identical.
+
+    >>> requant_multiplier_bits(9 * 127 * 127, 8), requant_multiplier_bits(576 * 127 * 127, 8)
+    (12, 31)
+    """
+    bits = 30 - int(bound).bit_length()
+    return bits if out_bits + MULTIPLIER_GUARD_BITS <= bits < MULTIPLIER_BITS else MULTIPLIER_BITS
+
+
+def accumulator_bounds(weight_codes, in_axes, x_bits: int, x_signed: bool, x_zp: int = 0) -> np.ndarray:
+    """Per output channel, the largest ``|sum_k w (x - zp)|`` of a conv2d / dense over every input code
+    of its type: ``sum |w| * max|x - zp|`` (``in_axes``: the weight axes summed per output channel).
+    Adding ``|bias|`` and taking the maximum gives the bound of :func:`requant_multiplier_bits`.
+
+    >>> accumulator_bounds(np.array([[3, -4], [1, 1]]), (1,), 8, True).tolist()
+    [889, 254]
+    """
+    lo, hi = qrange(x_bits, x_signed)
+    xmax = max(abs(lo - int(x_zp)), abs(hi - int(x_zp)))
+    return np.abs(np.asarray(weight_codes, np.int64)).sum(axis=tuple(in_axes)).reshape(-1) * xmax
 
 
 def rounding_right_shift(x, shift):

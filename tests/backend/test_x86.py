@@ -213,3 +213,78 @@ def test_dp4a_leaf_import_is_fast():
     names = intrin.dp4a_intrinsics()
     assert names["s8s8"] == "dp4a_s8s8s32"
     assert time.time() - t < 5.0   # the full tvm.s_tir.tensor_intrin package takes ~40 s
+
+
+# (C, O, H, W, k, stride, pad, groups, per_channel, kernel): layers whose accumulators are small enough for
+# a short multiplier (qmath.requant_multiplier_bits), so that the kernels requantize in int32
+INT32_REQUANT_CASES = [
+    (16, 24, 9, 9, 1, 1, 0, 1, True, "chan"),     # 1x1, channel tile
+    (16, 24, 8, 16, 1, 1, 0, 1, False, "rows"),   # 1x1, row tile
+    (3, 8, 10, 11, 3, 2, 1, 1, True, "chan"),     # stem-like: 27 taps
+    (8, 8, 12, 13, 3, 1, 1, 8, True, "dw"),       # depthwise, per-row epilogue
+    (6, 6, 5, 5, 3, 1, 1, 6, False, "dw"),        # depthwise, small map
+]
+
+
+@needs_avx2
+@pytest.mark.parametrize("nonneg", [True, False])
+@pytest.mark.parametrize("case", INT32_REQUANT_CASES)
+def test_int32_requant_exact(case, nonneg):
+    """Short multipliers put the requantization on int32 (info["int32_requant"]), bit-exact with qmath's
+    int64 arithmetic, also for inputs that drive the accumulator to its bound (all codes at full scale
+    with one-signed weights) and with the bias folded into the addend."""
+    c, o, h, w, k, s, p, g, pc, tiling = case
+    rng = np.random.default_rng(hash((case, nonneg)) % 2**32)
+    lo = 0 if nonneg else -127
+    wt = rng.integers(-127, 128, (o, c // g, k, k)).astype(np.int8)
+    wt[0] = np.abs(wt[0])                         # channel 0 reaches +bound, channel 1 -bound on full inputs
+    wt[1] = -np.abs(wt[1])
+    b = rng.integers(-3000, 3000, o).astype(np.int32)
+    codes = generic.Codes.of("int8", lo=lo)
+    bound = generic.kernel_acc_bound(wt, (1, 2, 3), codes, b)
+    bits = qmath.requant_multiplier_bits(int(bound.max()), 8)
+    assert bits < qmath.MULTIPLIER_BITS
+    m, sh = qmath.quantize_multipliers(rng.uniform(2e-4, 2e-3, o if pc else 1), bits)
+    rq = generic.Requant.from_arrays(m, np.left_shift(np.int64(1), sh - 1), sh, lo, 127)
+    assert rq.int32_requant(bound).int32_exact
+    old = x86.ROWS_KERNEL
+    x86.ROWS_KERNEL = tiling == "rows"
+    try:
+        kern = x86.conv2d_int8((1, c, h, w), wt, b, rq, (s, s), (p, p, p, p), (1, 1), g, isa="avx2", codes=codes)
+    finally:
+        x86.ROWS_KERNEL = old
+    assert kern.info["int32_requant"]
+    assert (kern.info.get("tiling") == "rows") == (tiling == "rows")
+    for x in (rng.integers(lo, 128, (1, c, h, w)).astype(np.int8), np.full((1, c, h, w), 127, np.int8)):
+        out, _ = build_and_run(kern, x, AVX2)
+        acc = qmath.conv2d_int(x, wt, (s, s), (p, p, p, p), (1, 1), g) + b.reshape(1, -1, 1, 1)
+        ref = qmath.requantize(acc, rq.multiplier, rq.shift, rq.lo, rq.hi, axis=1 if pc else None)
+        np.testing.assert_array_equal(out, ref.astype(np.int8))
+
+
+@needs_avx2
+@pytest.mark.parametrize("nonneg", [True, False])
+def test_int32_requant_dense_exact(nonneg):
+    rng = np.random.default_rng(11 + nonneg)
+    lo = 0 if nonneg else -127
+    x = rng.integers(lo, 128, (3, 20)).astype(np.int8)
+    w = rng.integers(-127, 128, (20, 24)).astype(np.int8)
+    b = rng.integers(-3000, 3000, 24).astype(np.int32)
+    codes = generic.Codes.of("int8", lo=lo)
+    bound = generic.kernel_acc_bound(w, (0,), codes, b)
+    m, sh = qmath.quantize_multipliers(rng.uniform(2e-4, 2e-3, 24), qmath.requant_multiplier_bits(int(bound.max()), 8))
+    rq = generic.Requant.from_arrays(m, np.left_shift(np.int64(1), sh - 1), sh, lo, 127)
+    kern = x86.dense_int8(x.shape, w, b, rq, "avx2", codes=codes)
+    assert kern.info["int32_requant"]
+    out, _ = build_and_run(kern, x, AVX2)
+    ref = qmath.requantize(x.astype(np.int64) @ w + b, rq.multiplier, rq.shift, rq.lo, rq.hi, axis=1)
+    np.testing.assert_array_equal(out, ref.astype(np.int8))
+
+
+def test_int32_requant_needs_the_proof():
+    """A bound one unit too large for int32 keeps the int64 requantization."""
+    rq = generic.Requant.from_arrays(2000, 1 << 20, 21, -127, 127)
+    edge = ((1 << 31) - 1 - (1 << 20)) // 2000
+    assert rq.int32_requant(edge).int32_exact
+    assert not rq.int32_requant(edge + 1).int32_exact
+    assert not generic.Requant.from_arrays(3, 1 << 31, 32, -127, 127).int32_requant(10).int32_exact

@@ -77,3 +77,31 @@ def test_per_channel_has_vector_multipliers():
     assert np.ndim(q.qpoints["conv2d_1:w"].scale) == 1
     text = q.realized.script()
     assert "right_shift" in text
+
+
+def test_small_accumulators_get_short_multipliers_and_int32_kernels():
+    """The depthwise and 1x1 layers' accumulators are small: realize shortens their multipliers
+    (qmath.requant_multiplier_bits), the x86 kernels requantize them in int32, and the build still equals
+    the qmath reference bit for bit; the 72-tap 3x3 layer keeps a Q31 multiplier and int64 arithmetic."""
+    from relayq import qmath
+    from relayq.backend import lower
+
+    q, rng = _quantize(CFG.replace(per_channel=True))
+    stats = []
+    lower.lower_quantized(q.realized, "x86-avx2", stats=stats)
+    by_kind = {}
+    for s in stats:
+        if s.get("layer"):
+            by_kind.setdefault((s["kind"], s.get("path")), []).append(bool(s.get("int32_requant")))
+    assert by_kind[("conv2d", "depthwise")] == [True]
+    assert sum(sum(v) for v in by_kind.values()) >= 2          # the depthwise and the 1x1 layer (8 inputs)
+    assert not all(all(v) for v in by_kind.values())         # the 3x3 8-to-8 layer: bound 72 * 127 * 127
+    assert qmath.requant_multiplier_bits(72 * 127 * 127, 8) == qmath.MULTIPLIER_BITS
+    # the realized multipliers: some below 2^16 (shortened), some in the Q31 range
+    mults = [int(v) for b in bindings(q.realized["main"]) if op_name(b.value) == "relax.multiply"
+             and dtype_of(b.var) == "int64" for v in np.ravel(b.value.args[1].value.numpy())]
+    assert min(mults) < 1 << 16 and max(mults) >= 1 << 30
+    lib = relayq.build(q, target="x86-avx2")
+    for _ in range(2):
+        x = (rng.randn(2, 3, 8, 8) * 1.5).astype("float32")
+        np.testing.assert_array_equal(lib(x), reference_run(q.annotated, q.qpoints, x))

@@ -34,6 +34,7 @@ class _Acc:
     def __init__(self, acc, scale, axis, wpoint=None):
         self.acc, self.scale, self.axis, self.wpoint = acc, np.asarray(scale, np.float64), axis, wpoint
         self.worst, self.corr = 0, None          # worst-case |accumulator|, zero-point term (see realize)
+        self.bound = None                        # per channel, the largest |accumulator + bias| (see realize.Acc)
         self.lo, self.hi = -np.inf, np.inf
 
 
@@ -78,7 +79,9 @@ def _finalize(val, scale, bits, zp=0, signed=True):
         return out(qmath.requantize(val.codes - val.zp, m, s, qlo, qhi, zero_point=zp))
     if isinstance(val, _Acc):
         lo, hi = _bounds(val.lo, val.hi, scale, bits, zp, signed)
-        m, s = qmath.quantize_multipliers((val.scale / scale).reshape(-1))
+        mbits = qmath.MULTIPLIER_BITS if val.bound is None else \
+            qmath.requant_multiplier_bits(int(np.max(val.bound)), bits)
+        m, s = qmath.quantize_multipliers((val.scale / scale).reshape(-1), mbits)
         if val.scale.ndim == 0:
             return out(qmath.requantize(val.acc, m[0], s[0], lo, hi, zero_point=zp))
         return out(qmath.requantize(val.acc, m, s, lo, hi, axis=val.axis, zero_point=zp))
@@ -233,6 +236,8 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             k = int(np.prod(wq.shape[1:])) if name == "relax.nn.conv2d" else int(wq.shape[0])
             vals[v] = _Acc(acc, scale, 1, wp)
             vals[v].worst = qmath.worst_accumulator(k, x.bits, x.signed, wp.bits)
+            vals[v].bound = qmath.accumulator_bounds(wq, (1, 2, 3) if name == "relax.nn.conv2d" else (0,), x.bits,
+                                                     x.signed, x.zp)
             if x.zp:
                 sums = wq.reshape(wq.shape[0], -1).sum(axis=1) if name == "relax.nn.conv2d" else wq.sum(axis=0)
                 vals[v].corr = -np.int64(x.zp) * sums.astype(np.int64)
@@ -247,6 +252,8 @@ def reference_run(annotated: tvm.IRModule, qpoints: dict, *inputs, return_codes:
             corr = acc.corr.reshape(bq.shape) if acc.corr is not None else 0
             bq = qmath.clamp_bias(bq + corr, acc.worst)[0] - corr
             acc.acc = acc.acc + bq
+            if acc.bound is not None:
+                acc.bound = acc.bound + np.abs(np.asarray(bq, np.int64).reshape(-1))
             vals[v] = acc
         elif name == "relax.multiply":
             a, bq = [_operand(e, vals) for e in call.args]

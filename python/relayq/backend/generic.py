@@ -27,6 +27,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,9 @@ class Requant:
     hi: int
     zp: int = 0
     out_dtype: str = "int8"
+    # set by a kernel that proved |acc * M + R| < 2^31 for every input (int32_requant): the
+    # requantization then runs in int32 (8 lanes a vector on AVX2 instead of two 64-bit halves)
+    int32_exact: bool = False
 
     @classmethod
     def from_arrays(cls, multiplier, addend, shift, lo, hi, zp=0, out_dtype="int8") -> "Requant":
@@ -105,6 +109,27 @@ class Requant:
         n = self.multiplier.size
         out[0, :n], out[1, :n], out[2, :n] = self.multiplier, self.addend, self.shift
         return out
+
+    def int32_requant(self, bound) -> "Requant":
+        """This requantization marked ``int32_exact`` where, for every channel ``o``, an accumulator
+        within ``[-bound[o], bound[o]]`` (the kernel's value with the bias; see
+        :func:`accumulator_bound`) keeps ``acc * M + R`` inside int32 and the shift is below 32: int32
+        arithmetic (which wraps like a ring, so folding the bias into R changes nothing) then gives
+        the same integers as int64. Otherwise ``self`` unchanged. Realize makes the multiplier short
+        enough for this where the layer's accumulator is small (:func:`relayq.qmath.requant_multiplier_bits`).
+
+        >>> Requant.from_arrays(2458, 1 << 12, 13, -127, 127).int32_requant(145161).int32_exact
+        True
+        >>> Requant.from_arrays(1 << 30, 1 << 35, 36, -127, 127).int32_requant(145161).int32_exact
+        False
+        """
+        bound = np.asarray(bound, np.int64).reshape(-1)
+        m, r, s = (np.broadcast_to(a, bound.shape).astype(np.int64) for a in (self.multiplier, self.addend,
+                                                                             self.shift))
+        # exact Python integers: bound * M may exceed int64 when it fails
+        fits = all(int(b) * abs(int(mm)) + abs(int(rr)) <= (1 << 31) - 1 and 0 <= int(ss) <= 31
+                   for b, mm, rr, ss in zip(bound, m, r, s))
+        return dataclasses.replace(self, int32_exact=True) if fits else self
 
     def reference(self, acc) -> np.ndarray:
         """numpy evaluation on an int64 accumulator with channels on axis 1 (for tests)."""
@@ -176,6 +201,24 @@ class Kernel:
                 .with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.noalias", True))
 
 
+def kernel_acc_bound(weight, in_axes, codes: Codes, bias) -> np.ndarray:
+    """Per output channel, the largest ``|sum_k w x + b|`` a kernel can requantize, for input codes
+    (and padding) within ``codes.span`` and the int32 ``bias`` the kernel adds (which holds any
+    zero-point term): centred on the padding code ``c``, the value is ``sum w (x - c) + (b + c sum w)``.
+
+    >>> kernel_acc_bound(np.array([[1, -2], [3, 3]]), (1,), Codes.of("int8", lo=0), [5, -5]).tolist()
+    [386, 767]
+    """
+    w = np.asarray(weight, np.int64)
+    c = int(codes.pad)
+    lo, hi = codes.span
+    xmax = max(abs(lo - c), abs(hi - c))
+    wsum = w.sum(axis=tuple(in_axes)).reshape(-1)
+    wabs = np.abs(w).sum(axis=tuple(in_axes)).reshape(-1)
+    b = np.broadcast_to(np.asarray(bias, np.int64).reshape(-1), wsum.shape)
+    return wabs * xmax + np.abs(b + c * wsum)
+
+
 def weight_codes(weight) -> np.ndarray:
     """Integer weight codes as int8, or int16 where they need it (weights above 8 bits).
 
@@ -197,6 +240,17 @@ def requant_expr(acc_i32, o, rq: Requant, table):
 
     >>> # out = te.compute(shape, lambda n, o, h, w: requant_expr(acc[n, o, h, w] + b[o], o, rq, tbl))
     """
+    if rq.int32_exact:
+        # proven by Requant.int32_requant: the int64 value never leaves int32 (the table's addend with
+        # the folded bias is wrapped to int32; ring arithmetic makes the sum exact all the same)
+        if table is None:
+            m, r, s = (tirx.const(int(v), "int32") for v in (rq.multiplier, rq.addend, rq.shift))
+        else:
+            m, r, s = (table[i, o].astype("int32") for i in range(3))
+        t = (acc_i32 * m + r) >> s
+        if rq.zp:
+            t = t + tirx.const(rq.zp, "int32")
+        return te.max(te.min(t, tirx.const(rq.hi, "int32")), tirx.const(rq.lo, "int32")).astype(rq.out_dtype)
     t = acc_i32.astype("int64")
     if rq.split_shift:
         # Same value, vector friendly on AVX2 (no 64-bit arithmetic shift / min / max there):

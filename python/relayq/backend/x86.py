@@ -252,6 +252,7 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     """
     weight = weight_codes(weight)
     codes = _codes(codes, nonneg)
+    rq = rq.int32_requant(generic.kernel_acc_bound(weight, (1, 2, 3), codes, bias))
     n, c, h, w = (int(v) for v in x_shape)
     o, cg, kh, kw = weight.shape
     chosen = select_path(isa, codes, weight, 1) if groups == 1 else None
@@ -364,6 +365,7 @@ def _conv_kernel(sch, wk, wpad, bias, rq: Requant, offset: int, residual, out_sh
     bpad[:out_shape[1]] = np.asarray(bias, np.int64).reshape(-1)
     wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
     consts = [wk, _bias_table(rq, _offset_bias(bpad, wsum, offset), op)]
+    info["int32_requant"] = rq.int32_exact
     if residual is not None:
         info["residual_add"] = {"int32": residual[1].int32_ok}
         return Kernel(sch.mod["main"], consts, out_shape, residual[1].out_dtype, f"qconv2d_add_{isa}", info)
@@ -606,6 +608,7 @@ def depthwise_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilatio
     """
     weight = weight_codes(weight)
     codes = codes or Codes()
+    rq = rq.int32_requant(generic.kernel_acc_bound(weight, (1, 2, 3), codes, bias))
     o = weight.shape[0]
     tbl = te.placeholder((3, o), "int64", name="rq")           # with the bias (_bias_table)
 
@@ -616,7 +619,8 @@ def depthwise_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilatio
     func, oshape, tile = _depthwise(x_shape, weight, strides, padding, dilation, codes.dtype, "int32", codes.pad,
                                     epi, None, str(weight.dtype))
     consts = [np.ascontiguousarray(weight[:, 0]), _bias_table(rq, np.asarray(bias, np.int32).reshape(-1), o)]
-    return Kernel(func, consts, oshape, rq.out_dtype, f"qdwconv2d_{isa}", {"tile": tile, "path": "depthwise"})
+    return Kernel(func, consts, oshape, rq.out_dtype, f"qdwconv2d_{isa}",
+                  {"tile": tile, "path": "depthwise", "int32_requant": rq.int32_exact})
 
 
 def depthwise_fp32(x_shape, weight, bias, act, strides, padding, dilation, isa="avx2") -> Kernel:
@@ -720,6 +724,8 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
     """
     weight_kn = weight_codes(weight_kn)
     codes = _codes(codes, nonneg)
+    if rq is not None:
+        rq = rq.int32_requant(generic.kernel_acc_bound(weight_kn, (0,), codes, bias))
     m, k = (int(v) for v in x_shape)
     n = weight_kn.shape[1]
     chosen = select_path(isa, codes, weight_kn, 0)
@@ -792,7 +798,7 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
             spad[:n] = scale
             consts.append(spad)
     info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
-            "tile": (mt, nt * lanes), "dequantize": deq}
+            "tile": (mt, nt * lanes), "dequantize": deq, "int32_requant": bool(rq is not None and rq.int32_exact)}
     return Kernel(sch.mod["main"], consts, (m, n), "float32" if deq else rq.out_dtype,
                   f"qdense_deq_{isa}" if deq else f"qdense_{isa}", info)
 

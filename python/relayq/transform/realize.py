@@ -84,6 +84,8 @@ class Acc:
     wpoint: Any = None            # the layer's weight QPoint (its bias correction applies to the bias)
     worst: int = 0                # the largest |accumulator| before the bias (the bias clamp keeps the sum in int32)
     wide: bool = False            # an int64 accumulator (a product of two 16-bit tensors may leave int32)
+    bound: Any = None             # per channel, the largest |accumulator + bias| over all input codes (conv /
+    #                               dense: qmath.accumulator_bounds); sets the multiplier's bits
 
 
 @dataclass
@@ -255,14 +257,18 @@ class Realizer:
         t = self.emit(relax.op.add(t, _i64(half, shape)))
         return self.emit(relax.op.right_shift(t, _i64(shift, shape)))
 
-    def requantize(self, acc, factor, bits, lo, hi, shape=None, name=None, zp_in=0, zp_out=0, signed=True):
+    def requantize(self, acc, factor, bits, lo, hi, shape=None, name=None, zp_in=0, zp_out=0, signed=True,
+                   bound=None):
         """Emit the integer requantization chain of ``acc`` (codes less ``zp_in``) by the real ``factor``.
 
         Where every factor is a power of two (``QConfig(power_of_two_scale=True)``) the multiply is
         dropped and the chain is a rounding shift only; it computes the same integers as qmath.
+        With ``bound`` (the largest |acc|, see :class:`Acc`) the multiplier is as short as
+        :func:`relayq.qmath.requant_multiplier_bits` allows, so the kernels can requantize in int32.
         """
         factor = np.asarray(factor, dtype=np.float64)
-        m, s = qmath.quantize_multipliers(factor.reshape(-1))
+        mbits = qmath.MULTIPLIER_BITS if bound is None else qmath.requant_multiplier_bits(int(np.max(bound)), bits)
+        m, s = qmath.quantize_multipliers(factor.reshape(-1), mbits)
         if factor.ndim == 0:
             m, s, shape = m[0], s[0], None
         t = self.emit(relax.op.astype(acc, "int64"))
@@ -303,7 +309,8 @@ class Realizer:
                 shape = [1] * val.ndim
                 shape[val.channel_axis] = -1
             return self.wrap(self.requantize(self.acc_int(val), np.asarray(val.scale, np.float64) / scale, bits, lo,
-                                             hi, shape, name, zp_out=zp, signed=signed), scale, bits, zp, signed, name)
+                                             hi, shape, name, zp_out=zp, signed=signed, bound=val.bound),
+                             scale, bits, zp, signed, name)
         if isinstance(val, Lut):
             return self.wrap(self._lookup(val, scale, bits, zp, signed, name), scale, bits, zp, signed, name)
         if isinstance(val, Affine):
@@ -477,9 +484,25 @@ class Realizer:
             e = self.emit(relax.op.nn.conv2d(xe, wconst, strides=a.strides, padding=padding,
                                              dilation=a.dilation, groups=a.groups, data_layout="NCHW",
                                              kernel_layout="OIHW", out_dtype="int32"), v.name)
-            return Acc(e, acc_scale, 1, 4, corr=corr, wpoint=wp, worst=worst)
+            return Acc(e, acc_scale, 1, 4, corr=corr, wpoint=wp, worst=worst, bound=self._bounds(call, wq, x))
         e = self.emit(relax.op.matmul(x.expr, wconst, out_dtype="int32"), v.name)
-        return Acc(e, acc_scale, 1, 2, corr=corr, wpoint=wp, worst=worst)
+        return Acc(e, acc_scale, 1, 2, corr=corr, wpoint=wp, worst=worst, bound=self._bounds(call, wq, x))
+
+    @staticmethod
+    def _bounds(call, wq, x: Q):
+        """Per output channel, the largest |sum w (x - zp)| (qmath.accumulator_bounds)."""
+        axes = (1, 2, 3) if op_name(call) == "relax.nn.conv2d" else (0,)
+        return qmath.accumulator_bounds(wq, axes, x.bits, x.signed, x.zp)
+
+    @staticmethod
+    def _bias_bound(acc: Acc, bq):
+        """The accumulator's bound after adding the bias codes ``bq`` (which hold the zero-point term)."""
+        if acc.bound is None:
+            return None
+        true_bias = np.asarray(bq, np.int64).reshape(-1)
+        if acc.corr is not None:
+            true_bias = true_bias - np.asarray(acc.corr, np.int64).reshape(-1)
+        return acc.bound + np.abs(true_bias)
 
     def _check_overflow(self, layer, k, x: Q, wp) -> int:
         """The worst-case accumulator of the layer, or an OverflowRiskError naming it."""
@@ -521,7 +544,7 @@ class Realizer:
         acc = args[0]
         bq = self._bias_codes(v, call, acc)
         e = self.emit(relax.op.add(acc.expr, relax.const(bq.astype(np.int32))), v.name)
-        return Acc(e, acc.scale, acc.channel_axis, acc.ndim, acc.lo, acc.hi, True)
+        return Acc(e, acc.scale, acc.channel_axis, acc.ndim, acc.lo, acc.hi, True, bound=self._bias_bound(acc, bq))
 
     def rule_act(self, v, call, args):
         val = args[0]
@@ -778,10 +801,10 @@ class Simulator(Realizer):
             a = call.attrs
             e = self.emit(relax.op.nn.conv2d(xf, relax.const(wf, "float64"), strides=a.strides, padding=a.padding,
                                              dilation=a.dilation, groups=a.groups, out_dtype="float64"), v.name)
-            return Acc(e, acc_scale, 1, 4, wpoint=wp, worst=worst)
+            return Acc(e, acc_scale, 1, 4, wpoint=wp, worst=worst, bound=self._bounds(call, wq, x))
         wf = wq.astype(np.float64) * (ws.reshape(1, -1) if ws.ndim else ws)
         return Acc(self.emit(relax.op.matmul(xf, relax.const(wf, "float64"), out_dtype="float64"), v.name), acc_scale,
-                   1, 2, wpoint=wp, worst=worst)
+                   1, 2, wpoint=wp, worst=worst, bound=self._bounds(call, wq, x))
 
     def rule_bias(self, v, call, args):
         acc = args[0]
@@ -789,7 +812,7 @@ class Simulator(Realizer):
         s = np.asarray(acc.scale, dtype=np.float64)
         bf = bq * (s.reshape(bq.shape) if s.ndim else s)
         e = self.emit(relax.op.add(acc.expr, relax.const(bf.astype(np.float64), "float64")), v.name)
-        return Acc(e, acc.scale, acc.channel_axis, acc.ndim, acc.lo, acc.hi, True)
+        return Acc(e, acc.scale, acc.channel_axis, acc.ndim, acc.lo, acc.hi, True, bound=self._bias_bound(acc, bq))
 
 
 def simulate(annotated: tvm.IRModule, qpoints: dict) -> tvm.IRModule:
