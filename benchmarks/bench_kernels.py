@@ -31,6 +31,9 @@ LAYERS = [
     ("resnet18.layer3.conv 256-256 3x3 14", "conv", (256, 256, 14, 14, 3, 1, 1, 1)),
     ("resnet18.layer4.down 256-512 1x1 s2", "conv", (256, 512, 14, 14, 1, 2, 0, 1)),
     ("mobilenetv2.expand 24-144 1x1 56", "conv", (24, 144, 56, 56, 1, 1, 0, 1)),
+    ("mobilenetv2.expand 16-96 1x1 112", "conv", (16, 96, 112, 112, 1, 1, 0, 1)),
+    ("mobilenetv2.dw 32 3x3 112", "conv", (32, 32, 112, 112, 3, 1, 1, 32)),
+    ("mobilenetv2.dw 144 3x3 56", "conv", (144, 144, 56, 56, 3, 1, 1, 144)),
     ("mobilenetv2.dw 144 3x3 s2 56", "conv", (144, 144, 56, 56, 3, 2, 1, 144)),
     ("mobilenetv2.dw 384 3x3 14", "conv", (384, 384, 14, 14, 3, 1, 1, 384)),
     ("resnet18.fc 1x512x1000", "dense", (1, 512, 1000)),
@@ -52,7 +55,10 @@ def int_module(kind, a, rng):
     else:
         m, k_, n = a
         shape, wt, o, cshape = (m, k_), rng.integers(-127, 128, (k_, n)).astype(np.int8), n, (1, n)
-    mult, sh = qmath.quantize_multipliers(rng.uniform(1e-4, 1e-3, o))
+    bias = rng.integers(-999, 999, cshape).astype(np.int32)
+    # the multiplier realize would pick: short where the accumulator is provably small (int32 requant)
+    bound = qmath.accumulator_bounds(wt, (1, 2, 3) if kind == "conv" else (0,), 8, True) + np.abs(bias).reshape(-1)
+    mult, sh = qmath.quantize_multipliers(rng.uniform(1e-4, 1e-3, o), qmath.requant_multiplier_bits(int(bound.max()), 8))
     x = relax.Var("x", relax.TensorType(shape, "int8"))
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -61,7 +67,7 @@ def int_module(kind, a, rng):
                                                  out_dtype="int32"))
             else:
                 acc = bb.emit(relax.op.matmul(x, relax.const(wt), out_dtype="int32"))
-            acc = bb.emit(relax.op.add(acc, relax.const(rng.integers(-999, 999, cshape).astype(np.int32))))
+            acc = bb.emit(relax.op.add(acc, relax.const(bias)))
             t = bb.emit(relax.op.astype(acc, "int64"))
             t = bb.emit(relax.op.multiply(t, relax.const(mult.reshape(cshape), "int64")))
             t = bb.emit(relax.op.add(t, relax.const(np.left_shift(1, sh - 1).reshape(cshape), "int64")))

@@ -220,7 +220,7 @@ def test_dp4a_leaf_import_is_fast():
 INT32_REQUANT_CASES = [
     (16, 24, 9, 9, 1, 1, 0, 1, True, "chan"),     # 1x1, channel tile
     (16, 24, 8, 16, 1, 1, 0, 1, False, "rows"),   # 1x1, row tile
-    (3, 8, 10, 11, 3, 2, 1, 1, True, "chan"),     # stem-like: 27 taps
+    (2, 8, 10, 11, 3, 2, 1, 1, True, "chan"),     # strided 3x3, channel padding: 18 taps
     (8, 8, 12, 13, 3, 1, 1, 8, True, "dw"),       # depthwise, per-row epilogue
     (6, 6, 5, 5, 3, 1, 1, 6, False, "dw"),        # depthwise, small map
 ]
@@ -234,7 +234,7 @@ def test_int32_requant_exact(case, nonneg):
     int64 arithmetic, also for inputs that drive the accumulator to its bound (all codes at full scale
     with one-signed weights) and with the bias folded into the addend."""
     c, o, h, w, k, s, p, g, pc, tiling = case
-    rng = np.random.default_rng(hash((case, nonneg)) % 2**32)
+    rng = np.random.default_rng(2 * INT32_REQUANT_CASES.index(case) + nonneg)
     lo = 0 if nonneg else -127
     wt = rng.integers(-127, 128, (o, c // g, k, k)).astype(np.int8)
     wt[0] = np.abs(wt[0])                         # channel 0 reaches +bound, channel 1 -bound on full inputs
@@ -255,6 +255,7 @@ def test_int32_requant_exact(case, nonneg):
         x86.ROWS_KERNEL = old
     assert kern.info["int32_requant"]
     assert (kern.info.get("tiling") == "rows") == (tiling == "rows")
+    assert kern.info.get("tap_pairs", False) == (tiling == "dw")     # int16 sums of two taps (exact here)
     for x in (rng.integers(lo, 128, (1, c, h, w)).astype(np.int8), np.full((1, c, h, w), 127, np.int8)):
         out, _ = build_and_run(kern, x, AVX2)
         acc = qmath.conv2d_int(x, wt, (s, s), (p, p, p, p), (1, 1), g) + b.reshape(1, -1, 1, 1)
@@ -288,3 +289,22 @@ def test_int32_requant_needs_the_proof():
     assert rq.int32_requant(edge).int32_exact
     assert not rq.int32_requant(edge + 1).int32_exact
     assert not generic.Requant.from_arrays(3, 1 << 31, 32, -127, 127).int32_requant(10).int32_exact
+
+
+def test_depthwise_tap_pairs_only_where_int16_is_exact():
+    """uint8 codes up to 255 with two weights of 127 could overflow an int16 pair sum: that layer keeps
+    int32 products and is still exact; int8 codes take the pairs."""
+    rng = np.random.default_rng(5)
+    wt = np.full((8, 1, 3, 3), 127, np.int8)
+    wt[:, :, 1, 1] = rng.integers(-127, 128, (8, 1))
+    b = rng.integers(-3000, 3000, 8).astype(np.int32)
+    rq = rand_requant(rng, 8, True, lo=0, hi=255)
+    rq = generic.Requant.from_arrays(rq.multiplier, rq.addend, rq.shift, 0, 255, zp=3, out_dtype="uint8")
+    for codes, pairs in ((generic.Codes.of("uint8", pad=128), False), (generic.Codes.of("int8", lo=-127), True)):
+        kern = x86.depthwise_int8((1, 8, 9, 10), wt, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), codes=codes)
+        assert kern.info["tap_pairs"] == pairs
+        x = rng.integers(codes.lo, codes.hi + 1, (1, 8, 9, 10)).astype(codes.dtype)
+        out, _ = build_and_run(kern, x, AVX2)
+        xp = np.pad(x.astype(np.int64) - codes.pad, ((0, 0), (0, 0), (1, 1), (1, 1))) + codes.pad
+        acc = qmath.conv2d_int(xp, wt, (1, 1), (0, 0, 0, 0), (1, 1), 8) + b.reshape(1, -1, 1, 1)
+        np.testing.assert_array_equal(out, rq.reference(acc))

@@ -86,6 +86,8 @@ ROWS_INTRIN = {intrin.AVX2_U8S8: intrin.AVX2_U8S8_ROWS, intrin.AVX2_S8S8: intrin
 # Depthwise output maps up to this many pixels (7 x 7, 8 x 8) are parallel per channel (not per row),
 # with one epilogue over the whole map.
 DW_SMALL_MAP = 64
+# Int8 depthwise sums pairs of taps in int16 where exact (see _tap_pairs_exact).
+DW_TAP_PAIRS = True
 # Output columns per depthwise accumulator vector (2 ymm of int32 / 1 zmm).
 DW_TILE = 16
 # VNNI's uint8 shift for possibly negative inputs: x + 128 maps [-128, 127] onto [0, 255] exactly.
@@ -516,7 +518,8 @@ def _schedule_padding(sch, name, outer: int = 3):
 
 
 # ============================================================================ depthwise (int8 and fp32)
-def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fill, epilogue, extra, w_dtype=None):
+def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fill, epilogue, extra, w_dtype=None,
+               tap_pairs=False):
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = weight.shape
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
@@ -551,13 +554,33 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
             tirx.all(i >= pt, i < pt + h, col >= pl, col < pl + w), X[b, ch, i - pt, col - pl],
             tirx.const(fill, dtype)), name="pad")
         Xp = te.compute((n, c, hp, sw, wq), lambda b, ch, i, ph, jj: Xpad[b, ch, i, jj * sw + ph], name="pack")
-    ry = te.reduce_axis((0, kh), "kh")
-    rx = te.reduce_axis((0, kw), "kw")
-    acc = te.compute(
-        (n, c, oh, owp),
-        lambda b, ch, i, j: te.sum(Xp[b, ch, i * sh + ry * dh, (rx * dw) % sw, j + (rx * dw) // sw]
-                                   .astype(acc_dtype) * Wd[ch, ry, rx].astype(acc_dtype), axis=[ry, rx]),
-        name="acc")
+    if tap_pairs:
+        # two taps' int16 products summed in int16 (the caller proved |x| (|w_a| + |w_b|) <= 32767), then
+        # widened: vpmullw on 16 lanes instead of vpmulld (two uops) on 8, one widening per two taps.
+        # The weight is [C, taps rounded up to even] (a zero last tap; its input index is clamped).
+        taps = kh * kw
+        Wd = te.placeholder((c, _ceil(taps, 2)), w_dtype or dtype, name="w")
+
+        def tap(b, ch, i, j, t):
+            t = tirx.min(t, taps - 1)
+            ry, rx = t // kw, t % kw
+            return Xp[b, ch, i * sh + ry * dh, (rx * dw) % sw, j + (rx * dw) // sw].astype("int16")
+
+        rp = te.reduce_axis((0, _ceil(taps, 2) // 2), "pair")
+        acc = te.compute(
+            (n, c, oh, owp),
+            lambda b, ch, i, j: te.sum((tap(b, ch, i, j, 2 * rp) * Wd[ch, 2 * rp].astype("int16")
+                                        + tap(b, ch, i, j, 2 * rp + 1) * Wd[ch, 2 * rp + 1].astype("int16"))
+                                       .astype(acc_dtype), axis=[rp]),
+            name="acc")
+    else:
+        ry = te.reduce_axis((0, kh), "kh")
+        rx = te.reduce_axis((0, kw), "kw")
+        acc = te.compute(
+            (n, c, oh, owp),
+            lambda b, ch, i, j: te.sum(Xp[b, ch, i * sh + ry * dh, (rx * dw) % sw, j + (rx * dw) // sw]
+                                       .astype(acc_dtype) * Wd[ch, ry, rx].astype(acc_dtype), axis=[ry, rx]),
+            name="acc")
     out, args = epilogue(acc, (n, c, oh, ow))
     func = te.create_prim_func([X, Wd] + args + [out])
     sch = s_tir.Schedule(func)
@@ -569,9 +592,9 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
         sch.parallel(sch.fuse(*pk[:3]))
         sch.vectorize(pk[-1])
     blk = sch.get_sblock("acc")
-    b_, ch, i_, j_, r_kh, r_kw = sch.get_loops(blk)
+    b_, ch, i_, j_, *reds = sch.get_loops(blk)
     jo, ji = sch.split(j_, [None, tile])
-    sch.reorder(b_, ch, i_, jo, r_kh, r_kw, ji)
+    sch.reorder(b_, ch, i_, jo, *reds, ji)
     small = oh * ow <= DW_SMALL_MAP
     row = sch.fuse(b_, ch) if small else sch.fuse(b_, ch, i_)
     sch.parallel(row)
@@ -582,10 +605,10 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
     # 49 instead of rows of 7 (MobileNetV2's 7 x 7 int8 depthwise 0.089 -> 0.059 ms, 1 thread; at 14 x 14
     # and above the per-row epilogue measured as fast or faster).
     sch.reverse_compute_at(outb, row)
-    sch.unroll(r_kh)
-    sch.unroll(r_kw)
+    for r in reds:
+        sch.unroll(r)
     sch.vectorize(ji)
-    init = sch.decompose_reduction(blk, r_kh)
+    init = sch.decompose_reduction(blk, reds[0])
     sch.vectorize(sch.get_loops(init)[-1])
     ol = sch.get_loops(outb)
     ol = sch.fuse(ol[-2], ol[-1]) if small else ol[-1]
@@ -616,11 +639,35 @@ def depthwise_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilatio
         out = te.compute(shape, lambda b, ch, i, j: requant_expr(acc[b, ch, i, j], ch, rq, tbl), name="out")
         return out, [tbl]
 
+    pairs = DW_TAP_PAIRS and _tap_pairs_exact(weight, codes)
     func, oshape, tile = _depthwise(x_shape, weight, strides, padding, dilation, codes.dtype, "int32", codes.pad,
-                                    epi, None, str(weight.dtype))
-    consts = [np.ascontiguousarray(weight[:, 0]), _bias_table(rq, np.asarray(bias, np.int32).reshape(-1), o)]
+                                    epi, None, str(weight.dtype), tap_pairs=pairs)
+    wconst = weight[:, 0]
+    if pairs:
+        taps = wconst.reshape(o, -1)
+        wconst = np.zeros((o, _ceil(taps.shape[1], 2)), taps.dtype)
+        wconst[:, :taps.shape[1]] = taps
+    consts = [np.ascontiguousarray(wconst), _bias_table(rq, np.asarray(bias, np.int32).reshape(-1), o)]
     return Kernel(func, consts, oshape, rq.out_dtype, f"qdwconv2d_{isa}",
-                  {"tile": tile, "path": "depthwise", "int32_requant": rq.int32_exact})
+                  {"tile": tile, "path": "depthwise", "int32_requant": rq.int32_exact, "tap_pairs": pairs})
+
+
+def _tap_pairs_exact(weight, codes: Codes) -> bool:
+    """Whether a depthwise layer may sum two taps' products in int16: for every channel, the largest
+    ``|x|`` (padding included) times its two largest ``|w|`` stays within int16. (8-bit codes and
+    weights in [-127, 127] always pass: 127 * 254 = 32258.)
+
+    >>> _tap_pairs_exact(np.full((2, 1, 3, 3), -127, np.int8), Codes.of("int8", lo=-127))
+    True
+    >>> _tap_pairs_exact(np.full((2, 1, 3, 3), 127, np.int8), Codes.of("uint8", pad=128))
+    False
+    """
+    if str(weight.dtype) != "int8" or codes.dtype not in ("int8", "uint8"):
+        return False
+    lo, hi = codes.span
+    xmax = max(abs(lo), abs(hi))
+    top2 = np.sort(np.abs(weight.reshape(weight.shape[0], -1).astype(np.int64)), axis=1)[:, -2:].sum(axis=1)
+    return bool(xmax * int(top2.max()) <= 32767)
 
 
 def depthwise_fp32(x_shape, weight, bias, act, strides, padding, dilation, isa="avx2") -> Kernel:
