@@ -9,7 +9,8 @@ Quantizes each network once per scheme (8 calibration photos, naive), builds it 
 of ``--rounds`` rounds, the order rotating each round). It prints, per scheme, the median latency, the
 ratio to the default scheme (``QConfig()``: symmetric 8-bit activations, per-tensor 8-bit weights) and
 how many conv/dense layers take each kernel path (:data:`relayq.backend.x86.PATHS`: ``u8s8`` the fast
-vpmaddubsw / vpdpbusd dot product, ``int16`` the exact int16 path, ``depthwise``, ``generic`` the
+vpmaddubsw / vpdpbusd dot product, ``s8sign`` the vpsignb + vpmaddubsw form for signed codes in [-127, 127],
+``int16`` the exact int16 path, ``depthwise``, ``generic`` the
 portable kernels, ``tvm`` none of relayq's kernels). The ``generic`` preset row builds the default
 scheme for plain ``llvm``.
 

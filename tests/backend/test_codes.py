@@ -180,3 +180,55 @@ def test_row_tiled_conv_exact(case, key):
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=codes.pad)
     acc = qmath.conv2d_int(xp, w, (st, st), (0, 0, 0, 0), (d, d), 1) + b.reshape(1, -1, 1, 1)
     np.testing.assert_array_equal(got, rq.reference(acc))
+
+
+SIGN_CASES = [c for c in ROW_CASES if c[0] >= 8] + [(16, 24, 7, 7, 1, 0, 1, 1), (24, 40, 9, 9, 3, 1, 1, 2)]
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("case", SIGN_CASES)
+def test_sign_path_conv_exact(case, rows):
+    """Signed int8 codes in [-127, 127] with any int8 weights take vpsignb + vpmaddubsw (path "s8sign"),
+    row- or channel-tiled, bit-exact with qmath at the pair-sum worst case: inputs at +-127 against weight
+    pairs of -128 and -128 (256 * 127 = 32512 <= 32767), which would saturate the u8s8 path."""
+    c, o, h, w_, k, p, d, st = case
+    rng = np.random.default_rng(c * 100 + o + rows)
+    x = rng.integers(-127, 128, (1, c, h, w_)).astype(np.int8)
+    x.reshape(-1)[::3] = 127
+    x.reshape(-1)[1::3] = -127
+    w = rng.integers(-128, 128, (o, c, k, k)).astype(np.int8)
+    w[:, 0::4] = w[:, 1::4] = -128                   # same-sign weight pairs: the u8s8 path would saturate
+    w[:, 2::4] = w[:, 3::4] = 127
+    w[::3] = -w[::3].clip(-127, 127)                  # some channels with the signs the other way round
+    b = rng.integers(-3000, 3000, o).astype(np.int32)
+    rq = _requant(rng, o, True, ("int8", 0, -127, 127))
+    codes = Codes.of("int8", -127, 127)
+    pads = (p, p, p, p)
+    old = x86.ROWS_KERNEL
+    x86.ROWS_KERNEL = rows
+    try:
+        kern = x86.conv2d_int8(x.shape, w, b, rq, (st, st), pads, (d, d), 1, isa="avx2", codes=codes)
+    finally:
+        x86.ROWS_KERNEL = old
+    assert kern.info["path"] == "s8sign"
+    tiled_by_rows = rows and x86.rows_pays(o, c, k, k, h, w_, (st, st), pads, (d, d))
+    assert kern.info["intrin"] == (intrin.AVX2_S8S8_SIGN_ROWS if tiled_by_rows else intrin.AVX2_S8S8_SIGN)
+    got, _ = build_and_run(kern, x, AVX2)
+    acc = qmath.conv2d_int(x, w, (st, st), pads, (d, d), 1) + b.reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(got, rq.reference(acc))
+
+
+@needs_avx2
+def test_sign_path_dense_exact_and_not_for_minus_128():
+    rng = np.random.default_rng(3)
+    x = rng.integers(-127, 128, (3, 40)).astype(np.int8)
+    w = rng.integers(-128, 128, (40, 24)).astype(np.int8)
+    b = rng.integers(-3000, 3000, 24).astype(np.int32)
+    rq = _requant(rng, 24, True, ("int8", 0, -127, 127))
+    kern = x86.dense_int8(x.shape, w, b, rq, "avx2", codes=Codes.of("int8", -127, 127))
+    assert kern.info["path"] == "s8sign"
+    got, _ = build_and_run(kern, x, AVX2)
+    np.testing.assert_array_equal(got, rq.reference(x.astype(np.int64) @ w + b))
+    # a code of -128 would negate to itself under vpsignb: such inputs keep the int16 path
+    assert x86.dense_int8(x.shape, w, b, rq, "avx2", codes=Codes.of("int8")).info["path"] == "int16"

@@ -13,6 +13,11 @@ Exactness scheme (mandatory: every kernel must equal :func:`relayq.qmath.requant
   (:func:`relayq.backend.x86.select_path`). Codes in ``[0, 127]`` (a fused ReLU, 7-bit activations)
   with any int8 weights: ``127 * 254 = 32258``; any 8-bit codes with weights of at most 7 bits:
   ``255 * 126 = 32130``. Both never saturate, so the result is exact.
+* Signed int8 codes in ``[-127, 127]`` with int8 weights take :data:`AVX2_S8S8_SIGN` (and its row form
+  :data:`AVX2_S8S8_SIGN_ROWS`): ``vpsignb`` moves each weight's sign onto its input
+  (``w * x == |w| * (sign(w) x)``) and ``vpmaddubsw`` multiplies ``|w|`` (unsigned, at most 128) by the
+  signed result, whose magnitude is at most 127: a pair sum is at most ``256 * 127 = 32512``, never
+  saturated. (An input code of -128 would negate to itself, hence the range.)
 * Otherwise the kernels use :data:`AVX2_S8S8`: both operands are sign- (or zero-) extended to int16
   (once: the input by the kernel's packing stage, the weight in numpy) and multiplied by
   ``vpmaddwd`` (int16 x int16 -> int32 pair sums), which is exact for any 8-bit input and for int16
@@ -54,23 +59,28 @@ AVX2_U8S8 = "relayq_dot_8x4_u8s8s32_avx2"
 # in the lanes): the stride-1 conv kernel whose tile runs along the output row (``x86._conv2d_int8_rows``).
 AVX2_U8S8_ROWS = "relayq_dot_8x4_s8u8s32_rows_avx2"
 AVX2_S8S8 = "relayq_dot_8x2_i16_s8s8s32_avx2"
+# Exact s8 x s8 on bytes: vpsignb puts the weight's sign on the input, vpmaddubsw multiplies by |w|.
+AVX2_S8S8_SIGN = "relayq_dot_8x4_s8s8s32_sign_avx2"
+AVX2_S8S8_SIGN_ROWS = "relayq_dot_8x4_s8s8s32_sign_rows_avx2"
 # The first s8 x s8 form: int8 operands sign-extended inside every call (kept registered; slower).
 AVX2_S8S8_BYTES = "relayq_dot_8x2_s8s8s32_avx2"
 VNNI_U8S8 = "relayq_dot_16x4_u8s8s32_vnni"
 ARM_SDOT = "relayq_dot_4x4_s8s8s32_sdot"
 
 # Output lanes of one intrinsic call: a ymm register holds 8 int32, a zmm register 16.
-LANES = {AVX2_U8S8: 8, AVX2_U8S8_ROWS: 8, AVX2_S8S8: 8, AVX2_S8S8_BYTES: 8, VNNI_U8S8: 16, ARM_SDOT: 4}
+LANES = {AVX2_U8S8: 8, AVX2_U8S8_ROWS: 8, AVX2_S8S8: 8, AVX2_S8S8_BYTES: 8, AVX2_S8S8_SIGN: 8,
+         AVX2_S8S8_SIGN_ROWS: 8, VNNI_U8S8: 16, ARM_SDOT: 4}
 # Input values reduced per lane by one call: pmaddubsw+pmaddwd and vpdpbusd sum 4 bytes per int32
 # lane; the exact s8s8 path sign-extends to int16 and vpmaddwd sums 2 of them.
-KPACK = {AVX2_U8S8: 4, AVX2_U8S8_ROWS: 4, AVX2_S8S8: 2, AVX2_S8S8_BYTES: 2, VNNI_U8S8: 4, ARM_SDOT: 4}
+KPACK = {AVX2_U8S8: 4, AVX2_U8S8_ROWS: 4, AVX2_S8S8: 2, AVX2_S8S8_BYTES: 2, AVX2_S8S8_SIGN: 4,
+         AVX2_S8S8_SIGN_ROWS: 4, VNNI_U8S8: 4, ARM_SDOT: 4}
 # dtype of the activation / weight operand each intrinsic expects. The exact s8 x s8 AVX2 path keeps
 # int8 values in int16 storage (sign-extended once, by the packing stage and in numpy), so that the
 # inner loop is one 32-bit broadcast, one vpmaddwd and one add per 16 products.
 A_DTYPE = {AVX2_U8S8: "uint8", AVX2_U8S8_ROWS: "uint8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8",
-           VNNI_U8S8: "uint8", ARM_SDOT: "int8"}
+           AVX2_S8S8_SIGN: "int8", AVX2_S8S8_SIGN_ROWS: "int8", VNNI_U8S8: "uint8", ARM_SDOT: "int8"}
 W_DTYPE = {AVX2_U8S8: "int8", AVX2_U8S8_ROWS: "int8", AVX2_S8S8: "int16", AVX2_S8S8_BYTES: "int8",
-           VNNI_U8S8: "int8", ARM_SDOT: "int8"}
+           AVX2_S8S8_SIGN: "int8", AVX2_S8S8_SIGN_ROWS: "int8", VNNI_U8S8: "int8", ARM_SDOT: "int8"}
 
 
 def _dot_desc(lanes: int, kp: int, a_dtype: str, b_dtype: str):
@@ -127,6 +137,43 @@ def _s8u8_rows_avx2(A: T.Buffer((4,), "int8", offset_factor=1),
                                         B.vload([0, 0], dtype="uint8x32"), a_s8x32, dtype="int16x16")
         C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
+
+
+# ----------------------------------------------------------------------------- AVX2 s8 x s8 by sign moves
+def _sign_dot(x, w):
+    """``sum`` of 4 int8 products per int32 lane: ``|w| * (sign(w) x)`` on ``vpmaddubsw`` (exact for
+    ``x`` in [-127, 127], see the module docstring), then ``vpmaddwd`` with ones."""
+    psign = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b")
+    signed_x = T.call_llvm_pure_intrin(psign, x, w, dtype="int8x32")
+    abs_w = T.reinterpret(T.call_llvm_pure_intrin(psign, w, w, dtype="int8x32"), dtype="uint8x32")
+    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), abs_w, signed_x,
+                                    dtype="int16x16")
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1),
+                                   dtype="int32x8")
+
+
+@T.prim_func(s_tir=True)
+def _s8s8_sign_8x4_avx2(A: T.Buffer((4,), "int8", offset_factor=1),
+                        B: T.Buffer((8, 4), "int8", offset_factor=1),
+                        C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        # A: 4 input codes broadcast; B: 8 output channels' 4 weights
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+        C[T.ramp(T.int32(0), 1, 8)] += _sign_dot(a, B.vload([0, 0], dtype="int8x32"))
+
+
+@T.prim_func(s_tir=True)
+def _s8s8_sign_rows_avx2(A: T.Buffer((4,), "int8", offset_factor=1),
+                         B: T.Buffer((8, 4), "int8", offset_factor=1),
+                         C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        # A: one output channel's 4 weights broadcast; B: 8 output columns' 4 input codes
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+        C[T.ramp(T.int32(0), 1, 8)] += _sign_dot(B.vload([0, 0], dtype="int8x32"), a)
 
 
 # ----------------------------------------------------------------------------- AVX2 s8 x s8 (exact)
@@ -197,6 +244,8 @@ _TABLE = {
     AVX2_U8S8_ROWS: (_dot_desc(8, 4, "int8", "uint8"), _s8u8_rows_avx2),
     AVX2_S8S8: (_dot_desc(8, 2, "int16", "int16"), _i16_8x2_avx2),
     AVX2_S8S8_BYTES: (_dot_desc(8, 2, "int8", "int8"), _s8s8_8x2_avx2),
+    AVX2_S8S8_SIGN: (_dot_desc(8, 4, "int8", "int8"), _s8s8_sign_8x4_avx2),
+    AVX2_S8S8_SIGN_ROWS: (_dot_desc(8, 4, "int8", "int8"), _s8s8_sign_rows_avx2),
     VNNI_U8S8: (_dot_desc(16, 4, "uint8", "int8"), _u8s8_16x4_vnni),
     ARM_SDOT: (_dot_desc(4, 4, "int8", "int8"), _s8s8_4x4_sdot),
 }

@@ -82,7 +82,11 @@ TILE_W_CANDIDATES = (8, 7, 6, 5, 4)
 # Stride-1 convs on AVX2 take the row-tiled kernel (:func:`_conv2d_int8_rows`) where :func:`rows_pays`.
 ROWS_KERNEL = True
 # The channel-tiled kernel's intrinsic -> the row-tiled kernel's (vpmaddwd is symmetric: the same one).
-ROWS_INTRIN = {intrin.AVX2_U8S8: intrin.AVX2_U8S8_ROWS, intrin.AVX2_S8S8: intrin.AVX2_S8S8}
+ROWS_INTRIN = {intrin.AVX2_U8S8: intrin.AVX2_U8S8_ROWS, intrin.AVX2_S8S8: intrin.AVX2_S8S8,
+               intrin.AVX2_S8S8_SIGN: intrin.AVX2_S8S8_SIGN_ROWS}
+# Signed int8 codes in [-127, 127] take the vpsignb + vpmaddubsw path (intrin.AVX2_S8S8_SIGN) instead of
+# the int16 one.
+SIGN_PATH = True
 # Depthwise output maps up to this many pixels (7 x 7, 8 x 8) are parallel per channel (not per row),
 # with one epilogue over the whole map.
 DW_SMALL_MAP = 64
@@ -95,9 +99,10 @@ U8_OFFSET = 128
 # vpmaddubsw adds two u8 x s8 products into an int16 with saturation: the largest pair sum that is exact.
 PMADDUBSW_LIMIT = 32767
 #: Kernel paths, as the lowering's statistics and the benchmark count them: "u8s8" (the fast
-#: vpmaddubsw / vpdpbusd / sdot dot products), "int16" (the exact int16 vpmaddwd path), "depthwise"
+#: vpmaddubsw / vpdpbusd / sdot dot products), "s8sign" (vpsignb + vpmaddubsw for signed codes in
+#: [-127, 127], AVX2), "int16" (the exact int16 vpmaddwd path), "depthwise"
 #: (int32 vector multiply-adds), "generic" (the portable kernels: grouped convs, int16 on ARM).
-PATHS = ("u8s8", "int16", "depthwise", "generic")
+PATHS = ("u8s8", "s8sign", "int16", "depthwise", "generic")
 
 
 def _ceil(a, b):
@@ -169,6 +174,10 @@ def select_path(isa: str, codes: Codes, weight, axis: int) -> tuple[str, int] | 
     ('relayq_dot_8x4_u8s8s32_avx2', 127)
     >>> select_path("avx2", Codes.of("uint8"), np.full((8, 16), 127, np.int8), 1)
     ('relayq_dot_8x2_i16_s8s8s32_avx2', 0)
+    >>> select_path("avx2", Codes.of("int8", -127, 127), np.full((8, 16), 127, np.int8), 1)
+    ('relayq_dot_8x4_s8s8s32_sign_avx2', 0)
+    >>> select_path("avx2", Codes.of("int8", -127, 127), np.full((8, 3, 7, 7), 127, np.int8), 1)[0] == intrin.AVX2_S8S8
+    True
     """
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; known: {ISAS}")
@@ -183,15 +192,21 @@ def select_path(isa: str, codes: Codes, weight, axis: int) -> tuple[str, int] | 
     offset = -lo if lo < 0 else 0
     if (hi + offset) * pair_bound(weight, axis) <= PMADDUBSW_LIMIT:
         return intrin.AVX2_U8S8, offset
+    # (a stem's 3 input channels: the int16 path measured faster, 2.23 vs 2.60 ms on a 7x7 stride-2 layer;
+    # 1x1 layers of 24-160 input channels 1.08-1.29x faster on the sign path, 1 thread)
+    if SIGN_PATH and codes.dtype == "int8" and lo >= -127 and hi <= 127 and weight.shape[axis] >= 8:
+        return intrin.AVX2_S8S8_SIGN, 0
     return intrin.AVX2_S8S8, 0
 
 
 def path_of(name: str) -> str:
     """The :data:`PATHS` entry of an intrinsic.
 
-    >>> path_of(intrin.AVX2_S8S8), path_of(intrin.VNNI_U8S8)
-    ('int16', 'u8s8')
+    >>> path_of(intrin.AVX2_S8S8), path_of(intrin.VNNI_U8S8), path_of(intrin.AVX2_S8S8_SIGN)
+    ('int16', 'u8s8', 's8sign')
     """
+    if name in (intrin.AVX2_S8S8_SIGN, intrin.AVX2_S8S8_SIGN_ROWS):
+        return "s8sign"
     return "int16" if name == intrin.AVX2_S8S8 else "u8s8"
 
 
@@ -424,7 +439,7 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = weight.shape
     lanes, kp = 8, intrin.KPACK[name]
-    a_dtype, w_dtype = ("uint8", "int8") if name == intrin.AVX2_U8S8_ROWS else ("int16", "int16")
+    a_dtype, w_dtype = intrin.A_DTYPE[name], intrin.W_DTYPE[name]     # the input's and the weight's
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     chans = _rows_channels(o)
     op, cp, owp = _ceil(o, chans), _ceil(c, kp), _ceil(ow, lanes)
