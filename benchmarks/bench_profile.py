@@ -100,6 +100,8 @@ def relayq_groups(kernels: dict, stats: list) -> dict:
             groups["depthwise"] += ms
         elif "conv2d" in name:
             groups["conv fp32"] += ms
+        elif "dense_fp32" in name:
+            groups["dense fp32"] += ms
         elif "pool" in name:
             groups["pooling"] += ms
         else:

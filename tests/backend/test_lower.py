@@ -194,3 +194,35 @@ def test_shift_only_requant_is_rewritten_exactly():
         np.testing.assert_array_equal((t * m2 + r2) >> s2, (t + r) >> s)
     m, r, s = (np.asarray([v], np.int64) for v in (1, 0, 0))
     assert L._split_friendly(m, r, s) == (m, r, s)          # no shift: nothing to gain, left as it is
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2")
+def test_nd_dense_is_one_2d_kernel():
+    """A dense layer over [batch, tokens, features] (a transformer's, when no prepare flattened it) is one
+    relayq kernel over batch * tokens rows (17: padded to whole row tiles), int8 bit-exact, fp32 close."""
+    rng = np.random.default_rng(31)
+    layer = dense_layer(rng, 24, 20)
+    mod = build_chain((1, 17, 24), [layer])
+    stats = []
+    lowered = L.lower_quantized(mod, "x86-avx2", stats=stats)
+    assert [s["kind"] for s in stats] == ["dense"] and stats[0]["tile"][0] == 6
+    assert [d for _, d in call_tir_outputs(lowered)] == ["int8"]
+    x = rng.integers(-127, 128, (1, 17, 24)).astype(np.int8)
+    out, _ = run_module(lowered, AVX2, x)
+    np.testing.assert_array_equal(out, layer.reference(x))
+
+    bb = relax.BlockBuilder()
+    xf = relax.Var("x", relax.TensorType((2, 9, 24), "float32"))
+    w, b = rng.standard_normal((24, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)
+    with bb.function("main", [xf]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(xf, relax.const(w)))
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, relax.const(b)))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    fmod, stats = bb.get(), []
+    lowered = L.lower_float(fmod, "x86-avx2", stats=stats)
+    assert [s["kind"] for s in stats] == ["dense"]
+    xv = rng.standard_normal((2, 9, 24)).astype(np.float32)
+    got, _ = run_module(lowered, AVX2, xv)
+    np.testing.assert_allclose(got, np.maximum(xv.astype(np.float64) @ w + b, 0), rtol=1e-4, atol=1e-4)

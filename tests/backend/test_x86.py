@@ -23,7 +23,9 @@ CONV_CASES = [
     (8, 8, 21, 20, 3, 2, 1, 8, False),   # depthwise stride 2 above DW_SMALL_MAP (padded copy, then phases)
     (8, 12, 6, 6, 3, 1, 1, 2, True),     # grouped (generic fallback)
 ]
-DENSE_CASES = [(3, 40, 20, True), (1, 64, 24, False), (4, 100, 33, True)]
+# (M, K, N, per_channel): 17 and 7 rows pad to whole register tiles (x86._dense_tiles: the padded rows are
+# computed from the last real row and never stored)
+DENSE_CASES = [(3, 40, 20, True), (1, 64, 24, False), (4, 100, 33, True), (17, 48, 40, True), (7, 24, 10, False)]
 
 
 def build_and_run(kernel, x, target, run=True):
@@ -178,11 +180,14 @@ def test_fp32_kernels(isa):
         b = rng.standard_normal(o).astype(np.float32)
         out, _ = build_and_run(x86.conv2d_fp32(x.shape, wt, b, act, (s, s), (p, p, p, p), (1, 1), g, isa), x, target)
         np.testing.assert_allclose(out, _conv_f32_ref(x, wt, b, s, p, g, act), rtol=1e-4, atol=1e-4)
-    x = rng.standard_normal((3, 70)).astype(np.float32)
-    w = rng.standard_normal((70, 37)).astype(np.float32)
-    b = rng.standard_normal(37).astype(np.float32)
-    out, _ = build_and_run(x86.dense_fp32(x.shape, w, b, (0.0, np.inf), isa), x, target)
-    np.testing.assert_allclose(out, np.maximum(x.astype(np.float64) @ w + b, 0), rtol=1e-4, atol=1e-4)
+    for m in (3, 17):             # 17 rows: padded to whole row tiles
+        x = rng.standard_normal((m, 70)).astype(np.float32)
+        w = rng.standard_normal((70, 37)).astype(np.float32)
+        b = rng.standard_normal(37).astype(np.float32)
+        kern = x86.dense_fp32(x.shape, w, b, (0.0, np.inf), isa)
+        assert kern.info["tile"][0] == min(m, 6)
+        out, _ = build_and_run(kern, x, target)
+        np.testing.assert_allclose(out, np.maximum(x.astype(np.float64) @ w + b, 0), rtol=1e-4, atol=1e-4)
 
 
 def test_generic_kernels_exact():

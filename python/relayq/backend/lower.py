@@ -270,6 +270,26 @@ class _Graph:
 
 
 # ----------------------------------------------------------------------------- chain matching
+def _dense_operands(xs, ws, out_shape) -> bool:
+    """Whether ``matmul(x, W)`` is a dense layer relayq's kernels take: a 2-D weight ``[K, N]`` and an input
+    of 2 or more dims ``[..., K]`` (the leading dims are flattened into the kernel's rows).
+
+    >>> _dense_operands((1, 17, 768), (768, 3072), (1, 17, 3072)), _dense_operands((4, 8), (8, 2, 3), (4, 2, 3))
+    (True, False)
+    """
+    return (len(xs) >= 2 and len(ws) == 2 and len(out_shape) == len(xs) and int(xs[-1]) == int(ws[0])
+            and int(out_shape[-1]) == int(ws[1]) and tuple(out_shape[:-1]) == tuple(xs[:-1]))
+
+
+def _rows_2d(xs) -> tuple:
+    """A dense layer's input shape as the kernel's ``(rows, K)``.
+
+    >>> _rows_2d((1, 17, 768))
+    (17, 768)
+    """
+    return (int(np.prod([int(d) for d in xs[:-1]])), int(xs[-1]))
+
+
 class _IntChain:
     def __init__(self, kind, x, weight, bias, rq, attrs, out_shape, codes=None, layer=None):
         self.kind, self.x, self.weight, self.bias, self.rq = kind, x, weight, bias, rq
@@ -423,7 +443,9 @@ def match_int_chain(g: _Graph, head) -> _IntChain | None:
     xs, out_shape = _shape(x), _shape(head)
     if xs is None or out_shape is None:
         return None
-    channels = out_shape[1]
+    # a conv's channels are axis 1; a dense layer's the last axis (its input may have leading batch dims:
+    # a transformer's [batch, tokens, features], lowered as one [batch * tokens, features] dense kernel)
+    channels = out_shape[1] if _op(acc) == "relax.nn.conv2d" else out_shape[-1]
     m, r, s = tail.m, tail.r, tail.s
     if any(a.size not in (1, channels) for a in (m, r, s)):
         return None
@@ -452,7 +474,7 @@ def match_int_chain(g: _Graph, head) -> _IntChain | None:
         lo, hi = g.code_range(x)
         codes = Codes.of(_dtype(x), lo, hi, pad_code)
         return _IntChain("conv2d", x, _np(w), bias, rq, attrs, out_shape, codes, layer)
-    if len(xs) != 2 or len(_shape(w)) != 2:
+    if not _dense_operands(xs, _shape(w), out_shape):
         return None
     lo, hi = g.code_range(x)
     return _IntChain("dense", x, _np(w), bias, rq, {}, out_shape, Codes.of(_dtype(x), lo, hi), layer)
@@ -485,9 +507,9 @@ def match_dequant_dense_chain(g: _Graph, head) -> _IntChain | None:
     if not _is_const(w) or _dtype(w) not in ("int8", "int16") or _dtype(x) not in CODE_DTYPES:
         return None
     xs, out_shape, ws = _shape(x), _shape(head), _shape(w)
-    if xs is None or out_shape is None or ws is None or len(xs) != 2 or len(ws) != 2 or len(out_shape) != 2:
+    if xs is None or out_shape is None or ws is None or not _dense_operands(xs, ws, out_shape):
         return None
-    n = out_shape[1]
+    n = out_shape[-1]
     scale = _np(sc).astype(np.float32)
     bias = np.zeros(1, np.int32) if bias_c is None else _np(bias_c).reshape(-1)
     if scale.size not in (1, n) or scale.size != 1 and scale.shape[-1] != n or bias.size not in (1, n):
@@ -764,7 +786,7 @@ def _make_float(core, bias, act, head):
         if len(attrs["padding"]) == 2:
             attrs["padding"] = attrs["padding"] * 2
         return _FloatChain("conv2d", x, w, None if bias is None else bias.reshape(-1), act, attrs, out_shape)
-    if len(_shape(x)) != 2 or w.ndim != 2:
+    if not _dense_operands(_shape(x), w.shape, out_shape):
         return None
     n = w.shape[1]
     if bias is not None and bias.size != n:
@@ -775,6 +797,8 @@ def _make_float(core, bias, act, head):
 # ----------------------------------------------------------------------------- kernel selection
 def _int_kernel(chain: _IntChain, kind: str):
     xs, codes = _shape(chain.x), chain.codes
+    if chain.kind != "conv2d":
+        xs = _rows_2d(xs)
     if chain.kind == "dense_deq":
         if kind not in _X86_ISA:
             return None
@@ -833,6 +857,8 @@ def _add_kernel(chain: _AddChain, kind: str):
 
 def _float_kernel(chain: _FloatChain, kind: str):
     xs = _shape(chain.x)
+    if chain.kind != "conv2d":
+        xs = _rows_2d(xs)
     if kind == "cuda-dp4a":
         return None
     if kind in _X86_ISA:
@@ -954,6 +980,10 @@ class _Lowerer(relax.PyExprMutator):
         symbol = f"{next(self.names)}_{kernel.name}"
         gv = self.builder_.add_func(kernel.finalize(symbol), symbol)
         args = [self.visit_expr(v) for v in inputs] + [_const(c) for c in kernel.consts]
+        flat = chain.kind in ("dense", "dense_deq") and len(_shape(chain.x)) > 2
+        if flat:
+            # [..., K] -> [rows, K] for the kernel, and its [rows, N] back (reshapes of contiguous tensors)
+            args[0] = self.builder_.emit(relax.op.reshape(args[0], _rows_2d(_shape(chain.x))))
         kind = chain.kind if not isinstance(chain, _AddChain) or chain.conv is None else "conv2d+add"
         int_layer = chain if isinstance(chain, _IntChain) else getattr(chain, "conv", None)
         extra = {}
@@ -963,7 +993,10 @@ class _Lowerer(relax.PyExprMutator):
         self.stats.append({"symbol": symbol, "kind": kind,
                            "int8": isinstance(chain, (_IntChain, _AddChain, _ElementwiseChain)),
                            "nonneg": nonneg, **extra, **kernel.info})
-        return relax.call_tir(gv, args, relax.TensorType(list(kernel.out_shape), kernel.out_dtype))
+        out = relax.call_tir(gv, args, relax.TensorType(list(kernel.out_shape), kernel.out_dtype))
+        if flat:
+            out = relax.op.reshape(self.builder_.emit(out), [int(d) for d in chain.out_shape])
+        return out
 
     def transform(self):
         for gv, func in self.mod_.functions_items():

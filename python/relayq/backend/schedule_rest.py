@@ -41,6 +41,7 @@ import logging
 import tvm
 from tvm import relax, s_tir, tirx
 
+from .fast_math import fast_math
 from .presets import X86_MCPUS, mcpu_of
 
 _log = logging.getLogger("relayq")
@@ -53,6 +54,8 @@ _SCHEDULE_FAILURES = (RuntimeError, ValueError, TypeError, IndexError, Attribute
 #: Rows of the matmul register tile (times ``lanes`` columns): 4 x 16 fp32 accumulators fit the 16 ymm
 #: registers of AVX2 with room for the broadcast A values and the B vector.
 MATMUL_ROWS = 4
+# relax_pipeline rewrites float exp / erf / tanh into vectorizable polynomials (relayq.backend.fast_math)
+FAST_MATH = True
 #: Vector registers per matmul tile row: two ymm (16 fp32 columns) per A broadcast.
 MATMUL_VECTORS = 2
 #: Below this many multiply-adds a matmul gets the plain injective/reduction schedule (a tile would
@@ -673,7 +676,9 @@ def fused_and_scheduled(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
 
 def relax_pipeline(target: tvm.target.Target):
     """TVM's default Relax pipeline for ``target`` with :func:`schedule_rest` after FuseTIR (CPU targets);
-    other targets get TVM's own default pipeline (dlight on GPUs).
+    other targets get TVM's own default pipeline (dlight on GPUs). On CPU targets float ``exp`` / ``erf`` /
+    ``tanh`` first become vectorizable polynomials (:mod:`relayq.backend.fast_math`; off with
+    ``FAST_MATH = False``).
 
     >>> # ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
     """
@@ -684,7 +689,8 @@ def relax_pipeline(target: tvm.target.Target):
     @tvm.transform.module_pass(opt_level=0, name="RelayqCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            seq = tvm.transform.Sequential([explicit_pool_padding()] + cpu.library_dispatch_passes(target)
+            seq = tvm.transform.Sequential([explicit_pool_padding()] + ([fast_math()] if FAST_MATH else [])
+                                           + cpu.library_dispatch_passes(target)
                                            + cpu.legalize_passes(target) + [schedule_rest(target)]
                                            + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))
