@@ -62,3 +62,33 @@ def test_pipeline_switch(monkeypatch):
     x = np.linspace(-3, 3, 64).astype(np.float32)
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(got, _erf64(x), rtol=2e-7, atol=1e-7)
+
+
+def test_polynomial_chain_is_not_inlined_into_itself():
+    """fast_math's polynomials read their input several times: inlining each into the next (as a cheap
+    producer would be) grew a chain of 40 tanh as 3^40 and never finished compiling. Each stays its own
+    block (schedule_rest.EXPENSIVE_NODES), the build is quick and the values right."""
+    import time
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = x
+            for i in range(40):
+                y = bb.emit(relax.op.tanh(bb.emit(relax.op.add(y, relax.const(np.float32(0.01 * i))))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    tgt = presets.target_from_preset("x86-avx2")
+    start = time.perf_counter()
+    ex = tvm.compile(bb.get(), target=tgt, relax_pipeline=presets.relax_pipeline(tgt))
+    assert time.perf_counter() - start < 60
+    fused = schedule_rest.fused_and_scheduled(fast_math()(bb.get()), tgt)
+    funcs = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert funcs and all(schedule_rest.is_scheduled(f) for f in funcs)
+    xv = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    ref = xv.astype(np.float64)
+    for i in range(40):
+        ref = np.tanh(ref + 0.01 * i)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xv)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -313,3 +313,20 @@ def test_depthwise_tap_pairs_only_where_int16_is_exact():
         xp = np.pad(x.astype(np.int64) - codes.pad, ((0, 0), (0, 0), (1, 1), (1, 1))) + codes.pad
         acc = qmath.conv2d_int(xp, wt, (1, 1), (0, 0, 0, 0), (1, 1), 8) + b.reshape(1, -1, 1, 1)
         np.testing.assert_array_equal(out, rq.reference(acc))
+
+
+def test_tiny_kernels_stay_on_one_thread():
+    """A kernel with less work than generic.PARALLEL_MIN_MACS never launches the thread pool; a large one
+    is parallel. Both compute the same codes."""
+    rng = np.random.default_rng(3)
+    rq = rand_requant(rng, 64, True)
+    for m, k, parallel in ((1, 96, False), (64, 512, True)):
+        w = rng.integers(-127, 128, (k, 64)).astype(np.int8)
+        kern = x86.dense_int8((m, k), w, np.zeros(64, np.int32), rq, "avx2", True)
+        assert (m * k * 64 >= generic.PARALLEL_MIN_MACS) == parallel
+        assert ("T.parallel" in kern.func.script()) == parallel
+        if HAS_AVX2:
+            x = rng.integers(0, 128, (m, k)).astype(np.int8)
+            out, _ = build_and_run(kern, x, AVX2)
+            ref = qmath.requantize(x.astype(np.int64) @ w, rq.multiplier, rq.shift, rq.lo, rq.hi, axis=1)
+            np.testing.assert_array_equal(out, ref.astype(np.int8))

@@ -20,8 +20,9 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-from tvm import s_tir, te, tirx
+from tvm import te, tirx
 
+from . import generic
 from .generic import Kernel, Requant, requant_expr
 
 # Elements per vector of the product kernel (a multiple of every ISA's lane count).
@@ -60,7 +61,7 @@ def lut_kernel(shape, in_dtype: str, table, offset: int) -> Kernel:
     tab = te.placeholder(table.shape, str(table.dtype), name="table")
     off = tirx.const(int(offset), "int32")
     out = te.compute(shape, lambda *i: tab[x[i].astype("int32") - off], name="out")
-    sch = s_tir.Schedule(te.create_prim_func([x, tab, out]))
+    sch = generic.schedule(te.create_prim_func([x, tab, out]), int(np.prod(shape)), generic.PARALLEL_MIN_ELEMENTS)
     loops = sch.get_loops(sch.get_sblock("out"))
     # Parallel over the outer dims (N x C), an inner loop over the rest unrolled by LUT_UNROLL. Measured
     # on (1, 64, 56, 56): splitting the fully fused loop is 4x slower (its index arithmetic no longer
@@ -114,7 +115,7 @@ def multiply_kernel(a_shape, b_shape, a_dtype: str, b_dtype: str, out_shape, rq:
     ia, ib = _bcast_index(a_shape, out_shape), _bcast_index(b_shape, out_shape)
     out = te.compute(out_shape, lambda *i: requant_expr(a[ia(i)].astype("int32") * b[ib(i)].astype("int32"), 0, rq,
                                                         None), name="out")
-    sch = s_tir.Schedule(te.create_prim_func([a, b, out]))
+    sch = generic.schedule(te.create_prim_func([a, b, out]), int(np.prod(out_shape)), generic.PARALLEL_MIN_ELEMENTS)
     blk = sch.get_sblock("out")
     loops = sch.get_loops(blk)
     t = _uniform_tail(out_shape, [a_shape, b_shape])

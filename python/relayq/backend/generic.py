@@ -146,6 +146,43 @@ class Requant:
 #: asymmetric with a zero point, and 9..16-bit codes).
 CODE_DTYPES = ("int8", "uint8", "int16")
 
+#: Kernels with less work than this run on the calling thread alone: multiply-adds for conv / dense,
+#: elements for elementwise kernels (lookup tables, adds, products). Waking the thread pool costs more
+#: than such a kernel (an LSTM text classifier of ~180 kernels of 25-37 K multiply-adds each: 1.24 ms
+#: per run from idle with every kernel parallel, 2 threads, AMD Zen 4; see ``schedule``).
+PARALLEL_MIN_MACS = 1 << 17
+PARALLEL_MIN_ELEMENTS = 1 << 14
+
+
+class _SerialSchedule:
+    """A :class:`tvm.s_tir.Schedule` whose ``parallel`` does nothing (every other call goes through)."""
+
+    def __init__(self, sch):
+        self._sch = sch
+
+    def parallel(self, loop):  # noqa: ARG002 - the loop stays serial
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self._sch, name)
+
+
+def schedule(func, work: int, min_work: int = PARALLEL_MIN_MACS):
+    """``s_tir.Schedule(func)`` for a kernel of ``work`` units (multiply-adds or elements): below
+    ``min_work`` its ``parallel`` calls are ignored, so a tiny kernel never launches the thread pool.
+
+    >>> import tvm
+    >>> from tvm import te
+    >>> a = te.placeholder((64,), "float32"); b = te.compute((64,), lambda i: a[i] * 2.0)
+    >>> sch = schedule(te.create_prim_func([a, b]), work=64)
+    >>> sch.parallel(sch.get_loops(sch.get_sblock("compute"))[0]) is None
+    True
+    >>> "parallel" in sch.mod.script()
+    False
+    """
+    sch = s_tir.Schedule(func)
+    return sch if work >= min_work else _SerialSchedule(sch)
+
 
 @dataclass(frozen=True)
 class Codes:
@@ -614,7 +651,7 @@ def add_int8(shape, in_dtypes, spec: AddRequant) -> Kernel:
     size = int(np.prod(shape))
     ins = [te.placeholder(shape, dt, name=f"q{i}") for i, dt in enumerate(in_dtypes)]
     out = te.compute(shape, lambda *idx: add_requant_expr([a[idx] for a in ins], spec), name="out")
-    sch = s_tir.Schedule(te.create_prim_func(ins + [out]))
+    sch = schedule(te.create_prim_func(ins + [out]), size, PARALLEL_MIN_ELEMENTS)
     blk = sch.get_sblock("out")
     i = sch.fuse(*sch.get_loops(blk))
     vec = ADD_VECTOR if size % ADD_VECTOR == 0 else next(v for v in (32, 16, 8, 4, 2, 1) if size % v == 0)

@@ -69,6 +69,9 @@ PARALLEL_MIN_ELEMENTS = 16384
 EXPENSIVE_CALLS = ("tirx.exp", "tirx.exp2", "tirx.erf", "tirx.tanh", "tirx.sigmoid", "tirx.log", "tirx.log2",
                    "tirx.log1p", "tirx.sqrt", "tirx.rsqrt", "tirx.pow", "tirx.sin", "tirx.cos", "tirx.atan",
                    "tirx.fmod")
+#: A producer whose element takes more TIR nodes than this is expensive too (fast_math's polynomials for
+#: exp / erf / tanh have no call left): it is not inlined where its element would be computed twice.
+EXPENSIVE_NODES = 32
 #: Largest reduction window (product of the reduction loops) vectorized across outputs: pooling windows
 #: are 4..49 taps; a longer reduction (a global mean) is better served by the row-reduction schedule.
 MAX_WINDOW = 64
@@ -159,6 +162,16 @@ def _calls(stmt) -> set:
     return {n.op.name for n in _nodes(stmt) if isinstance(n, tvm.ir.Call) and isinstance(n.op, tvm.ir.Op)}
 
 
+def _size(stmt) -> int:
+    """How many TIR nodes ``stmt`` holds."""
+    return sum(1 for _ in _nodes(stmt))
+
+
+def _loads_of(stmt, buf) -> int:
+    """How many loads of ``buf`` ``stmt``'s expression holds."""
+    return sum(1 for n in _nodes(stmt) if _is_load(n) and n.source.same_as(buf))
+
+
 def _is_load(n) -> bool:
     return isinstance(n, tvm.ir.TensorLoad)
 
@@ -180,7 +193,7 @@ def _readers(sch, root, buf):
 # ----------------------------------------------------------------------------- inlining
 def _inline(sch) -> None:
     """Inline every spatial block that is not a function output into its consumers, unless that would
-    compute an expensive element (exp, erf, ...) more than once or feed a matmul."""
+    compute an expensive element (exp, erf, ..., or a long expression) more than once or feed a matmul."""
     root = _root(sch)
     changed = True
     while changed:
@@ -195,8 +208,12 @@ def _inline(sch) -> None:
                 continue
             if any(_is_matmul(sch, r) is not None for r in readers):
                 continue
-            if _calls(stmt.body) & set(EXPENSIVE_CALLS):
-                if len(readers) != 1 or "R" in _iter_kinds(sch, readers[0]):
+            if _calls(stmt.body) & set(EXPENSIVE_CALLS) or _size(stmt.body) > EXPENSIVE_NODES:
+                # one injective reader that loads each element once: inlined, every element is still
+                # computed once (a polynomial read three times by the next one, in a chain of 60 tanh,
+                # would grow as 3^60)
+                if len(readers) != 1 or "R" in _iter_kinds(sch, readers[0]) or \
+                        _loads_of(sch.get(readers[0]).body, stmt.writes[0].source) > 1:
                     continue
             try:
                 sch.compute_inline(block)

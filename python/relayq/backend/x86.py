@@ -60,7 +60,7 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-from tvm import s_tir, te, tirx
+from tvm import te, tirx
 
 from . import generic, intrin
 from .generic import Codes, Kernel, Requant, act_expr, conv_out_hw, requant_expr, weight_codes
@@ -326,7 +326,7 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     args = [X] + res_in + [Wk, tbl] + [out]
     func = te.create_prim_func(args)
 
-    sch = s_tir.Schedule(func)
+    sch = generic.schedule(func, n * o * oh * ow * c * kh * kw)
     _schedule_pack(sch, "pack")
     blk = sch.get_sblock("acc")
     b_, ob, i_, j_, oi, r_icb, r_kh, r_kw, r_ici = sch.get_loops(blk)
@@ -475,7 +475,7 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
         name="acc")
     out, res_in = _conv_epilogue(lambda b, oc, i, j: acc[b, oc, i, j], (n, o, oh, ow), rq, tbl, residual)
     args = [X] + res_in + [Wk, tbl] + [out]
-    sch = s_tir.Schedule(te.create_prim_func(args))
+    sch = generic.schedule(te.create_prim_func(args), n * o * oh * ow * c * kh * kw)
     _schedule_pack(sch, "pack")
     blk = sch.get_sblock("acc")
     b_, oc_, i_, j_, r_icb, r_kh, r_kw, r_ici = sch.get_loops(blk)
@@ -598,7 +598,7 @@ def _depthwise(x_shape, weight, strides, padding, dilation, dtype, acc_dtype, fi
             name="acc")
     out, args = epilogue(acc, (n, c, oh, ow))
     func = te.create_prim_func([X, Wd] + args + [out])
-    sch = s_tir.Schedule(func)
+    sch = generic.schedule(func, n * c * oh * ow * kh * kw)
     if not two_stage:
         _schedule_padding(sch, "pack")
     else:
@@ -740,7 +740,7 @@ def conv2d_fp32(x_shape, weight, bias, act, strides, padding, dilation, groups=1
         name="acc")
     out = te.compute((n, o, oh, ow), lambda b, oc, i, j: act_expr(
         acc[b, oc // lanes, i, j, oc % lanes] + B[oc], act), name="out")
-    sch = s_tir.Schedule(te.create_prim_func([X, Wk, B, out]))
+    sch = generic.schedule(te.create_prim_func([X, Wk, B, out]), n * o * oh * ow * c * kh * kw)
     _schedule_pack(sch, "pack")
     blk = sch.get_sblock("acc")
     b_, ob, i_, j_, oi, r_ic, r_kh, r_kw = sch.get_loops(blk)
@@ -853,7 +853,7 @@ def dense_int8(x_shape, weight_kn, bias, rq: Requant | None, isa="avx2", nonneg=
     else:
         out = te.compute((m, n), lambda i, j: requant_expr(acc[i, j // lanes, j % lanes], j, rq, tbl), name="out")
     args = [A, Wk] + ([B] if deq else []) + ([tbl] if tbl is not None else []) + [out]
-    sch = s_tir.Schedule(te.create_prim_func(args))
+    sch = generic.schedule(te.create_prim_func(args), m * n * k)
     pk = sch.get_sblock("pack")
     sch.parallel(sch.get_loops(pk)[0])
     blk = sch.get_sblock("acc")
@@ -911,7 +911,7 @@ def dense_fp32(x_shape, weight_kn, bias, act, isa="avx2") -> Kernel:
     acc = te.compute((mp, np_ // lanes, lanes),
                      lambda i, nb, ni: te.sum(A[tirx.min(i, m - 1), r] * Wk[nb, r, ni], axis=r), name="acc")
     out = te.compute((m, n), lambda i, j: act_expr(acc[i, j // lanes, j % lanes] + B[j], act), name="out")
-    sch = s_tir.Schedule(te.create_prim_func([A, Wk, B, out]))
+    sch = generic.schedule(te.create_prim_func([A, Wk, B, out]), m * n * k)
     blk = sch.get_sblock("acc")
     i_, nb, ni, r_k = sch.get_loops(blk)
     io, ii = sch.split(i_, [None, mt])
