@@ -147,7 +147,8 @@ class Requant:
 CODE_DTYPES = ("int8", "uint8", "int16")
 
 #: Kernels with less work than this run on the calling thread alone: multiply-adds for conv / dense,
-#: elements for elementwise kernels (lookup tables, adds, products). Waking the thread pool costs more
+#: elements for elementwise kernels (lookup tables, adds, products; schedule_rest's loop nests use the
+#: same element count). Waking the thread pool costs more
 #: than such a kernel (an LSTM text classifier of ~180 kernels of 25-37 K multiply-adds each: 1.24 ms
 #: per run from idle with every kernel parallel, 2 threads, AMD Zen 4; see ``schedule``).
 PARALLEL_MIN_MACS = 1 << 17

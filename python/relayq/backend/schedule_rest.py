@@ -42,6 +42,7 @@ import tvm
 from tvm import relax, s_tir, tirx
 
 from .fast_math import fast_math
+from .generic import PARALLEL_MIN_ELEMENTS
 from .presets import X86_MCPUS, mcpu_of
 
 _log = logging.getLogger("relayq")
@@ -54,16 +55,16 @@ _SCHEDULE_FAILURES = (RuntimeError, ValueError, TypeError, IndexError, Attribute
 #: Rows of the matmul register tile (times ``lanes`` columns): 4 x 16 fp32 accumulators fit the 16 ymm
 #: registers of AVX2 with room for the broadcast A values and the B vector.
 MATMUL_ROWS = 4
-# relax_pipeline rewrites float exp / erf / tanh into vectorizable polynomials (relayq.backend.fast_math)
-FAST_MATH = True
 #: Vector registers per matmul tile row: two ymm (16 fp32 columns) per A broadcast.
 MATMUL_VECTORS = 2
 #: Below this many multiply-adds a matmul gets the plain injective/reduction schedule (a tile would
 #: cost more in loop overhead than it saves).
 MATMUL_MIN_MACS = 4096
-#: Loop nests with fewer iterations than this run serially: a parallel launch costs a few microseconds,
-#: about what one core needs for this many simple elements.
-PARALLEL_MIN_ELEMENTS = 16384
+# Loop nests with fewer iterations than PARALLEL_MIN_ELEMENTS (imported from .generic, which holds the
+# rule for relayq's own kernels too) run serially: a parallel launch costs a few microseconds, about what
+# one core needs for this many simple elements.
+#: relax_pipeline rewrites float exp / erf / tanh into vectorizable polynomials (relayq.backend.fast_math).
+FAST_MATH = True
 #: Calls that make a producer expensive to recompute: such a block is inlined only into a single
 #: injective consumer (each of its elements is then computed once).
 EXPENSIVE_CALLS = ("tirx.exp", "tirx.exp2", "tirx.erf", "tirx.tanh", "tirx.sigmoid", "tirx.log", "tirx.log2",
