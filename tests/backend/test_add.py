@@ -18,6 +18,14 @@ HAS_VNNI = "avx512_vnni" in cpu_flags()
 TARGETS = [("avx2", AVX2, HAS_AVX2), ("vnni", VNNI, HAS_VNNI), ("generic", GENERIC, True)]
 
 
+@pytest.fixture(autouse=True)
+def every_elementwise_layer_a_kernel(monkeypatch):
+    """These tests check relayq's elementwise kernels on small tensors: lower every integer lookup / product
+    / add to its kernel, whatever its size (below lower.SMALL_ELEMENTWISE they are otherwise left to TVM's
+    fusion; test_small_elementwise_chain_is_fused_and_exact covers that path)."""
+    monkeypatch.setattr(L, "SMALL_ELEMENTWISE", 0)
+
+
 def _spec(sa, sb, so, zps=(0, 0, 0), lo=-127, hi=127, dtypes=("int8", "int8"), out_dtype="int8"):
     terms = []
     for sc, zp in zip((sa, sb), zps[:2]):

@@ -80,6 +80,27 @@ def lut_kernel(shape, in_dtype: str, table, offset: int) -> Kernel:
     return Kernel(sch.mod["main"], [table], shape, str(table.dtype), "qlut", {"entries": int(table.size)})
 
 
+def lut_fusable(shape, in_dtype: str, table, offset: int) -> Kernel:
+    """The table lookup of :func:`lut_kernel` as a plain, unscheduled compute marked injective
+    (``op_pattern`` 2), so that TVM's FuseOps merges it with the elementwise ops around it (an LSTM
+    cell's slices, lookups, products and adds become one function per step). For small tensors, where
+    a kernel call of its own costs more than its work.
+
+    >>> k = lut_fusable((1, 96), "int8", np.arange(256, dtype=np.int8), -128)
+    >>> int(k.func.attrs["op_pattern"]), k.info["fusable"]
+    (2, True)
+    """
+    shape = tuple(int(v) for v in shape)
+    table = np.ascontiguousarray(table)
+    # int64 extents, as TVM's legalized ops use: FuseTIR maps buffers of one Relax var across functions
+    x = te.placeholder([tirx.IntImm("int64", v) for v in shape], in_dtype, name="x")
+    tab = te.placeholder([tirx.IntImm("int64", v) for v in table.shape], str(table.dtype), name="table")
+    off = tirx.const(int(offset), "int32")
+    out = te.compute(x.shape, lambda *i: tab[x[i].astype("int32") - off], name="out")
+    func = te.create_prim_func([x, tab, out]).with_attr("op_pattern", generic.OP_PATTERN_INJECTIVE)
+    return Kernel(func, [table], shape, str(table.dtype), "qlut", {"entries": int(table.size), "fusable": True})
+
+
 def _bcast_index(in_shape, out_shape):
     """Index function of an input broadcast (numpy rules, aligned right) to ``out_shape``."""
     lead = len(out_shape) - len(in_shape)

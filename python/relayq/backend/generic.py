@@ -38,6 +38,8 @@ from tvm import s_tir
 # Attribute value of TVM's ``kOpaque`` operator pattern: FuseOps must never merge a scheduled
 # kernel into a neighbour (that would discard its schedule).
 OP_PATTERN_OPAQUE = 8
+# ``kInjective``: a plain compute FuseOps may merge with its elementwise / injective neighbours.
+OP_PATTERN_INJECTIVE = 2
 
 
 @dataclass
