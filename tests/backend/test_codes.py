@@ -232,3 +232,61 @@ def test_sign_path_dense_exact_and_not_for_minus_128():
     np.testing.assert_array_equal(got, rq.reference(x.astype(np.int64) @ w + b))
     # a code of -128 would negate to itself under vpsignb: such inputs keep the int16 path
     assert x86.dense_int8(x.shape, w, b, rq, "avx2", codes=Codes.of("int8")).info["path"] == "int16"
+
+
+# (C, O, H, W, k, pad, dilation, stride): stems of 1-4 input channels
+STEM_CASES = [
+    (3, 64, 31, 32, 7, 3, 1, 2),     # ResNet's 7x7 stride-2 stem (odd height)
+    (3, 32, 17, 18, 3, 1, 1, 2),     # MobileNet's 3x3 stride-2 stem
+    (1, 8, 12, 20, 5, 2, 1, 1),      # one channel, 5x5, stride 1
+    (4, 12, 15, 13, 3, 2, 2, 1),     # four channels, dilation 2
+]
+
+
+@needs_avx2
+@pytest.mark.parametrize("codes_key", ["s8_sym", "s8_full", "u8"])
+@pytest.mark.parametrize("case", STEM_CASES)
+def test_stem_folds_column_taps_into_channels_exact(case, codes_key):
+    """A stem (<= STEM_FOLD_CHANNELS input channels) is computed as a conv of C * KW channels and one column
+    tap where that reaches a byte path: the sign path for symmetric int8 codes (unfolded it had the int16
+    path); codes reaching -128 and uint8 codes with 8-bit weights stay on the unfolded int16 path.
+    Bit-exact with qmath in every case, padding included."""
+    c, o, h, w_, k, p, d, st = case
+    rng = np.random.default_rng(c * 100 + o)
+    lo, hi, dtype, pad = {"s8_sym": (-127, 127, "int8", 0), "s8_full": (-128, 127, "int8", 0),
+                          "u8": (0, 255, "uint8", 117)}[codes_key]
+    x = rng.integers(lo, hi + 1, (1, c, h, w_)).astype(dtype)
+    x.reshape(-1)[::4] = hi
+    x.reshape(-1)[1::4] = lo
+    w = rng.integers(-128, 128, (o, c, k, k)).astype(np.int8)
+    w[:, :, :, 0::2] = -128                           # same-sign pairs along the folded channels
+    b = rng.integers(-3000, 3000, o).astype(np.int32)
+    rq = _requant(rng, o, True, ("int8", 0, -127, 127))
+    pads = (p, p, p, p)
+    kern = x86.conv2d_int8(x.shape, w, b, rq, (st, st), pads, (d, d), 1, isa="avx2",
+                           codes=Codes.of(dtype, lo, hi, pad))
+    if codes_key == "s8_sym" and c * k >= 8:
+        assert kern.info["fold"] == k and kern.info["path"] == "s8sign"
+    # a stem is folded only onto a byte path (select_path keeps int16 below 8 folded channels and where a
+    # pair could saturate: codes reaching -128, uint8 codes against pairs of -128)
+    if "fold" in kern.info:
+        assert kern.info["path"] != "int16"
+    got, _ = build_and_run(kern, x, AVX2)
+    np.testing.assert_array_equal(got, _conv_ref(x, w, b, rq, (st, st), pads, 1, pad) if d == 1 else
+                                  rq.reference(_dilated_ref(x, w, b, st, p, d, pad)))
+    x86.STEM_FOLD = False
+    try:
+        plain = x86.conv2d_int8(x.shape, w, b, rq, (st, st), pads, (d, d), 1, isa="avx2",
+                                codes=Codes.of(dtype, lo, hi, pad))
+        assert "fold" not in plain.info
+        if "fold" not in kern.info:
+            assert plain.info["path"] == kern.info["path"]
+        elif codes_key == "s8_sym":
+            assert plain.info["path"] == "int16"          # unfolded, 3 channels: the int16 path
+    finally:
+        x86.STEM_FOLD = True
+
+
+def _dilated_ref(x, w, b, st, p, d, pad_code):
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=pad_code)
+    return qmath.conv2d_int(xp, w, (st, st), (0, 0, 0, 0), (d, d), 1) + b.reshape(1, -1, 1, 1)
