@@ -181,6 +181,40 @@ def test_code_ranges_are_sound():
     assert g.code_range(big) == (-2 ** 31, 2 ** 31 - 1)
 
 
+def test_padded_average_pool_keeps_its_input_range():
+    """Realize's average pool with padding and count_include_pad=False (a unit-weight depthwise conv, + half,
+    floor_divide by per-position counts, the negative branch, where): position by position the rounded
+    average stays within the input's codes, [0, 127] -> [0, 127] (one interval for all positions gave
+    [0, 286]: the interior's largest sum over a corner's count). Checked against the op run on extreme inputs."""
+    c, h, k, st, p = 3, 5, 3, 2, 1
+    ones = np.ones((c, 1, k, k), np.int32)
+    valid = np.pad(np.ones((h, h), np.int64), p)
+    oh = (h + 2 * p - k) // st + 1
+    count = np.array([[valid[i * st:i * st + k, j * st:j * st + k].sum() for j in range(oh)] for i in range(oh)])
+    cnt = relax.const(np.broadcast_to(count, (1, c, oh, oh)).astype(np.int32))
+    half = relax.const(np.broadcast_to(count // 2, (1, c, oh, oh)).astype(np.int32))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, h, h), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.clip(x, 0, 127))
+            total = bb.emit(relax.op.nn.conv2d(q, relax.const(ones), strides=(st, st), padding=(p, p, p, p),
+                                               groups=c, out_dtype="int32"))
+            pos = bb.emit(relax.op.floor_divide(bb.emit(relax.op.add(total, half)), cnt))
+            neg = bb.emit(relax.op.negative(bb.emit(relax.op.floor_divide(
+                bb.emit(relax.op.add(bb.emit(relax.op.negative(total)), half)), cnt))))
+            test = bb.emit(relax.op.greater_equal(total, relax.const(np.int32(0))))
+            avg = bb.emit(relax.op.where(test, pos, neg))
+            out = bb.emit_output(bb.emit(relax.op.astype(avg, "uint8")))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    g = L._Graph(mod["main"])
+    assert g.code_range(avg) == (0, 127) and g.code_range(out) == (0, 127)
+    got = np.concatenate([run_module(mod, GENERIC, np.full((1, c, h, h), v, np.uint8))[0].reshape(-1)
+                          for v in (0, 127, 255)])
+    assert got.min() >= 0 and got.max() <= 127
+
+
 def test_shift_only_requant_is_rewritten_exactly():
     """Power-of-two requantization (M = 1) runs as M = 2^30 on the 32-bit split path, with the same results."""
     from relayq.backend.generic import Requant

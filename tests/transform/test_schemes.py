@@ -243,7 +243,8 @@ KERNEL_SCHEMES = {
     "a12": ({"act_bits": 12}, {"int16", "depthwise"}),
     # the classifier reads realize's integer average pool: the lowering proves it keeps the 7-bit range
     "asymmetric-a7": ({"act_symmetric": False, "act_bits": 7}, {"u8s8", "depthwise"}),
-    "unsigned": ({"unsigned_activations": True}, {"u8s8", "int16", "depthwise"}),
+    # (the network input stays signed int8: the folded stem takes the sign path)
+    "unsigned": ({"unsigned_activations": True}, {"u8s8", "s8sign", "int16", "depthwise"}),
 }
 _SLOW_SCHEMES = ("w4-per-channel", "a12", "asymmetric-a7")
 

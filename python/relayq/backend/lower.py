@@ -198,6 +198,8 @@ class _Graph:
         if name is None:
             if isinstance(val, relax.Tuple):
                 return None
+            if isinstance(val, relax.Var):                # an alias (a dataflow block's output)
+                return self.code_range(val) or full
             return full
         arg = val.args[0] if len(val.args) else None
         if name == "relax.clip":
@@ -244,6 +246,49 @@ class _Graph:
             return (int(a.min()), int(a.max())) if a.size and a.dtype.kind in "iu" else None
         return self.code_range(e)
 
+    def _sign_test(self, cond):
+        """True / False where ``cond`` is ``greater_equal(v, 0)`` and ``v``'s range decides it, else None."""
+        test = self.producer(cond)
+        if _op(test) != "relax.greater_equal" or not _is_const(test.args[1]) or _np(test.args[1]).size != 1 \
+                or int(_np(test.args[1]).reshape(-1)[0]) != 0:
+            return None
+        r = self.code_range(test.args[0])
+        if r is None:
+            return None
+        return True if r[0] >= 0 else (False if r[1] < 0 else None)
+
+    def _pooled_average_range(self, val):
+        """The range of realize's rounded average ``(conv2d(x, W) + H) // C`` (W >= 0, H and C constants per
+        output position), position by position: with ``count_include_pad=False`` the counts differ at the
+        border, and dividing the largest sum (an interior position's) by the smallest count (a corner's)
+        overstates the result (7-bit codes pooled to [0, 286]). Each position's sum is within
+        ``[lo, hi] * V`` (``V`` the sum of the weights its valid taps see; padding reads zeros)."""
+        add = self.producer(val.args[0])
+        if _op(add) != "relax.add" or not _is_const(add.args[1]) or not _is_const(val.args[1]):
+            return None
+        conv = self.producer(add.args[0])
+        if _op(conv) != "relax.nn.conv2d" or not _is_const(conv.args[1]) \
+                or str(conv.attrs.data_layout) != "NCHW" or str(conv.attrs.kernel_layout) != "OIHW":
+            return None
+        w, xr, xs, ys = _np(conv.args[1]).astype(np.int64), self.code_range(conv.args[0]), _shape(conv.args[0]), \
+            _shape(conv)
+        count = _np(val.args[1]).astype(np.int64)
+        if w.ndim != 4 or w.size == 0 or w.min() < 0 or xr is None or xs is None or ys is None or count.min() <= 0:
+            return None
+        (sh, sw), (dh, dw) = (int(v) for v in conv.attrs.strides), (int(v) for v in conv.attrs.dilation)
+        pt, pl = int(conv.attrs.padding[0]), int(conv.attrs.padding[1])
+        (h, wd), (oh, ow), (kh, kw) = xs[2:], ys[2:], w.shape[2:]
+        rows = np.array([[0 <= i * sh + k * dh - pt < h for k in range(kh)] for i in range(int(oh))], np.int64)
+        cols = np.array([[0 <= j * sw + k * dw - pl < wd for k in range(kw)] for j in range(int(ow))], np.int64)
+        seen = np.einsum("okl,ik,jl->oij", w.sum(axis=1), rows, cols)[None]
+        half = _np(add.args[1]).astype(np.int64)
+        try:
+            lo = np.floor_divide(xr[0] * seen + half, count)
+            hi = np.floor_divide(xr[1] * seen + half, count)
+        except ValueError:                                  # shapes that do not broadcast: no refinement
+            return None
+        return int(min(lo.min(), hi.min())), int(max(lo.max(), hi.max()))
+
     def _arith_range(self, name, val):
         """Interval arithmetic through the integer ops of realize's average pooling (sum or a unit-weight
         conv, + half, floor_divide by the count, negative, where): the average of codes stays in their
@@ -254,10 +299,16 @@ class _Graph:
         if name == "relax.negative" and args and args[0] is not None:
             return -args[0][1], -args[0][0]
         if name == "relax.floor_divide" and len(args) == 2 and None not in args and args[1][0] > 0:
+            per_position = self._pooled_average_range(val)
+            if per_position is not None:
+                return per_position
             (lo, hi), (c0, c1) = args
             return min(lo // c0, lo // c1), max(hi // c0, hi // c1)
         if name == "relax.where" and len(val.args) == 3:
             a, b = self._range_or_const(val.args[1]), self._range_or_const(val.args[2])
+            sign = self._sign_test(val.args[0])
+            if sign is not None:
+                return a if sign else b                   # the test is always true / always false
             return None if a is None or b is None else (min(a[0], b[0]), max(a[1], b[1]))
         if name == "relax.sum" and args and args[0] is not None:
             src, out = _shape(val.args[0]), _shape(val)
