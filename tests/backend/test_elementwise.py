@@ -168,3 +168,43 @@ def test_small_elementwise_chain_is_fused_and_exact(monkeypatch):
     # the same cell on a big state is lowered to relayq's kernels
     big = L.lower_quantized(_lstm_cell_module(DEFAULT_SMALL_ELEMENTWISE, tables, [(1 << 30, 31)] * 3), "x86-avx2")
     assert len(L.lowered_kernels(big)) == 5 + 3 + 1
+
+
+@pytest.mark.skipif("avx2" not in cpu_flags(), reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("case", [(16, 24, 14, 14, 3, 1, 1), (8, 16, 10, 12, 1, 1, 0), (3, 16, 17, 18, 3, 2, 1)],
+                         ids=["3x3", "1x1", "stem"])
+def test_lookup_after_a_conv_is_fused_into_its_epilogue(case):
+    """A table lookup (hardswish, SiLU ...) right after an int8 conv is one kernel (FUSE_LUT_INTO_CONV): the
+    conv's requantized codes look up the table in the epilogue; bit-exact with the realized graph, for the
+    row- and channel-tiled kernels and the folded stem, large enough to stay a kernel (not left to fusion)."""
+    from .kutil import conv_layer
+
+    c, o, h, w, k, st, p = case
+    rng = np.random.default_rng(c + o)
+    table = rng.integers(-127, 128, 255).astype(np.int8)
+    x = rng.integers(-127, 128, (1, c, h, w)).astype(np.int8)
+
+    def lookup(bb, q):
+        i = bb.emit(R.subtract(bb.emit(R.astype(q, "int32")), relax.const(np.int32(-127))))
+        return bb.emit(R.take(relax.const(table), i, axis=0, mode="clip"))
+
+    layer = conv_layer(rng, c, o, k=k, stride=st, pad=p)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "int8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            # symmetric codes (never -128): the byte paths and the folded stem apply
+            out = bb.emit_output(lookup(bb, layer.emit(bb, bb.emit(R.clip(xv, -127, 127)))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    stats = []
+    lowered = L.lower_quantized(mod, "x86-avx2", stats=stats)
+    assert [s["kind"] for s in stats] == ["conv2d"] and stats[0]["lut"] == 256    # the table over all int8 codes
+    assert (stats[0].get("tiling"), stats[0].get("fold")) == {"3x3": ("rows", None), "1x1": (None, None),
+                                                              "stem": ("rows", 3)}[f"{k}x{k}" if c > 3 else "stem"]
+    assert len(L.lowered_kernels(lowered)) == 1 and "take" not in lowered["main"].script()
+    got, _ = run_module(lowered, AVX2, x)
+    want, _ = run_module(mod, AVX2, x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, table[np.clip(layer.reference(x).astype(int) + 127, 0, 254)])
+    assert len(set(got.reshape(-1).tolist())) > 20                        # the table is really read

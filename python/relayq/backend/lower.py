@@ -73,6 +73,9 @@ RESIDUAL_ADD = "fuse"
 # slices, gates and products, into one function per step (lstm_text: 882 -> 249 VM calls, 0.16 -> 0.10 ms
 # back to back). Below it a kernel would run on one thread anyway (generic.PARALLEL_MIN_ELEMENTS).
 SMALL_ELEMENTWISE = generic.PARALLEL_MIN_ELEMENTS
+# A table lookup (hardswish, SiLU, sigmoid ...) right after an x86 int8 conv2d is fused into the conv's
+# epilogue: one kernel, no int8 tensor written and read back in between.
+FUSE_LUT_INTO_CONV = True
 # The tensorized CPU kernels of relayq.backend.x86 serve AArch64 +dotprod too (isa "sdot").
 _X86_ISA = {"x86-avx2": "avx2", "x86-vnni": "vnni", "arm-dotprod": "sdot"}
 # Ops through which a non-negative value stays non-negative (they only move or select elements).
@@ -354,6 +357,7 @@ class _IntChain:
         self.attrs, self.out_shape = attrs, out_shape
         self.codes = codes or Codes()
         self.layer = layer
+        self.lut = None             # (table, lo) of a following lookup fused into the epilogue (x86 conv2d)
 
 
 def _walk(g, e, op_name, interior):
@@ -730,6 +734,7 @@ def match_lut_chain(g: _Graph, head) -> _ElementwiseChain | None:
     full[:] = table[np.clip(idx, 0, table.size - 1)]
     from . import elementwise as ew
     chain = _ElementwiseChain("lut", [q], None)
+    chain.table = (full, lo)
     chain.make_kernel = lambda: (ew.lut_fusable if chain.fusable else ew.lut_kernel)(_shape(q), _dtype(q), full, lo)
     return chain
 
@@ -874,7 +879,7 @@ def _int_kernel(chain: _IntChain, kind: str):
         if chain.kind == "conv2d":
             a = chain.attrs
             return x86.conv2d_int8(xs, chain.weight, chain.bias, chain.rq, a["strides"], a["padding"],
-                                   a["dilation"], a["groups"], isa=isa, codes=codes)
+                                   a["dilation"], a["groups"], isa=isa, codes=codes, lut=chain.lut)
         return x86.dense_int8(xs, chain.weight, chain.bias, chain.rq, isa=isa, codes=codes)
     if kind == "cuda-dp4a":
         from . import cuda
@@ -990,6 +995,11 @@ class _Lowerer(relax.PyExprMutator):
                 chain = match_float_chain(g, val)
             if chain is None:
                 continue
+            if isinstance(chain, _ElementwiseChain) and chain.kind == "lut" and self.kind in _X86_ISA \
+                    and FUSE_LUT_INTO_CONV:
+                fused = self._conv_with_lut(g, chain)
+                if fused is not None:
+                    chain = fused
             if _fusable_elementwise(chain, val):
                 if chain.kind != "lut":
                     continue            # left to TVM's fusion as it is
@@ -997,6 +1007,22 @@ class _Lowerer(relax.PyExprMutator):
             plans[val] = chain
             absorbed.update(self._interior(g, val, chain))
         return g, plans
+
+    def _conv_with_lut(self, g, lut_chain):
+        """The int conv2d (groups=1, a tensorized x86 path) producing a lookup's only input, with the lookup
+        fused into its epilogue (hardswish / SiLU / sigmoid after a conv: one kernel, no int8 tensor in
+        between), or None."""
+        q = lut_chain.x
+        if not g.single_use(q):
+            return None
+        conv = match_int_chain(g, g.producer(q))
+        if conv is None or conv.kind != "conv2d" or conv.attrs["groups"] != 1 or conv.rq.out_dtype != _dtype(q):
+            return None
+        from . import x86
+        if x86.select_path(_X86_ISA[self.kind], conv.codes, conv.weight, 1) is None:
+            return None
+        conv.lut = lut_chain.table
+        return conv
 
     def _match_add(self, g, val):
         """An add chain, fused into the epilogue of the x86 int8 conv producing one operand if possible."""

@@ -258,7 +258,7 @@ def _offset_bias(bias, w_sum, offset):
 
 # ============================================================================ int8 conv2d (groups=1)
 def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, groups=1, isa="avx2",
-                nonneg=False, residual=None, codes: Codes | None = None) -> Kernel:
+                nonneg=False, residual=None, codes: Codes | None = None, lut=None) -> Kernel:
     """Fused integer conv2d + bias + requant + clip + cast (NCHW codes in and out), tensorized for ``isa``.
 
     ``codes`` describes the input (:class:`~relayq.backend.generic.Codes`: int8 / uint8 / int16, range,
@@ -272,17 +272,22 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
     :class:`~relayq.backend.generic.AddRequant` ``spec``, the other operand a second input tensor of
     ``dtype`` and the output's shape (call convention ``func(x, other, *consts, out)``).
 
+    ``lut = (table, lo)`` (groups=1, no residual) fuses a following table lookup into the epilogue: the
+    output is ``table[code - lo]`` in the table's dtype, the table the kernel's last constant.
+
     >>> # k = conv2d_int8((1, 64, 56, 56), w_oihw, b, rq, (1, 1), (1, 1, 1, 1), (1, 1), 1, "avx2", True)
     """
     weight = weight_codes(weight)
     codes = _codes(codes, nonneg)
+    if lut is not None and residual is not None:
+        raise ValueError("a conv kernel fuses a residual add or a table lookup, not both")
     rq = rq.int32_requant(generic.kernel_acc_bound(weight, (1, 2, 3), codes, bias))
     n, c, h, w = (int(v) for v in x_shape)
     o, cg, kh, kw = weight.shape
     chosen = select_path(isa, codes, weight, 1) if groups == 1 else None
     if chosen is None:
-        if residual is not None:
-            raise ValueError("a fused residual add needs a groups=1 conv with a tensorized path")
+        if residual is not None or lut is not None:
+            raise ValueError("a fused residual add or lookup needs a groups=1 conv with a tensorized path")
         if groups == c == o and cg == 1:
             return depthwise_int8(x_shape, weight, bias, rq, strides, padding, dilation, isa, codes=codes)
         k = generic.conv2d_int8(x_shape, weight, bias, rq, strides, padding, dilation, groups, codes=codes)
@@ -298,13 +303,13 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
         # (folded onto the int16 path it measured slower than unfolded: 7x7 stem 1.64-1.85 vs 1.51-1.55 ms)
         if f_name in ROWS_INTRIN and f_name != intrin.AVX2_S8S8:
             k = _conv2d_int8_rows(f_shape, f_weight, bias, rq, f_strides, f_padding, f_dilation, isa, None,
-                                  codes, f_offset, ROWS_INTRIN[f_name], fold)
+                                  codes, f_offset, ROWS_INTRIN[f_name], fold, lut)
             k.info["fold"] = int(weight.shape[3])
             return k
     if name in ROWS_INTRIN and ROWS_KERNEL and rows_pays(o, c, kh, kw, h, w, strides, padding, dilation,
                                                          int16=name == intrin.AVX2_S8S8):
         return _conv2d_int8_rows(x_shape, weight, bias, rq, strides, padding, dilation, isa, residual, codes,
-                                 offset, ROWS_INTRIN[name])
+                                 offset, ROWS_INTRIN[name], lut=lut)
     lanes, kp, a_dtype = intrin.LANES[name], intrin.KPACK[name], intrin.A_DTYPE[name]
     oh, ow = conv_out_hw(h, w, kh, kw, strides, padding, dilation)
     reg_w = pick_tile_w(ow)
@@ -340,9 +345,9 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
             Xp[b, icb, i * sh + ry * dh, j * sw + rx * dw, ici].astype("int32")
             * Wk[ob, icb, ry, rx, oi, ici].astype("int32"), axis=[icb, ry, rx, ici]),
         name="acc")
-    out, res_in = _conv_epilogue(lambda b, oc, i, j: acc[b, oc // lanes, i, j, oc % lanes], (n, o, oh, ow),
-                                 rq, tbl, residual)
-    args = [X] + res_in + [Wk, tbl] + [out]
+    out, res_in, lut_in = _conv_epilogue(lambda b, oc, i, j: acc[b, oc // lanes, i, j, oc % lanes],
+                                         (n, o, oh, ow), rq, tbl, residual, lut)
+    args = [X] + res_in + [Wk, tbl] + lut_in + [out]
     func = te.create_prim_func(args)
 
     sch = generic.schedule(func, n * o * oh * ow * c * kh * kw)
@@ -371,16 +376,23 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
                               .astype(w_dtype))
     info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
             "tile": (reg_o * lanes, reg_w), "lanes": lanes, "kpack": kp}
-    return _conv_kernel(sch, wk, wpad, bias, rq, offset, residual, (n, o, oh, ow), isa, info)
+    return _conv_kernel(sch, wk, wpad, bias, rq, offset, residual, (n, o, oh, ow), isa, info, lut)
 
 
-def _conv_epilogue(acc_at, out_shape, rq: Requant, tbl, residual):
+def _conv_epilogue(acc_at, out_shape, rq: Requant, tbl, residual, lut=None):
     """The output stage of both int8 conv kernels: ``requant(acc_at(b, oc, i, j))`` (the bias is in
     ``tbl``, see :func:`_bias_table`), or with ``residual = (index, spec, dtype)`` that value as operand
-    ``index`` of the quantized add with a second input. Returns ``(out, extra_inputs)``."""
+    ``index`` of the quantized add with a second input. ``lut = (table, lo)``: the requantized code then
+    looks up ``table[code - lo]`` (a following elementwise layer, fused by the lowering's planner).
+    Returns ``(out, extra_inputs, lut_inputs)``."""
+    if residual is None and lut is not None:
+        table, lo = lut
+        tab = te.placeholder((int(table.size),), str(table.dtype), name="lut")
+        return te.compute(out_shape, lambda b, oc, i, j: tab[requant_expr(acc_at(b, oc, i, j), oc, rq, tbl)
+                                                             .astype("int32") - int(lo)], name="out"), [], [tab]
     if residual is None:
         return te.compute(out_shape, lambda b, oc, i, j: requant_expr(acc_at(b, oc, i, j), oc, rq, tbl),
-                          name="out"), []
+                          name="out"), [], []
     r_index, r_spec, r_dtype = residual
     R = te.placeholder(out_shape, r_dtype, name="residual")
 
@@ -389,10 +401,11 @@ def _conv_epilogue(acc_at, out_shape, rq: Requant, tbl, residual):
         vals[r_index] = requant_expr(acc_at(b, oc, i, j), oc, rq, tbl)
         return generic.add_requant_expr(vals, r_spec)
 
-    return te.compute(out_shape, fused, name="out"), [R]
+    return te.compute(out_shape, fused, name="out"), [R], []
 
 
-def _conv_kernel(sch, wk, wpad, bias, rq: Requant, offset: int, residual, out_shape, isa, info) -> Kernel:
+def _conv_kernel(sch, wk, wpad, bias, rq: Requant, offset: int, residual, out_shape, isa, info,
+                 lut=None) -> Kernel:
     """The finished int8 conv :class:`Kernel`: the packed weight ``wk``, the requant table with the bias
     and the input offset's compensation folded in (``wpad``: the OIHW weight padded to the kernel's
     channel counts), and the output dtype / name of a plain or residual-add conv."""
@@ -402,6 +415,9 @@ def _conv_kernel(sch, wk, wpad, bias, rq: Requant, offset: int, residual, out_sh
     wsum = wpad.astype(np.int64).sum(axis=(1, 2, 3))
     consts = [wk, _bias_table(rq, _offset_bias(bpad, wsum, offset), op)]
     info["int32_requant"] = rq.int32_exact
+    if lut is not None:
+        info["lut"] = int(lut[0].size)
+        return Kernel(sch.mod["main"], consts + [lut[0]], out_shape, str(lut[0].dtype), f"qconv2d_lut_{isa}", info)
     if residual is not None:
         info["residual_add"] = {"int32": residual[1].int32_ok}
         return Kernel(sch.mod["main"], consts, out_shape, residual[1].out_dtype, f"qconv2d_add_{isa}", info)
@@ -473,7 +489,7 @@ def _rows_channels(o: int) -> int:
 
 
 def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dilation, isa, residual,
-                      codes: Codes, offset: int, name: str, fold=None) -> Kernel:
+                      codes: Codes, offset: int, name: str, fold=None, lut=None) -> Kernel:
     """conv2d on AVX2 with the register tile along the output row: each dot product multiplies
     8 neighbouring output columns' inputs (``kp`` input channels each) by one output channel's ``kp``
     weights (broadcast), so the int32 accumulators hold rows of one channel and the epilogue (bias,
@@ -535,8 +551,9 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
                                    * Xp[b, icb, i * sh + ry * dh, (rx * dw) % sw, j + (rx * dw) // sw, ici]
                                    .astype("int32"), axis=[icb, ry, rx, ici]),
         name="acc")
-    out, res_in = _conv_epilogue(lambda b, oc, i, j: acc[b, oc, i, j], (n, o, oh, ow), rq, tbl, residual)
-    args = [X] + res_in + [Wk, tbl] + [out]
+    out, res_in, lut_in = _conv_epilogue(lambda b, oc, i, j: acc[b, oc, i, j], (n, o, oh, ow), rq, tbl, residual,
+                                         lut)
+    args = [X] + res_in + [Wk, tbl] + lut_in + [out]
     sch = generic.schedule(te.create_prim_func(args), n * o * oh * ow * c * kh * kw)
     _schedule_pack(sch, "pack")
     blk = sch.get_sblock("acc")
@@ -565,7 +582,7 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
     wk = np.ascontiguousarray(wpad.reshape(op, cp // kp, kp, kh, kw).transpose(0, 1, 3, 4, 2).astype(w_dtype))
     info = {"intrin": name, "path": path_of(name), "offset": offset, "offset128": offset == U8_OFFSET,
             "tile": (chans, lanes), "lanes": lanes, "kpack": kp, "tiling": "rows"}
-    return _conv_kernel(sch, wk, wpad, bias, rq, offset, residual, (n, o, oh, ow), isa, info)
+    return _conv_kernel(sch, wk, wpad, bias, rq, offset, residual, (n, o, oh, ow), isa, info, lut)
 
 
 def _schedule_pack(sch, name):
