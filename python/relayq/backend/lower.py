@@ -1008,18 +1008,22 @@ class _Lowerer(relax.PyExprMutator):
             absorbed.update(self._interior(g, val, chain))
         return g, plans
 
-    def _conv_with_lut(self, g, lut_chain):
-        """The int conv2d (groups=1, a tensorized x86 path) producing a lookup's only input, with the lookup
-        fused into its epilogue (hardswish / SiLU / sigmoid after a conv: one kernel, no int8 tensor in
-        between), or None."""
-        q = lut_chain.x
+    def _epilogue_conv(self, g, q):
+        """The int conv2d chain producing ``q`` whose x86 kernel can take a fused epilogue (a residual add or a
+        lookup): ``q`` used once, groups=1, a tensorized path for its codes and weights; else None."""
         if not g.single_use(q):
             return None
         conv = match_int_chain(g, g.producer(q))
-        if conv is None or conv.kind != "conv2d" or conv.attrs["groups"] != 1 or conv.rq.out_dtype != _dtype(q):
+        if conv is None or conv.kind != "conv2d" or conv.attrs["groups"] != 1:
             return None
         from . import x86
-        if x86.select_path(_X86_ISA[self.kind], conv.codes, conv.weight, 1) is None:
+        return None if x86.select_path(_X86_ISA[self.kind], conv.codes, conv.weight, 1) is None else conv
+
+    def _conv_with_lut(self, g, lut_chain):
+        """The int conv2d producing a lookup's only input, with the lookup fused into its epilogue
+        (hardswish / SiLU / sigmoid after a conv: one kernel, no int8 tensor in between), or None."""
+        conv = self._epilogue_conv(g, lut_chain.x)
+        if conv is None or conv.rq.out_dtype != _dtype(lut_chain.x):
             return None
         conv.lut = lut_chain.table
         return conv
@@ -1031,14 +1035,10 @@ class _Lowerer(relax.PyExprMutator):
             return None
         if self.kind in _X86_ISA and self.fuse_add:
             for i, q in enumerate(chain.inputs):
-                if chain.inputs[1 - i].same_as(q) or not g.single_use(q):
+                if chain.inputs[1 - i].same_as(q) or _dtype(q) not in CODE_DTYPES:
                     continue
-                conv = match_int_chain(g, g.producer(q))
-                if conv is None or conv.kind != "conv2d" or conv.attrs["groups"] != 1 or \
-                        tuple(conv.out_shape) != tuple(chain.out_shape) or _dtype(q) not in CODE_DTYPES:
-                    continue
-                from . import x86
-                if x86.select_path(_X86_ISA[self.kind], conv.codes, conv.weight, 1) is None:
+                conv = self._epilogue_conv(g, q)
+                if conv is None or tuple(conv.out_shape) != tuple(chain.out_shape):
                     continue
                 chain.conv, chain.conv_index = conv, i
                 break

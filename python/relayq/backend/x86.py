@@ -301,7 +301,7 @@ def conv2d_int8(x_shape, weight, bias, rq: Requant, strides, padding, dilation, 
         f_shape, f_weight, f_strides, f_padding, f_dilation, fold = folded
         f_name, f_offset = select_path(isa, codes, f_weight, 1)
         # (folded onto the int16 path it measured slower than unfolded: 7x7 stem 1.64-1.85 vs 1.51-1.55 ms)
-        if f_name in ROWS_INTRIN and f_name != intrin.AVX2_S8S8:
+        if f_name != intrin.AVX2_S8S8:
             k = _conv2d_int8_rows(f_shape, f_weight, bias, rq, f_strides, f_padding, f_dilation, isa, None,
                                   codes, f_offset, ROWS_INTRIN[f_name], fold, lut)
             k.info["fold"] = int(weight.shape[3])
@@ -529,13 +529,12 @@ def _conv2d_int8_rows(x_shape, weight, bias, rq: Requant, strides, padding, dila
         ch, j = cb * kp + ci, jj * sw + ph
         if fold:
             # folded channel ch = tap * C + channel: output column j reads input column j * sw + tap * dw
-            ch, j = ch % fold.c, j * fold.sw + (ch // fold.c) * fold.dw
-            ok = tirx.all(cb * kp + ci < c, i >= pt, i < pt + h, j >= fold.pl, j < fold.pl + fold.w)
-            col, wmax = j - fold.pl, fold.w
+            ok_ch, ch, j = ch < c, ch % fold.c, j * fold.sw + (ch // fold.c) * fold.dw
+            ok = tirx.all(ok_ch, i >= pt, i < pt + h, j >= fold.pl, j < fold.pl + fold.w)
+            col, wmax, cmax = j - fold.pl, fold.w, fold.c
         else:
             ok = tirx.all(ch < c, i >= pt, i < pt + h, j >= pl, j < pl + w)
-            col, wmax = j - pl, w
-        cmax = fold.c if fold else c
+            col, wmax, cmax = j - pl, w, c
         return tirx.if_then_else(ok, cast(X[b, tirx.min(ch, cmax - 1), tirx.min(tirx.max(i - pt, 0), h - 1),
                                             tirx.min(tirx.max(col, 0), wmax - 1)]), tirx.const(fill, a_dtype))
 
